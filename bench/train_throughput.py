@@ -1,0 +1,81 @@
+"""Training throughput: the train task's real input pipeline vs a bare `model.fit` on arrays.
+
+Same model (from the config), same images, same batch size, one process, side by side:
+  bare      `model.fit(x, y)` on the train split already decoded into memory
+  pipeline  `cvops.data.make_dataset`: read the dataset's JPEGs, decode, cache, shuffle,
+            batch, imgaug augmentation (from the config), prefetch
+Epochs are timed by a callback (fit's return can lag behind the last epoch). The first
+epoch of each is reported apart (graph tracing; the pipeline also decodes the JPEGs then).
+
+    python bench/train_throughput.py [--config configs/config.yaml] [--epochs 4] [--out bench/results/train_throughput.json]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/config.yaml")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per variant (the first is reported apart)")
+    ap.add_argument("--max-images", type=int, default=None, help="cap on training images")
+    ap.add_argument("--out", default="bench/results/train_throughput.json")
+    args = ap.parse_args(argv)
+
+    import keras
+    from cvops.config import find_project_root, resolve_path
+    from cvops.data import build_augmenter, load_annotations, load_split, make_dataset
+    from cvops.model import build_model, compile_model
+    from cvops.pipeline import load_checked_config
+    from cvops.train import make_callbacks
+    from cvops.versioning import checkout_dataset
+
+    root = find_project_root()
+    cfg = load_checked_config(resolve_path(args.config, root), root)
+    m, t = cfg.model, cfg.train
+    ds_dir = resolve_path(cfg.dataset.path, root)
+    checkout_dataset(ds_dir, cfg.dataset.tag, cfg.dataset.dvc_checkout)
+    df, classes = load_annotations(ds_dir, cfg.dataset.annotation_file, m.classes)
+    size = (m.input_size.w, m.input_size.h)
+    n = min(int((df.split == "train").sum()), args.max_images or t.max_images or 10**12)
+
+    def timed_fit(data, **kw):
+        model = compile_model(build_model(m, len(classes), seed=t.seed), m, t.optimizer, t.learning_rate)
+        cbs = make_callbacks(args.epochs, -(-n // t.batch_size), log_to_mlflow=False, mininterval=30)
+        model.fit(data, epochs=args.epochs, verbose=0, callbacks=cbs, **kw)
+        secs = cbs[1].seconds
+        return {"first_epoch_img_s": n / secs[0], "steady_img_s": n / statistics.median(secs[1:] or secs),
+                "epoch_seconds": [round(s, 3) for s in secs]}
+
+    x, y = load_split(df, ds_dir, "train", classes, size, m.channels, max_images=n, seed=t.seed)
+    bare = timed_fit(x.astype("float32") / 255.0, y=y, batch_size=t.batch_size, shuffle=True)
+    pipe_ds = make_dataset(df, ds_dir, "train", classes, size, m.channels, t.batch_size,
+                           augmenter=build_augmenter(t.augmentation, t.seed), shuffle=True, seed=t.seed, max_images=n)
+    pipeline = timed_fit(pipe_ds)
+    result = {
+        "what": "training throughput, images/s: tf.data + imgaug from JPEGs vs bare fit on in-memory arrays",
+        "model": m.model_name, "input": [m.input_size.h, m.input_size.w, m.channels], "images": n,
+        "batch_size": t.batch_size, "epochs": args.epochs, "augmentation": t.augmentation.model_dump(mode="json"),
+        "bare_fit": bare, "pipeline": pipeline,
+        "ratio_steady": pipeline["steady_img_s"] / bare["steady_img_s"],
+        "ratio_all_epochs": sum(bare["epoch_seconds"]) / sum(pipeline["epoch_seconds"]),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "keras": keras.__version__},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out = resolve_path(args.out, root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"bare fit   {bare['steady_img_s']:8.0f} img/s (first epoch {bare['first_epoch_img_s']:.0f})")
+    print(f"pipeline   {pipeline['steady_img_s']:8.0f} img/s (first epoch {pipeline['first_epoch_img_s']:.0f})")
+    print(f"ratio      {result['ratio_steady']:.3f} steady, {result['ratio_all_epochs']:.3f} over all epochs -> {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
