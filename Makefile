@@ -1,0 +1,75 @@
+# cvops: `make run` sets everything up and builds the pipeline on the default dataset;
+# `make test` sets up what is missing and runs every test. `make help` lists the rest.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.cvops-installed
+MLFLOW_PORT ?= 5000
+LAB_PORT ?= 8888
+export PLOOMBER_STATS_ENABLED := false
+export DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY := True
+export DVC_NO_ANALYTICS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: help setup system-deps venv dataset run test test-fast bench mlflow lab status clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+setup: system-deps venv ## OS packages (when possible) + the virtual environment
+
+system-deps: ## install Debian's dataset-fashion-mnist (the default dataset) if it is missing
+	@if [ -f $(FASHION_MNIST) ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing dataset-fashion-mnist (Debian package, 30 MB)"; \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "note: apt-get could not install dataset-fashion-mnist; the dataset builder will fall back to scikit-learn's digits"; \
+	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null || echo "note: could not install dataset-fashion-mnist"; \
+	else echo "note: cannot install dataset-fashion-mnist here (needs apt-get and root); see README 'The default dataset'"; fi
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip<26"
+	$(BIN)/pip install -r requirements.txt -c constraints.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+dataset: setup ## build datasets/fashion-mnist (git + DVC, tags v1.0.0 and v2.0.0) unless it exists
+	$(BIN)/cvops dataset build
+
+run: dataset ## set up, build the whole pipeline on the default config, show where results are
+	$(BIN)/cvops build
+	@echo
+	@echo "Rendered notebooks (audit records): products/<task>/<task>.html"
+	@echo "Published model:                    central_storage/models/$$($(BIN)/python -c 'import yaml;print(yaml.safe_load(open("configs/config.yaml"))["model"]["model_name"])').yaml"
+	@echo "Experiments:                        make mlflow  ->  http://127.0.0.1:$(MLFLOW_PORT)"
+
+status: venv ## which pipeline tasks are up to date
+	$(BIN)/ploomber status
+
+test: setup ## run every test: notebook checks (nbval), integration and end-to-end
+	$(BIN)/pytest
+
+test-fast: venv ## everything but the end-to-end pipeline runs
+	$(BIN)/pytest -m "not e2e"
+
+bench: dataset ## training throughput: tf.data + imgaug pipeline vs bare fit -> bench/results/
+	$(BIN)/python bench/train_throughput.py --epochs 6
+
+mlflow: venv ## the MLflow UI on the local store
+	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+lab: venv ## JupyterLab on the project
+	$(BIN)/jupyter lab --no-browser --port $(LAB_PORT)
+
+clean: ## remove pipeline products (keeps datasets, MLflow runs and central storage)
+	rm -rf products

@@ -1,0 +1,93 @@
+"""Shared fixtures: throw-away cvops projects (pipeline.yaml + pipeline notebooks + a config)
+that run the real pipeline in subprocesses, as a user would."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def base_config(**sections):
+    "A small config for tests; keyword arguments replace or extend sections."
+    cfg = {
+        "model": {"model_name": "test_model", "input_size": {"w": 28, "h": 28}, "channels": 1,
+                  "architecture": {"conv_filters": [8, 16], "pooling": "flatten", "dense_units": [32],
+                                   "batch_norm": False, "dropout": 0.0}},
+        "dataset": {"name": "fashion-mnist-tiny", "path": "datasets/fm", "tag": "v2.0.0", "dvc_checkout": True},
+        "validate": {"n_samples": 100, "blocking_checks": ["Label Drift"]},
+        "train": {"epochs": 1, "batch_size": 32, "learning_rate": 0.002, "experiment": "tests"},
+        "evaluate": {"split": "test", "batch_size": 64},
+        "deploy": {"min_test_accuracy": 0.0},
+    }
+    for name, value in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **value} if isinstance(value, dict) else value
+    return cfg
+
+
+class Project:
+    "A cvops project folder made from this repository's pipeline and a given config."
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.env = {**os.environ, "PLOOMBER_STATS_ENABLED": "false", "TF_CPP_MIN_LOG_LEVEL": "2",
+                    "DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY": "True", "DVC_NO_ANALYTICS": "1"}
+        for var in ("MLFLOW_TRACKING_URI", "CVOPS_CENTRAL_STORAGE", "CVOPS_ROOT"):
+            self.env.pop(var, None)
+
+    def write_config(self, cfg: dict, name="configs/config.yaml") -> Path:
+        p = self.path / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return p
+
+    def run(self, *args, check=True, timeout=900) -> subprocess.CompletedProcess:
+        "Run a command of the venv (`cvops`, `ploomber`) in the project folder."
+        proc = subprocess.run([str(BIN / args[0]), *args[1:]], cwd=self.path, env=self.env, text=True,
+                              capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        return proc
+
+    def storage_snapshot(self) -> dict:
+        "Every path under central_storage with its size (to prove nothing changed)."
+        root = self.path / "central_storage"
+        return {p.relative_to(root).as_posix(): (p.stat().st_size if p.is_file() else None)
+                for p in sorted(root.rglob("*"))} if root.exists() else {}
+
+    def ran_tasks(self, output: str) -> dict:
+        "Ploomber's build table -> {task: ran?}."
+        table = {}
+        for line in output.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[1] in ("True", "False"):
+                table[parts[0]] = parts[1] == "True"
+        return table
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    "An empty project: pipeline.yaml, the pipeline notebooks, env.yaml -> configs/config.yaml."
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    shutil.copy(REPO / "pipeline.yaml", root / "pipeline.yaml")
+    shutil.copytree(REPO / "notebooks" / "pipeline", root / "notebooks" / "pipeline")
+    (root / "configs").mkdir()
+    (root / "env.yaml").symlink_to("configs/config.yaml")
+    for sub in ("models", "ref_data"):
+        (root / "central_storage" / sub).mkdir(parents=True)
+    return Project(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_fashion_repo(tmp_path_factory) -> Path:
+    "A tiny Fashion-MNIST dataset repo (git + DVC, tags v1.0.0 / v2.0.0), built once per session."
+    from cvops.dataset import build_dataset_repo
+    base = tmp_path_factory.mktemp("fm")
+    build_dataset_repo(base / "fm", base / "remote", n_train=400, n_valid=100, n_test=200, progress=False)
+    return base / "fm"
