@@ -5,6 +5,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'cvops.cli.cmd_build': ('cli.html#cmd_build', 'cvops/cli.py'),
                            'cvops.cli.cmd_config_check': ('cli.html#cmd_config_check', 'cvops/cli.py'),
                            'cvops.cli.cmd_dataset_build': ('cli.html#cmd_dataset_build', 'cvops/cli.py'),
+                           'cvops.cli.failure_summary': ('cli.html#failure_summary', 'cvops/cli.py'),
                            'cvops.cli.main': ('cli.html#main', 'cvops/cli.py'),
                            'cvops.cli.make_parser': ('cli.html#make_parser', 'cvops/cli.py')},
             'cvops.config': { 'cvops.config.Architecture': ('config.html#architecture', 'cvops/config.py'),

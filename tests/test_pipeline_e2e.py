@@ -130,5 +130,8 @@ def test_blocking_data_check_stops_the_pipeline(project):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "data validation failed: blocking check(s) Label Drift failed" in out
+    last = proc.stderr.strip().splitlines()[-1]  # the CLI ends with the cause, in one line
+    assert last.startswith("error: the pipeline failed (DataValidationError: data validation failed: "
+                           "blocking check(s) Label Drift failed"), last
     assert project.storage_snapshot() == before
     assert not (project.path / "products" / "train" / "model").exists()
