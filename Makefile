@@ -63,7 +63,7 @@ test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
 
 bench: dataset ## training throughput: tf.data + imgaug pipeline vs bare fit -> bench/results/
-	$(BIN)/python bench/train_throughput.py --epochs 6
+	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
 
 mlflow: venv ## the MLflow UI on the local store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)

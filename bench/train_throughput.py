@@ -2,12 +2,14 @@
 
 Same model (from the config), same images, same batch size, one process, side by side:
   bare      `model.fit(x, y)` on the train split already decoded into memory
-  pipeline  `cvops.data.make_dataset`: read the dataset's JPEGs, decode, cache, shuffle,
-            batch, imgaug augmentation (from the config), prefetch
+  pipeline  what the train task runs (`cvops.data.make_dataset`): read the dataset's JPEGs,
+            decode, cache, shuffle, batch, imgaug augmentation from the config, prefetch
 Epochs are timed by a callback (fit's return can lag behind the last epoch). The first
-epoch of each is reported apart (graph tracing; the pipeline also decodes the JPEGs then).
+epoch of each fit is reported apart (graph tracing; the pipeline also decodes the JPEGs then).
+The two variants alternate for `--rounds` rounds, so drift in the machine's speed hits both;
+"steady" is the median epoch time over all later epochs of all rounds.
 
-    python bench/train_throughput.py [--config configs/config.yaml] [--epochs 4] [--out bench/results/train_throughput.json]
+    python bench/train_throughput.py [--config configs/config.yaml] [--epochs 4] [--rounds 2] [--out bench/results/train_throughput.json]
 """
 import argparse
 import json
@@ -23,7 +25,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/config.yaml")
-    ap.add_argument("--epochs", type=int, default=4, help="epochs per variant (the first is reported apart)")
+    ap.add_argument("--epochs", type=int, default=4, help="epochs per fit (the first is reported apart)")
+    ap.add_argument("--rounds", type=int, default=2, help="fits per variant, alternating bare and pipeline")
     ap.add_argument("--max-images", type=int, default=None, help="cap on training images")
     ap.add_argument("--out", default="bench/results/train_throughput.json")
     args = ap.parse_args(argv)
@@ -46,25 +49,34 @@ def main(argv=None):
     n = min(int((df.split == "train").sum()), args.max_images or t.max_images or 10**12)
 
     def timed_fit(data, **kw):
+        "Epoch times of one fit of a fresh model."
         model = compile_model(build_model(m, len(classes), seed=t.seed), m, t.optimizer, t.learning_rate)
         cbs = make_callbacks(args.epochs, -(-n // t.batch_size), log_to_mlflow=False, mininterval=30)
         model.fit(data, epochs=args.epochs, verbose=0, callbacks=cbs, **kw)
-        secs = cbs[1].seconds
-        return {"first_epoch_img_s": n / secs[0], "steady_img_s": n / statistics.median(secs[1:] or secs),
-                "epoch_seconds": [round(s, 3) for s in secs]}
+        return cbs[1].seconds
+
+    def summary(fits):
+        later = [s for secs in fits for s in secs[1:]] or [s for secs in fits for s in secs]
+        return {"first_epoch_img_s": n / statistics.median(secs[0] for secs in fits),
+                "steady_img_s": n / statistics.median(later),
+                "epoch_seconds": [[round(s, 3) for s in secs] for secs in fits]}
 
     x, y = load_split(df, ds_dir, "train", classes, size, m.channels, max_images=n, seed=t.seed)
-    bare = timed_fit(x.astype("float32") / 255.0, y=y, batch_size=t.batch_size, shuffle=True)
-    pipe_ds = make_dataset(df, ds_dir, "train", classes, size, m.channels, t.batch_size,
-                           augmenter=build_augmenter(t.augmentation, t.seed), shuffle=True, seed=t.seed, max_images=n)
-    pipeline = timed_fit(pipe_ds)
+    x = x.astype("float32") / 255.0
+    fits = {"bare": [], "pipeline": []}
+    for _ in range(args.rounds):
+        fits["bare"].append(timed_fit(x, y=y, batch_size=t.batch_size, shuffle=True))
+        pipe_ds = make_dataset(df, ds_dir, "train", classes, size, m.channels, t.batch_size,
+                               augmenter=build_augmenter(t.augmentation, t.seed), shuffle=True, seed=t.seed, max_images=n)
+        fits["pipeline"].append(timed_fit(pipe_ds))
+    bare, pipeline = summary(fits["bare"]), summary(fits["pipeline"])
     result = {
         "what": "training throughput, images/s: tf.data + imgaug from JPEGs vs bare fit on in-memory arrays",
         "model": m.model_name, "input": [m.input_size.h, m.input_size.w, m.channels], "images": n,
-        "batch_size": t.batch_size, "epochs": args.epochs, "augmentation": t.augmentation.model_dump(mode="json"),
+        "batch_size": t.batch_size, "epochs": args.epochs, "rounds": args.rounds, "augmentation": t.augmentation.model_dump(mode="json"),
         "bare_fit": bare, "pipeline": pipeline,
         "ratio_steady": pipeline["steady_img_s"] / bare["steady_img_s"],
-        "ratio_all_epochs": sum(bare["epoch_seconds"]) / sum(pipeline["epoch_seconds"]),
+        "ratio_all_epochs": sum(map(sum, fits["bare"])) / sum(map(sum, fits["pipeline"])),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "keras": keras.__version__},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
