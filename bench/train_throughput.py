@@ -32,7 +32,7 @@ def main(argv=None):
 
     import keras
     from cvops.config import find_project_root, resolve_path
-    from cvops.data import build_augmenter, load_annotations, load_split, make_dataset
+    from cvops.data import build_augmenter, load_annotations, load_split, make_dataset, split_rows
     from cvops.model import build_model, compile_model
     from cvops.pipeline import load_checked_config
     from cvops.train import make_callbacks
@@ -45,7 +45,7 @@ def main(argv=None):
     checkout_dataset(ds_dir, cfg.dataset.tag, cfg.dataset.dvc_checkout)
     df, classes = load_annotations(ds_dir, cfg.dataset.annotation_file, m.classes)
     size = (m.input_size.w, m.input_size.h)
-    n = min(int((df.split == "train").sum()), args.max_images or t.max_images or 10**12)
+    n = len(split_rows(df, "train", args.max_images or t.max_images))
 
     def timed_fit(data, **kw):
         "Epoch times of one fit of a fresh model."

@@ -41,6 +41,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'cvops.data.preprocess': ('data.html#preprocess', 'cvops/data.py'),
                             'cvops.data.read_image': ('data.html#read_image', 'cvops/data.py'),
                             'cvops.data.scan_split_folders': ('data.html#scan_split_folders', 'cvops/data.py'),
+                            'cvops.data.split_rows': ('data.html#split_rows', 'cvops/data.py'),
                             'cvops.data.to_model_input': ('data.html#to_model_input', 'cvops/data.py')},
             'cvops.dataset': { 'cvops.dataset.CommandError': ('dataset.html#commanderror', 'cvops/dataset.py'),
                                'cvops.dataset.ImageSource': ('dataset.html#imagesource', 'cvops/dataset.py'),
@@ -106,6 +107,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'cvops.tracking.export_html': ('tracking.html#export_html', 'cvops/tracking.py'),
                                 'cvops.tracking.on_notebook_finish': ('tracking.html#on_notebook_finish', 'cvops/tracking.py'),
                                 'cvops.tracking.read_run_file': ('tracking.html#read_run_file', 'cvops/tracking.py'),
+                                'cvops.tracking.run_client': ('tracking.html#run_client', 'cvops/tracking.py'),
                                 'cvops.tracking.setup_mlflow': ('tracking.html#setup_mlflow', 'cvops/tracking.py'),
                                 'cvops.tracking.write_run_file': ('tracking.html#write_run_file', 'cvops/tracking.py')},
             'cvops.train': { 'cvops.train.TrainResult': ('train.html#trainresult', 'cvops/train.py'),
@@ -115,6 +117,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'cvops.train.log_training_inputs': ('train.html#log_training_inputs', 'cvops/train.py'),
                              'cvops.train.make_callbacks': ('train.html#make_callbacks', 'cvops/train.py'),
                              'cvops.train.plot_history': ('train.html#plot_history', 'cvops/train.py'),
+                             'cvops.train.read_model_info': ('train.html#read_model_info', 'cvops/train.py'),
                              'cvops.train.save_trained_model': ('train.html#save_trained_model', 'cvops/train.py')},
             'cvops.validation': { 'cvops.validation.ArrayBatches': ('validation.html#arraybatches', 'cvops/validation.py'),
                                   'cvops.validation.ArrayBatches.__init__': ( 'validation.html#arraybatches.__init__',
@@ -147,5 +150,4 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'cvops.versioning.check_dataset': ('versioning.html#check_dataset', 'cvops/versioning.py'),
                                   'cvops.versioning.checkout_dataset': ('versioning.html#checkout_dataset', 'cvops/versioning.py'),
                                   'cvops.versioning.dvc_md5': ('versioning.html#dvc_md5', 'cvops/versioning.py'),
-                                  'cvops.versioning.is_git_repo': ('versioning.html#is_git_repo', 'cvops/versioning.py'),
-                                  'cvops.versioning.list_tags': ('versioning.html#list_tags', 'cvops/versioning.py')}}}
+                                  'cvops.versioning.is_git_repo': ('versioning.html#is_git_repo', 'cvops/versioning.py')}}}
