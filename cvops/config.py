@@ -101,7 +101,11 @@ class EvaluateConfig(Section):
     threshold: float = Field(default=0.5, gt=0, lt=1)
 
 class DeployConfig(Section):
+    "The quality gates of publishing and deploying, and how many published versions to keep."
     min_test_accuracy: float = Field(default=0.0, ge=0, le=1)
+    max_regression: float = Field(default=0.02, ge=0, le=1, description="largest test-accuracy drop vs the serving version")
+    force: bool = False  # deploy even when a gate refuses (the refusal is still recorded)
+    keep_versions: int = Field(default=5, ge=1, description="published versions kept per model (the deployed one always)")
 
 class Config(Section):
     model: ModelConfig

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'SPLITS', 'AnnotationError', 'scan_split_folders', 'load_annotations', 'preprocess',
-           'to_model_input', 'read_image', 'split_rows', 'load_split', 'build_augmenter', 'make_dataset']
+__all__ = ['IMAGE_EXTENSIONS', 'SPLITS', 'AnnotationError', 'scan_split_folders', 'load_annotations', 'normalize_image_bytes',
+           'preprocess', 'to_model_input', 'read_image', 'split_rows', 'load_split', 'build_augmenter', 'make_dataset']
 
 # %% ../notebooks/lib/03_data.ipynb #4835000c
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 SPLITS = ("train", "valid", "test")
 
 class AnnotationError(ValueError):
@@ -53,10 +53,33 @@ def load_annotations(dataset_dir, annotation_file="annotation_df.csv", classes=N
     return df.reset_index(drop=True), found
 
 # %% ../notebooks/lib/03_data.ipynb #82e8b987
+def normalize_image_bytes(data) -> bytes:
+    """Encoded bytes that TensorFlow decodes as the image a person sees: EXIF orientation applied,
+    formats TF cannot decode (WebP, TIFF) re-encoded as PNG. Unchanged (and cheap: only the
+    header is read) in the common case; bytes PIL cannot read are returned for TF to reject."""
+    import io
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    data = bytes(data)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            orientation = im.getexif().get(0x0112, 1) if im.format in _EXIF_FORMATS else 1
+            if im.format in _TF_FORMATS and orientation in (0, 1): return data
+            im = ImageOps.exif_transpose(im)
+            if im.mode not in ("L", "RGB", "RGBA", "LA", "I;16"): im = im.convert("RGBA" if "A" in im.mode else "RGB")
+            out = io.BytesIO(); im.save(out, "PNG")
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, ValueError): return data
+
+_TF_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
+_EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "MPO"}
+
 def preprocess(image_bytes, size: tuple[int, int], channels: int):
-    "Decode (JPEG/PNG/BMP/GIF) and resize to `size=(w, h)`; returns a uint8 `h x w x channels` tensor."
+    """Decode and resize to `size=(w, h)`; returns a uint8 `h x w x channels` tensor. The one
+    path from encoded bytes to model input: training (inside tf.data), evaluation, validation
+    and the prediction service all call it."""
     import tensorflow as tf
-    img = tf.io.decode_image(image_bytes, channels=channels, expand_animations=False)
+    data = tf.numpy_function(normalize_image_bytes, [image_bytes], tf.string, stateful=False)
+    img = tf.io.decode_image(tf.reshape(data, []), channels=channels, expand_animations=False)
     w, h = size
     img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
