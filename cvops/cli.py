@@ -11,7 +11,8 @@ import sys
 from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
-__all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'make_parser', 'failure_summary', 'main']
+__all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_deploy', 'cmd_models', 'make_parser',
+           'failure_summary', 'main']
 
 # %% ../notebooks/lib/11_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -20,7 +21,8 @@ def _user_errors() -> tuple:
     from cvops.publish import PublishError
     from cvops.validation import DataValidationError
     from cvops.versioning import DatasetError
-    return (ConfigError, DatasetError, AnnotationError, PublishError, DataValidationError, CommandError, FileExistsError)
+    from cvops.deploy import DeployError
+    return (ConfigError, DatasetError, AnnotationError, PublishError, DataValidationError, CommandError, FileExistsError, DeployError)
 
 def cmd_dataset_build(args):
     "Build the default dataset (Fashion-MNIST from Debian's package) as a git + DVC repo."
@@ -42,6 +44,40 @@ def cmd_build(args):
     from cvops.pipeline import build
     report = build(args.config, find_project_root(), force=args.force)
     if report is not None: print(report)
+
+# %% ../notebooks/lib/11_cli.ipynb #005511bd
+def cmd_serve(args):
+    "Run the prediction service in the foreground (gunicorn + uvicorn workers)."
+    from pydantic import ValidationError
+    from cvops.serve import run_server
+    from cvops.service import load_settings
+    overrides = {k: v for k, v in dict(port=args.port, workers=args.workers, host=args.host).items() if v is not None}
+    try: settings = load_settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"service setting {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
+    run_server(settings)
+
+def cmd_deploy(args):
+    "Deploy a published version from the command line (the service's workers pick it up)."
+    from cvops.config import central_storage_dir
+    from cvops.deploy import deploy, mirror_to_registry, resolve_version, version_metadata
+    storage = central_storage_dir(find_project_root())
+    record = deploy(storage, args.model_name, args.version, by=args.by, reason=args.reason)
+    reg = mirror_to_registry(version_metadata(resolve_version(storage, args.model_name, record["version"])[1]))
+    print(f"deployed {record['version']} (was {record['previous_version'] or 'nothing'})"
+          + (f"; MLflow registry: {reg['name']} v{reg['version']} alias {reg['alias']}" if reg.get("registered") else ""))
+
+def cmd_models(args):
+    "List published models, their versions and which one is deployed."
+    from cvops.config import central_storage_dir
+    from cvops.deploy import current_deployment, published_models, published_versions
+    storage = central_storage_dir(find_project_root())
+    cur = (current_deployment(storage) or {}).get("version")
+    for name in published_models(storage):
+        print(name)
+        for v in published_versions(storage, name): print(f"  {'*' if v == cur else ' '} {v}")
+    if not published_models(storage): print(f"no published models in {storage}")
 
 # %% ../notebooks/lib/11_cli.ipynb #9dfaa76d
 def make_parser() -> argparse.ArgumentParser:
@@ -70,6 +106,27 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default="configs/config.yaml", help="(default: %(default)s)")
     r.add_argument("--force", action="store_true", help="rerun every task, even up-to-date ones")
     r.set_defaults(func=cmd_build)
+    v = sub.add_parser("serve", help="run the prediction service (gunicorn + uvicorn workers) in the foreground",
+                       description="Serve the deployed model over HTTP: POST /predict, GET /health, /ready, /models/current, "
+                       "/models/history, /metrics, PUT /models/current, an upload page at / and the API docs at /docs. "
+                       "Settings come from the environment and .env: SERVICE_HOST, SERVICE_PORT, SERVICE_WORKERS, DB_URL "
+                       "(default: SQLite under var/), ADMIN_TOKEN, MAX_UPLOAD_BYTES, MAX_IMAGE_PIXELS, OVERLAY_MAX_SIDE, "
+                       "MAX_BATCH, RELOAD_INTERVAL, IMAGE_RETENTION_DAYS, LOG_MAX_BUFFER, CVOPS_CENTRAL_STORAGE.")
+    v.add_argument("--host", help="address to bind (default: SERVICE_HOST or 127.0.0.1)")
+    v.add_argument("--port", type=int, help="port (default: SERVICE_PORT or 8000)")
+    v.add_argument("--workers", type=int, help="worker processes (default: SERVICE_WORKERS or 2)")
+    v.set_defaults(func=cmd_serve)
+    dp = sub.add_parser("deploy", help="deploy a published model version (default: its latest); the service switches to it",
+                        description="Move the deployment pointer in central storage to a published version after loading it "
+                        "as a worker would; a version that fails to load is refused and the serving one stays. Rollback: "
+                        "deploy an earlier version (see `cvops models`).")
+    dp.add_argument("model_name")
+    dp.add_argument("--version", help="a version from `cvops models` (default: the latest published)")
+    dp.add_argument("--by", default=None, help="who deploys (default: the user name)")
+    dp.add_argument("--reason", default="", help="why (recorded in the history)")
+    dp.set_defaults(func=cmd_deploy)
+    ls = sub.add_parser("models", help="list published models and versions; * marks the deployed one")
+    ls.set_defaults(func=cmd_models)
     return p
 
 _WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}

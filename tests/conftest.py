@@ -1,6 +1,7 @@
 """Shared fixtures: throw-away cvops projects (pipeline.yaml + pipeline notebooks + a config)
 that run the real pipeline in subprocesses, as a user would."""
 import os
+import time
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,10 @@ class Project:
             raise AssertionError(f"{args} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}")
         return proc
 
+    def products(self, model_name="test_model") -> Path:
+        "Where the pipeline keeps the products of `model_name`: products/<model_name>/<task>/."
+        return self.path / "products" / model_name
+
     def storage_snapshot(self) -> dict:
         "Every path under central_storage with its size (to prove nothing changed)."
         root = self.path / "central_storage"
@@ -91,3 +96,51 @@ def tiny_fashion_repo(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("fm")
     build_dataset_repo(base / "fm", base / "remote", n_train=400, n_valid=100, n_test=200, progress=False)
     return base / "fm"
+
+
+# --- the prediction service -------------------------------------------------------------------
+from service_support import Service, publish, train_small_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory):
+    "Two small Fashion-MNIST models (different seeds), trained once per session, with 500 test images."
+    base = tmp_path_factory.mktemp("trained")
+    a = train_small_model(base, seed=0)
+    b = train_small_model(base, seed=1)
+    return {"a": a, "b": b}
+
+
+@pytest.fixture
+def service_root(tmp_path, trained_models):
+    """A project folder for the service: central storage with model `fashion_small` published
+    twice (versions a and b, a deployed) and one corrupt version published last."""
+    root = tmp_path / "svc"
+    (root / "central_storage" / "models").mkdir(parents=True)
+    (root / "pipeline.yaml").write_text("tasks: []\n")
+    storage = root / "central_storage"
+    (fa, _, _, acc_a), (fb, _, _, acc_b) = trained_models["a"], trained_models["b"]
+    va = publish(storage, fa, acc_a)
+    time.sleep(0.01)
+    vb = publish(storage, fb, acc_b)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(fb, corrupt)
+    (corrupt / "model.keras").write_bytes(b"this is not a keras file")
+    time.sleep(0.01)
+    vc = publish(storage, corrupt, acc_b)
+    from cvops.deploy import deploy
+    deploy(storage, "fashion_small", va, by="tests")
+    return {"root": root, "storage": storage, "a": va, "b": vb, "corrupt": vc}
+
+
+@pytest.fixture
+def service_factory():
+    "Start real services (`cvops serve`); every one is stopped when the test ends, pass or fail."
+    started = []
+    def make(root, **kw) -> Service:
+        svc = Service(root, **kw)
+        started.append(svc)
+        return svc.start()
+    yield make
+    for svc in started:
+        svc.stop()
