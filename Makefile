@@ -9,6 +9,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cvops-installed
 MLFLOW_PORT ?= 5000
 LAB_PORT ?= 8888
+SERVICE_PORT ?= 8000
+SERVICE_WORKERS ?= 2
+VAR    := var
 export PLOOMBER_STATS_ENABLED := false
 export DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY := True
 export DVC_NO_ANALYTICS := 1
@@ -16,7 +19,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv dataset run test test-fast bench mlflow lab status clean
+.PHONY: help setup system-deps venv dataset run serve stop test test-fast bench mlflow lab status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,12 +49,24 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 dataset: setup ## build datasets/fashion-mnist (git + DVC, tags v1.0.0 and v2.0.0) unless it exists
 	$(BIN)/cvops dataset build
 
-run: dataset ## set up, build the whole pipeline on the default config, show where results are
+run: dataset ## set up, build + deploy the pipeline on the default config, start the service, print the URLs
 	$(BIN)/cvops build
+	@$(MAKE) --no-print-directory serve
 	@echo
-	@echo "Rendered notebooks (audit records): products/<task>/<task>.html"
+	@echo "Rendered notebooks (audit records): products/<model_name>/<task>/<task>.html"
 	@echo "Published model:                    central_storage/models/$$($(BIN)/python -c 'import yaml;print(yaml.safe_load(open("configs/config.yaml"))["model"]["model_name"])').yaml"
 	@echo "Experiments:                        make mlflow  ->  http://127.0.0.1:$(MLFLOW_PORT)"
+
+serve: venv ## start the prediction service in the background (gunicorn, 2 workers); log in var/service.log
+	@mkdir -p $(VAR)
+	@test -s $(VAR)/admin_token || $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))' > $(VAR)/admin_token
+	@ADMIN_TOKEN=$${ADMIN_TOKEN:-$$(cat $(VAR)/admin_token)} $(BIN)/cvops serve --detach --port $(SERVICE_PORT) --workers $(SERVICE_WORKERS)
+	@echo "  predict: curl -F file=@image.png http://127.0.0.1:$(SERVICE_PORT)/predict"
+	@echo "  deploy another version: .venv/bin/cvops models; .venv/bin/cvops deploy <model_name> --version <version>"
+	@echo "  admin token for PUT /models/current: $(VAR)/admin_token; stop with: make stop"
+
+stop: venv ## stop the prediction service (requests finish, the prediction log is flushed)
+	@$(BIN)/cvops stop
 
 status: venv ## which pipeline tasks are up to date
 	$(BIN)/ploomber status

@@ -11,8 +11,8 @@ import sys
 from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
-__all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_deploy', 'cmd_models', 'make_parser',
-           'failure_summary', 'main']
+__all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models',
+           'make_parser', 'failure_summary', 'main']
 
 # %% ../notebooks/lib/11_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -56,7 +56,18 @@ def cmd_serve(args):
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"service setting {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
-    run_server(settings)
+    if not args.detach: return run_server(settings)
+    from cvops.serve import start_background
+    try: pid, already = start_background(settings)
+    except RuntimeError as e: raise ConfigError(str(e)) from None
+    base = f"http://{settings.host}:{settings.port}"
+    print(f"{'already running' if already else 'started'} (pid {pid}, log {settings.var / 'service.log'}): {base}/  API docs {base}/docs")
+
+def cmd_stop(args):
+    "Stop the background service."
+    from cvops.serve import stop_background
+    from cvops.service import load_settings
+    print("service stopped" if stop_background(load_settings()) else "the service is not running")
 
 def cmd_deploy(args):
     "Deploy a published version from the command line (the service's workers pick it up)."
@@ -115,7 +126,10 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", help="address to bind (default: SERVICE_HOST or 127.0.0.1)")
     v.add_argument("--port", type=int, help="port (default: SERVICE_PORT or 8000)")
     v.add_argument("--workers", type=int, help="worker processes (default: SERVICE_WORKERS or 2)")
+    v.add_argument("--detach", action="store_true", help="run in the background (pid and log under var/); returns once it answers")
     v.set_defaults(func=cmd_serve)
+    st = sub.add_parser("stop", help="stop the background service (requests finish, the prediction log is flushed)")
+    st.set_defaults(func=cmd_stop)
     dp = sub.add_parser("deploy", help="deploy a published model version (default: its latest); the service switches to it",
                         description="Move the deployment pointer in central storage to a published version after loading it "
                         "as a worker would; a version that fails to load is refused and the serving one stays. Rollback: "

@@ -12,7 +12,7 @@ from pathlib import Path
 from .service import ServiceSettings, load_settings
 
 # %% auto #0
-__all__ = ['gunicorn_options', 'run_server']
+__all__ = ['gunicorn_options', 'run_server', 'service_running', 'wait_healthy', 'start_background', 'stop_background']
 
 # %% ../notebooks/lib/16_serve.ipynb #c0c3de8b
 def gunicorn_options(s: ServiceSettings) -> dict:
@@ -56,3 +56,56 @@ def run_server(settings: ServiceSettings | None = None):
 
     os.environ["CVOPS_ROOT"] = str(s.root)
     _App().run()
+
+# %% ../notebooks/lib/16_serve.ipynb #5da827ea
+def service_running(pidfile) -> int | None:
+    "The pid of the background service, if it is running."
+    from cvops.predlog import _pid_alive
+    try: pid = int(Path(pidfile).read_text().strip())
+    except (FileNotFoundError, ValueError): return None
+    return pid if _pid_alive(pid) else None
+
+def wait_healthy(url: str, timeout: float = 120, proc=None) -> bool:
+    "Poll `url` until it answers 200 (False on timeout or when `proc` exits)."
+    import time, urllib.request
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None: return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200: return True
+        except OSError: pass
+        time.sleep(0.3)
+    return False
+
+def start_background(s: ServiceSettings, timeout: float = 180) -> tuple[int, bool]:
+    "Start `cvops serve` detached; returns (pid, already running?)."
+    import subprocess, sys
+    s.var.mkdir(parents=True, exist_ok=True)
+    pidfile, logfile = s.var / "service.pid", s.var / "service.log"
+    pid = service_running(pidfile)
+    if pid: return pid, True
+    env = {**os.environ, "CVOPS_ROOT": str(s.root), "SERVICE_PORT": str(s.port), "SERVICE_HOST": s.host, "SERVICE_WORKERS": str(s.workers)}
+    exe = Path(sys.executable).parent / "cvops"
+    with open(logfile, "ab") as log:
+        proc = subprocess.Popen([str(exe), "serve"], cwd=s.root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pidfile.write_text(str(proc.pid))
+    if not wait_healthy(f"http://{s.host}:{s.port}/health", timeout, proc):
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-15:])
+        if proc.poll() is None: proc.terminate()
+        pidfile.unlink(missing_ok=True)
+        raise RuntimeError(f"the service did not start (log {logfile}):\n{tail}")
+    return proc.pid, False
+
+def stop_background(s: ServiceSettings, timeout: float = 60) -> bool:
+    "SIGTERM the background service and wait for it; False when it was not running."
+    import signal, time
+    pidfile = s.var / "service.pid"
+    pid = service_running(pidfile)
+    if pid is None: pidfile.unlink(missing_ok=True); return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + timeout
+    while time.time() < deadline and service_running(pidfile): time.sleep(0.2)
+    pidfile.unlink(missing_ok=True)
+    return True

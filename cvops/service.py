@@ -212,8 +212,8 @@ class WorkerState:
 
 def _configure_tensorflow(s: ServiceSettings):
     "Quiet TensorFlow, sized to this worker's share of the cores (imported here, after the fork)."
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    from cvops.tracking import quiet_tensorflow
+    tf = quiet_tensorflow()
     n = s.tf_threads or max(1, (os.cpu_count() or 1) // s.workers)
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
