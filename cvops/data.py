@@ -55,7 +55,7 @@ def load_annotations(dataset_dir, annotation_file="annotation_df.csv", classes=N
 # %% ../notebooks/lib/03_data.ipynb #82e8b987
 def normalize_image_bytes(data) -> bytes:
     """Encoded bytes that TensorFlow decodes as the image a person sees: EXIF orientation applied,
-    formats TF cannot decode (WebP, TIFF) re-encoded as PNG. Unchanged (and cheap: only the
+    formats TF cannot decode (WebP, TIFF; BMP and GIF as one channel) re-encoded as PNG. Unchanged (and cheap: only the
     header is read) in the common case; bytes PIL cannot read are returned for TF to reject."""
     import io
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -70,7 +70,7 @@ def normalize_image_bytes(data) -> bytes:
             return out.getvalue()
     except (UnidentifiedImageError, OSError, ValueError): return data
 
-_TF_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
+_TF_FORMATS = {"JPEG", "PNG"}   # passed through; TF decodes BMP and GIF as 3/4 channels only, so they are re-encoded too
 _EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "MPO"}
 
 def preprocess(image_bytes, size: tuple[int, int], channels: int):

@@ -22,7 +22,7 @@ from .publish import models_dir
 __all__ = ['POINTER_FILE', 'HISTORY_FILE', 'PRODUCTION_ALIAS', 'DeployError', 'published_models', 'published_versions',
            'resolve_version', 'version_metadata', 'current_deployment', 'deployment_history', 'move_pointer',
            'same_test_split', 'gate_reasons', 'check_version', 'deployment_record', 'default_deployer', 'deploy',
-           'mirror_to_registry', 'pipeline_deploy']
+           'mirror_to_registry', 'pipeline_deploy', 'serving_accuracy_on']
 
 # %% ../notebooks/lib/14_deploy.ipynb #92fed234
 POINTER_FILE = "deployments/current.json"
@@ -194,3 +194,11 @@ def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: fl
     record["registry"] = mirror_to_registry(meta)
     record["gate"] = {"min_test_accuracy": min_accuracy, "max_regression": max_regression, "comparison": note, "refusals": reasons}
     return record
+
+# %% ../notebooks/lib/14_deploy.ipynb #65d5ca26
+def serving_accuracy_on(folder, prep, split: str = "test", batch_size: int = 256, threshold: float = 0.5) -> float:
+    "Accuracy of the version in `folder` on a prepared dataset's split (the deploy task's fair comparison)."
+    from cvops.evaluate import evaluate_model
+    from cvops.train import load_trained_model
+    model, model_cfg, classes = load_trained_model(folder)
+    return evaluate_model(model, model_cfg, classes, prep.annotations, prep.dataset_dir, split, batch_size, threshold)["metrics"]["accuracy"]

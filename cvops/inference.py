@@ -48,6 +48,10 @@ def check_upload(data: bytes, content_type: str | None = None, max_bytes: int = 
     if len(data) > max_bytes: raise ImageError(f"the upload is {len(data):,} bytes, over the limit of {max_bytes:,}", 413)
     try: im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError: raise ImageError("the file is not an image that can be decoded (JPEG, PNG, BMP, GIF, WebP, TIFF)", 415) from None
+    except Image.DecompressionBombError as e:   # PIL's own limit, checked on opening: 2 x Image.MAX_IMAGE_PIXELS
+        raise ImageError(f"the image has too many pixels to decode safely ({e})", 413) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:   # a header cut short or corrupt
+        raise ImageError(f"the image data is truncated or corrupt ({e})", 400) from None
     if im.format not in ACCEPTED_FORMATS: raise ImageError(f"image format {im.format} is not supported", 415)
     w, h = im.size
     if w * h > max_pixels:
@@ -57,7 +61,7 @@ def check_upload(data: bytes, content_type: str | None = None, max_bytes: int = 
         display = ImageOps.exif_transpose(im)
         display = display.convert("RGBA").convert("RGB") if display.mode in ("P", "PA", "LA") else display
         display = _to_8bit(display).convert("RGB")
-    except (OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
         raise ImageError(f"the image data is truncated or corrupt ({e})", 400) from None
     return Upload(data, im.format, (w, h), display)
 
@@ -86,6 +90,7 @@ class LoadedVersion:
     heads: list
     _predict: object = field(repr=False, default=None)
     _predict_cam: object = field(repr=False, default=None)
+    _prepare: object = field(repr=False, default=None)
 
     def __call__(self, batch: np.ndarray, heatmap: bool = True) -> dict:
         "uint8 batch `n x h x w x c` -> dict of numpy arrays: `probs`, `cam` (if heatmap), one per head."
@@ -130,9 +135,12 @@ def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
         cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
         return {"probs": probs, "cam": cam, **_heads(x)}
 
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def prepare(data): return preprocess(data, size, ch)   # the training preprocessing, compiled once per version
+
     meta = metadata if metadata is not None else _read_metadata(folder)
     lv = LoadedVersion(m["model_name"], meta.get("version", folder.name), list(info["classes"]), size, ch,
-                       bool(m.get("multilabel", False)), meta, sorted(heads), predict, predict_cam)
+                       bool(m.get("multilabel", False)), meta, sorted(heads), predict, predict_cam, prepare)
     probe = np.zeros((2, size[1], size[0], ch), np.uint8)   # traces both functions now, not on a request
     out = lv(probe, heatmap=True); lv(probe, heatmap=False)
     if out["probs"].shape != (2, len(lv.classes)):
@@ -146,8 +154,9 @@ def _read_metadata(folder: Path) -> dict:
 
 # %% ../notebooks/lib/12_inference.ipynb #bf3cf444
 def prepare_input(upload: Upload, lv: LoadedVersion) -> np.ndarray:
-    "The model's uint8 input grid for an upload (the training preprocessing)."
-    return preprocess(upload.data, lv.size, lv.channels).numpy()
+    "The model's uint8 input grid for an upload: `cvops.data.preprocess`, as in training (compiled per version)."
+    if lv._prepare is None: return preprocess(upload.data, lv.size, lv.channels).numpy()
+    return lv._prepare(upload.data).numpy()
 
 def display_size(w: int, h: int, min_short: int = 224, max_side: int = 1024) -> tuple[int, int]:
     "Size to draw the overlay at: short side at least `min_short`, long side at most `max_side`."

@@ -28,6 +28,8 @@ def _on_starting(s: ServiceSettings):
         prom = s.var / "prometheus"
         shutil.rmtree(prom, ignore_errors=True); prom.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
+        import prometheus_client.values as pv  # already imported here (the CLI imports ploomber -> jupyter_server):
+        pv.ValueClass = pv.get_value_class()   # choose per-process files now, or /metrics stays empty
         eng = make_engine(s.database_url)
         try: applied = migrate(eng)
         finally: eng.dispose()

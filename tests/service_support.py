@@ -119,22 +119,75 @@ def publish(storage: Path, folder: Path, accuracy: float, name: str = "fashion_s
     return publish_model(folder, meta, storage)["version"]
 
 
-def start_postgres(base: Path):
-    "A throw-away PostgreSQL cluster (initdb + pg_ctl) on a free port; returns (url, stop, start)."
-    pgbin = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip() or "/usr/lib/postgresql/15/bin")
-    initdb = shutil.which("initdb") or str(pgbin / "initdb")
-    pg_ctl = shutil.which("pg_ctl") or str(pgbin / "pg_ctl")
-    data, port = base / "pgdata", free_port()
-    user = {} if os.geteuid() != 0 else {"user": "postgres"}
-    def run(*args):
-        cmd = list(args)
-        if os.geteuid() == 0: cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        return subprocess.run(cmd, capture_output=True, text=True, check=True)
-    base.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() == 0: shutil.chown(base, "postgres")
-    run(initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync")
-    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off"
-    start = lambda: run(pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "start")
-    stop = lambda: run(pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop")
-    start()
-    return f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres", stop, start
+def postgres_bindir() -> Path | None:
+    "Where Debian's (or any) PostgreSQL server programs are: initdb and pg_ctl on PATH, pg_config's bindir, /usr/lib/postgresql/*/bin."
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(shutil.which("initdb")).parent
+    dirs = []
+    if shutil.which("pg_config"):
+        dirs.append(Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip()))
+    dirs += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda d: d.parent.name, reverse=True)
+    for d in dirs:
+        if (d / "initdb").exists() and (d / "pg_ctl").exists(): return d
+    return None
+
+
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster (initdb + pg_ctl) on a free port of 127.0.0.1, trust auth.
+
+    It lives in its own short folder under the system temp dir (sockets have a ~100-char path limit,
+    and pytest's tmp folders are private to root); as root, every pg program runs as the `postgres`
+    OS user and that folder is owned by it. `remove()` stops it (if running) and deletes the folder;
+    the server log is copied to `base` first. Never touches the machine's own cluster."""
+
+    def __init__(self, base: Path):
+        import tempfile
+        bindir = postgres_bindir()
+        if bindir is None: raise FileNotFoundError("initdb/pg_ctl not found (Debian: apt-get install postgresql)")
+        self.initdb, self.pg_ctl = str(bindir / "initdb"), str(bindir / "pg_ctl")
+        self.base = Path(base); self.base.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix="cvops-pg-"))
+        self.data, self.logfile, self.port = self.dir / "data", self.dir / "pg.log", free_port()
+        self.as_root = os.geteuid() == 0
+        if self.as_root: shutil.chown(self.dir, "postgres", "postgres")
+        self.url = f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+        self._run(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8")
+
+    def _run(self, *args, check=True, timeout=60):
+        cmd = ["runuser", "-u", "postgres", "--", *args] if self.as_root else list(args)
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=self.dir, timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and p.returncode != 0:
+            raise RuntimeError(f"{args[0]} {args[1:]} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}\n{self.server_log()}")
+        return p
+
+    def server_log(self) -> str:
+        try: return self.logfile.read_text()[-4000:]
+        except OSError: return ""
+
+    def start(self):
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+        self._run(self.pg_ctl, "-D", str(self.data), "-o", opts, "-l", str(self.logfile), "-w", "-t", "30", "start")
+        return self
+
+    def stop(self, mode: str = "fast"):
+        self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "30", "stop")
+
+    def running(self) -> bool:
+        return self._run(self.pg_ctl, "-D", str(self.data), "status", check=False).returncode == 0
+
+    def remove(self):
+        if self.data.exists() and self.running(): self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+        try: shutil.copy(self.logfile, self.base / "pg.log")
+        except OSError: pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __iter__(self):  # url, stop, start = start_postgres(base)
+        return iter((self.url, self.stop, self.start))
+
+
+def start_postgres(base: Path) -> PostgresCluster:
+    "A throw-away PostgreSQL cluster, started; `url, stop, start = start_postgres(base)` works too. Call `.remove()` when done."
+    pg = PostgresCluster(base)
+    try: return pg.start()
+    except BaseException:
+        pg.remove(); raise

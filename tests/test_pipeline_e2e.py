@@ -1,6 +1,8 @@
 """End to end: the real pipeline (papermill notebooks under Ploomber) on small configs, and
 its products: rendered notebooks, the DeepChecks report, MLflow runs, central storage."""
 import json
+import re
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,11 +14,38 @@ from conftest import base_config
 from cvops.dataset import make_synthetic_dataset
 
 pytestmark = pytest.mark.e2e
-TASKS = ["prepare_data", "validate_data", "train", "evaluate", "publish"]
+TASKS = ["prepare_data", "validate_data", "train", "evaluate", "publish"]  # the tasks whose records a version keeps
+ALL_TASKS = [t["name"] for t in yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline.yaml").read_text())["tasks"]]
 
 
 def _metadata(project, name):
     return yaml.safe_load((project.path / "central_storage" / "models" / f"{name}.yaml").read_text())
+
+
+NOISE = re.compile(r"cuda|onednn|absl|WARNING|Warning:|tensorflow/core|E0000", re.I)
+BASE64 = re.compile(r"base64,[A-Za-z0-9+/=\s]+")
+
+
+def _outputs_text(nb: dict) -> str:
+    "Everything the code cells of an executed notebook printed or displayed as text (not images)."
+    out = []
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            out.append("".join(o.get("text", "")))
+            out.extend("".join(v) if isinstance(v, list) else str(v) for k, v in o.get("data", {}).items() if k.startswith("text/"))
+            out.extend(o.get("traceback", []))
+    return "\n".join(out)
+
+
+def _stream_lines(nb: dict) -> list:
+    return [l for c in nb["cells"] for o in c.get("outputs", []) if o["output_type"] == "stream"
+            for l in "".join(o["text"]).replace("\r", "\n").splitlines() if l.strip()]
+
+
+def _injected_parameters(path) -> str:
+    "The source of the parameters cell papermill injected into an executed notebook."
+    cells = json.loads(path.read_text())["cells"]
+    return "".join(next(c["source"] for c in cells if "injected-parameters" in c["metadata"].get("tags", [])))
 
 
 def _mlflow_run(project, run_id):
@@ -28,13 +57,26 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     "Fashion-MNIST as a git + DVC repo, one epoch: every product, lineage, MLflow, incremental rebuilds."
     project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}))
     build = project.run("cvops", "build")
-    assert project.ran_tasks(build.stdout) == {t: True for t in TASKS}, build.stdout
+    assert project.ran_tasks(build.stdout) == {t: True for t in ALL_TASKS}, build.stdout
 
-    products = project.path / "products"
+    products = project.products("test_model")
+    assert sorted(p.name for p in (project.path / "products").iterdir()) == ["test_model"]
     for task in TASKS:  # every task keeps its rendered notebook, also as HTML
         nb = json.loads((products / task / f"{task}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), task
-        assert "<html" in (products / task / f"{task}.html").read_text()[:2000].lower()
+        html = (products / task / f"{task}.html").read_text()
+        assert "<html" in html[:2000].lower()
+        # a report, not a log: no TensorFlow/CUDA/absl start-up lines, no library warnings
+        assert not NOISE.findall(_outputs_text(nb)), (task, NOISE.findall(_outputs_text(nb)))
+        assert not re.findall(r"cuda|onednn|absl", BASE64.sub("", html), flags=re.I), task
+        assert not any(o.get("name") == "stderr" for c in nb["cells"] for o in c.get("outputs", [])), task
+    assert not re.findall(r"cuda|onednn|absl|cuInit", build.stdout + build.stderr, flags=re.I), build.stderr[-3000:]
+    train_nb = json.loads((products / "train" / "train.ipynb").read_text())
+    bars = [l for l in _stream_lines(train_nb) if "batch/s" in l or "/13 [" in l]
+    assert len(bars) == 1 and "13/13" in bars[0], _stream_lines(train_nb)  # the progress bar leaves one line
+    epoch_table = [o["data"]["text/html"] for c in train_nb["cells"] for o in c.get("outputs", []) if "text/html" in o.get("data", {})]
+    assert any("val_accuracy" in "".join(t) and "seconds" in "".join(t) and "epoch" in "".join(t) for t in epoch_table)
+    assert any("image/png" in o.get("data", {}) for c in train_nb["cells"] for o in c.get("outputs", []))  # the curves
     assert (products / "validate_data" / "deepchecks_report.html").stat().st_size > 100_000
     assert (products / "evaluate" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -49,8 +91,15 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     lineage = meta["lineage"]
     assert lineage["dataset"]["tag"] == "v2.0.0" and len(lineage["dataset"]["dvc_md5"]) >= 32
     assert len(lineage["dataset"]["git_commit"]) == 40 and len(lineage["config_hash"]) == 16
-    assert [n.split("/")[-1] for n in lineage["notebooks"]] == [f"{t}.ipynb" for t in TASKS]
-    assert all((project.path / n).exists() for n in lineage["notebooks"])
+    # the rendered notebooks that made the version live in the version folder (and in MLflow)
+    storage = project.path / "central_storage"
+    assert list(lineage["notebooks"]) == TASKS
+    for task, rec in lineage["notebooks"].items():
+        for kind in ("ipynb", "html"):
+            assert rec[kind] == f"models/{meta['model_dir']}/notebooks/{task}.{kind}", rec
+            assert (storage / rec[kind]).read_bytes() == (products / task / f"{task}.{kind}").read_bytes(), rec[kind]
+            assert rec[f"mlflow_{kind}"] == f"runs:/{lineage['mlflow']['run_id']}/notebooks/{task}.{kind}"
+    assert (models / "test_model.yaml").resolve() == (models / meta["model_dir"] / "metadata.yaml").resolve()
     assert meta["model"]["classes"][0] == "T-shirt_top" and "path" not in meta["model"]
     assert meta["metrics"]["accuracy"] == metrics["accuracy"]
 
@@ -61,19 +110,67 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     logged = {a.path for d in ("notebooks", "upstream", "evaluation", "model") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"notebooks/train.html", "notebooks/publish.ipynb", "upstream/deepchecks_report.html",
             "evaluation/confusion_matrix.png", "model/model.keras"} <= logged
+    assert {r[k].split("/", 2)[-1] for r in lineage["notebooks"].values() for k in ("mlflow_ipynb", "mlflow_html")} <= logged
 
     # nothing changed: nothing reruns
     again = project.run("ploomber", "build")
-    assert project.ran_tasks(again.stdout) == {t: False for t in TASKS}, again.stdout
+    assert project.ran_tasks(again.stdout) == {t: False for t in ALL_TASKS}, again.stdout
 
     # one training hyper-parameter changed: train and what depends on it rerun, not the data tasks
     cfg = base_config(dataset={"path": str(tiny_fashion_repo)}, train={"learning_rate": 0.001})
     project.write_config(cfg)
     changed = project.run("ploomber", "build")
-    assert project.ran_tasks(changed.stdout) == {"prepare_data": False, "validate_data": False,
-                                                 "train": True, "evaluate": True, "publish": True}, changed.stdout
+    assert project.ran_tasks(changed.stdout) == {**{t: True for t in ALL_TASKS}, "prepare_data": False,
+                                                 "validate_data": False}, changed.stdout
     assert _metadata(project, "test_model")["version"] != meta["version"]
     assert (models / meta["model_dir"] / "model.keras").is_file()  # the previous version stays for rollback
+    # ... and its lineage is still true: its notebooks are its own, not the new build's
+    old_params = _injected_parameters(storage / lineage["notebooks"]["train"]["ipynb"])
+    new_params = _injected_parameters(products / "train" / "train.ipynb")
+    assert '"learning_rate": 0.002' in old_params and '"learning_rate": 0.001' in new_params, (old_params, new_params)
+    assert all((storage / r[k]).is_file() for r in lineage["notebooks"].values() for k in ("ipynb", "html"))
+
+
+def test_two_model_names_keep_their_own_products(project, tiny_fashion_repo):
+    """Config B (another model_name) neither overwrites config A's records nor makes A rerun; a dataset
+    moved under A's feet stops A's next training with one line."""
+    from cvops.versioning import checkout_dataset
+    a = base_config(dataset={"path": str(tiny_fashion_repo)})
+    b = base_config(dataset={"path": str(tiny_fashion_repo)}, model={"model_name": "other_model"},
+                    deploy={"force": True})  # whichever way the deploy gates see B, this test is about A
+    project.write_config(a, "configs/a.yaml")
+    project.write_config(b, "configs/b.yaml")
+    first = project.run("cvops", "build", "--config", "configs/a.yaml")
+    assert project.ran_tasks(first.stdout) == {t: True for t in ALL_TASKS}, first.stdout
+    products_a = project.products("test_model")
+    records_a = {p.relative_to(products_a).as_posix(): p.read_bytes() for p in products_a.rglob("*") if p.is_file()}
+    assert "train/train.html" in records_a and "publish/metadata.json" in records_a
+    meta_a = _metadata(project, "test_model")
+
+    second = project.run("cvops", "build", "--config", "configs/b.yaml")
+    assert project.ran_tasks(second.stdout) == {t: True for t in ALL_TASKS}, second.stdout
+    assert {p.relative_to(products_a).as_posix(): p.read_bytes() for p in products_a.rglob("*") if p.is_file()} == records_a
+    assert (project.products("other_model") / "train" / "train.html").is_file()
+    assert _metadata(project, "other_model")["model"]["model_name"] == "other_model"
+
+    third = project.run("cvops", "build", "--config", "configs/a.yaml")
+    assert project.ran_tasks(third.stdout) == {t: False for t in ALL_TASKS}, third.stdout
+    assert _metadata(project, "test_model")["version"] == meta_a["version"]
+
+    # another config moved the dataset's working copy to another tag: A's next training refuses it
+    checkout_dataset(tiny_fashion_repo, "v1.0.0")
+    try:
+        project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}, train={"learning_rate": 0.001}), "configs/a.yaml")
+        before = project.storage_snapshot()
+        proc = project.run("cvops", "build", "--config", "configs/a.yaml", check=False)
+    finally:
+        checkout_dataset(tiny_fashion_repo, "v2.0.0")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    commit = meta_a["lineage"]["dataset"]["git_commit"][:10]
+    assert re.match(rf"error: the pipeline failed \(DatasetError: dataset {re.escape(str(tiny_fashion_repo))} is now at "
+                    rf"v1\.0\.0 \(\w{{10}}\), but prepare_data prepared v2\.0\.0 \({commit}\); rebuild prepare_data", last), last
+    assert project.storage_snapshot() == before
 
 
 def test_another_dataset_colour_mixed_sizes_without_dvc(project):
@@ -106,7 +203,7 @@ def test_multilabel_sigmoid_config(project):
         dataset={"name": "ml", "path": "data/ml", "tag": None, "dvc_checkout": False},
         train={"epochs": 5, "batch_size": 16, "learning_rate": 0.003}, validate={"blocking_checks": []}))
     project.run("cvops", "build")
-    metrics = json.loads((project.path / "products" / "evaluate" / "metrics.json").read_text())
+    metrics = json.loads((project.products("multi") / "evaluate" / "metrics.json").read_text())
     assert set(metrics) >= {"accuracy", "macro_f1", "macro_roc_auc"}
     assert np.isfinite(metrics["macro_roc_auc"]) and metrics["macro_roc_auc"] > 0.6, metrics
     assert _metadata(project, "multi")["model"]["multilabel"] is True
@@ -134,4 +231,4 @@ def test_blocking_data_check_stops_the_pipeline(project):
     assert last.startswith("error: the pipeline failed (DataValidationError: data validation failed: "
                            "blocking check(s) Label Drift failed"), last
     assert project.storage_snapshot() == before
-    assert not (project.path / "products" / "train" / "model").exists()
+    assert not (project.products("skewed") / "train" / "model").exists()

@@ -1,22 +1,129 @@
 """The prediction service over real HTTP: `cvops serve` (gunicorn, 2 uvicorn workers) on a free
-port, with a small Fashion-MNIST model published into a throw-away central storage."""
+port, with a small Fashion-MNIST model published into a throw-away central storage. Every test
+that logs runs twice: on the default SQLite database and on a fresh database of the machine's
+PostgreSQL server (127.0.0.1:5432, user postgres, trust auth)."""
+import io
+import os
+import signal
+import struct
+import subprocess
+import threading
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import encode
+from service_support import ADMIN_TOKEN, BIN, encode
 
 pytestmark = pytest.mark.service
 
+PG = dict(host="127.0.0.1", port=5432, user="postgres")
+MAX_UPLOAD_BYTES, MAX_IMAGE_PIXELS = 200_000, 50_000_000
 
-def _counts(db_url):
-    from cvops.predlog import api_log, predictions
+
+# --- the database each test logs to ---------------------------------------------------------------
+@dataclass
+class DB:
+    kind: str
+    service_url: Optional[str]   # DB_URL for the service (None: its default SQLite file)
+    url: str                     # where the test reads the rows back
+
+
+def _postgres_admin():
+    import psycopg2
+    try:
+        conn = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as e:
+        msg = f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']}) is unreachable: {str(e).strip()}"
+        if os.environ.get("CI") == "true": pytest.fail(msg + " (CI=true: PostgreSQL tests must run)")
+        pytest.skip(msg)
+    conn.autocommit = True
+    return conn
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, service_root):
+    "The service's database: its default SQLite file, or a fresh uniquely named PostgreSQL database (dropped afterwards)."
+    if request.param == "sqlite":
+        from cvops.predlog import default_db_url
+        yield DB("sqlite", None, default_db_url(service_root["root"]))
+        return
+    conn = _postgres_admin()
+    name = f"cvops_test_{uuid.uuid4().hex[:12]}"
+    with conn.cursor() as cur: cur.execute(f'CREATE DATABASE "{name}"')
+    url = f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    try:
+        yield DB("postgresql", url, url)
+    finally:
+        with conn.cursor() as cur: cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+def _rows(db_url, table, where=None):
+    from cvops import predlog
+    t = getattr(predlog, table)
     eng = sa.create_engine(db_url)
-    with eng.connect() as c:
-        out = {t.name: c.execute(sa.select(sa.func.count()).select_from(t)).scalar() for t in (api_log, predictions)}
-    eng.dispose()
-    return out
+    try:
+        with eng.connect() as c:
+            q = sa.select(t) if where is None else sa.select(t).where(where(t))
+            return [dict(r._mapping) for r in c.execute(q)]
+    finally:
+        eng.dispose()
+
+
+def _count(db_url, table) -> int:
+    from cvops import predlog
+    eng = sa.create_engine(db_url)
+    try:
+        with eng.connect() as c: return c.execute(sa.select(sa.func.count()).select_from(getattr(predlog, table))).scalar()
+    finally:
+        eng.dispose()
+
+
+# --- images -------------------------------------------------------------------------------------
+def _png_zeros(w: int, h: int) -> bytes:
+    "A valid greyscale (1-bit) PNG of w x h black pixels, built row by row: tiny to send, huge to decode."
+    def chunk(kind, data): return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    row = b"\0" * (1 + (w + 7) // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row * 100) for _ in range(h // 100)) + z.compress(row * (h % 100)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def _exif_rotated_jpeg(img: np.ndarray, orientation: int) -> tuple[bytes, np.ndarray]:
+    """`img` stored rotated with EXIF Orientation set so that a viewer shows it upright (as a camera
+    writes it); returns the JPEG and the upright pixels a viewer shows (the decoded JPEG, turned back)."""
+    from PIL import Image, ImageOps
+    turns = {3: 2, 6: 1, 8: -1}[orientation]          # 6: stored turned 90 degrees counter-clockwise
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(img, turns)))
+    exif = Image.Image.getexif(Image.new("L", (1, 1))); exif[0x0112] = orientation
+    b = io.BytesIO(); stored.save(b, "JPEG", quality=100, exif=exif.tobytes())
+    decoded = np.asarray(Image.open(io.BytesIO(b.getvalue())))
+    viewer = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(b.getvalue()))))
+    np.testing.assert_array_equal(viewer, np.rot90(decoded, -turns))
+    return b.getvalue(), viewer
+
+
+# --- HTTP helpers -------------------------------------------------------------------------------
+def _worker_pids(svc, n: int = 2, timeout: float = 30) -> dict:
+    "pid -> version of the workers answering /models/current, until `n` distinct ones were seen."
+    seen, deadline = {}, time.time() + timeout
+    while time.time() < deadline:
+        d = requests.get(svc.url("/models/current"), timeout=5).json()
+        seen[d["worker_pid"]] = d["version"]
+        if len(seen) >= n: return seen
+    raise AssertionError(f"only saw workers {seen} within {timeout} s")
+
+
+def _good_png(trained_models, i=0) -> bytes:
+    return encode(trained_models["a"][1][i], "PNG")
 
 
 def test_round_trip_classes_right_and_same_preprocessing_as_training(service_root, service_factory, trained_models):
@@ -42,5 +149,282 @@ def test_round_trip_classes_right_and_same_preprocessing_as_training(service_roo
         np.testing.assert_allclose(got, expected, atol=1e-4)
     assert right >= 14, f"{right}/20 right (model accuracy {acc:.2f})"
     svc.stop()
-    counts = _counts(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}")
-    assert counts["predictions"] == 20 and counts["api_log"] >= 20
+    assert _count(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}", "predictions") == 20
+    assert _count(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}", "api_log") >= 20
+
+
+# --- 1 + 7: bad requests -------------------------------------------------------------------------
+def test_bad_requests_get_a_4xx_json_error_are_logged_and_workers_keep_serving(service_root, service_factory, trained_models, db):
+    svc = service_factory(service_root["root"], db_url=db.service_url,
+                          env={"MAX_UPLOAD_BYTES": str(MAX_UPLOAD_BYTES), "MAX_IMAGE_PIXELS": str(MAX_IMAGE_PIXELS)})
+    svc.wait_workers_ready(service_root["a"])
+    pids = _worker_pids(svc)
+    xt = trained_models["a"][1]
+    jpeg = encode(np.stack([xt[0]] * 3, -1), "JPEG", quality=90)             # cut in half: inside the header
+    big_jpeg = encode(np.kron(xt[0], np.ones((8, 8), np.uint8)), "JPEG", quality=95)  # 224 x 224: cut inside the scan data
+    from PIL import Image
+    Image.open(io.BytesIO(big_jpeg[:len(big_jpeg) // 2]))   # the header is whole
+    rng = np.random.default_rng(0)
+    big = encode(rng.integers(0, 256, (300, 300, 3), dtype=np.uint8), "PNG")
+    assert len(big) > MAX_UPLOAD_BYTES
+    bomb = _png_zeros(20000, 20000)
+    assert len(bomb) < MAX_UPLOAD_BYTES
+    post = lambda **kw: requests.post(svc.url("/predict"), timeout=30, **kw)
+    cases = {  # name: (request, expected status, words the error must contain)
+        "text/plain": (lambda: svc.predict(b"hello, world", "x.txt", "text/plain"), 415, ["content type", "text/plain"]),
+        "not an image": (lambda: svc.predict(os.urandom(5000), "x.png", "image/png"), 415, ["not an image"]),
+        "truncated jpeg (header)": (lambda: svc.predict(jpeg[:len(jpeg) // 2], "x.jpg", "image/jpeg"), 400, ["truncated"]),
+        "truncated jpeg (scan data)": (lambda: svc.predict(big_jpeg[:len(big_jpeg) // 2], "x.jpg", "image/jpeg"), 400, ["truncated"]),
+        "zero bytes": (lambda: svc.predict(b"", "x.png", "image/png"), 400, ["empty"]),
+        "too many bytes": (lambda: svc.predict(big, "x.png", "image/png"), 413, [f"{MAX_UPLOAD_BYTES:,}", "bytes"]),
+        "decompression bomb": (lambda: svc.predict(bomb, "x.png", "image/png"), 413, ["pixels"]),
+        "no file field": (lambda: post(files={"image": ("x.png", _good_png(trained_models), "image/png")}), 422, ["file", "required"]),
+        "no body": (lambda: post(), 422, ["file", "required"]),
+        "NUL in the path": (lambda: requests.get(svc.url("/predict%00"), timeout=10), 404, ["not found"]),
+        # 7: deploying over HTTP needs the admin token, and takes published names only
+        "PUT without token": (lambda: requests.put(svc.url("/models/current"), json={"model_name": "fashion_small"}, timeout=30),
+                              401, ["authorization"]),
+        "PUT wrong token": (lambda: svc.deploy("fashion_small", service_root["b"], token="wrong"), 403, ["wrong admin token"]),
+        "PUT ../x": (lambda: svc.deploy("../x"), 422, ["model_name"]),
+        "PUT ../../etc version": (lambda: svc.deploy("fashion_small", "../../etc/passwd@1"), 422, ["version"]),
+        "PUT ..": (lambda: svc.deploy(".."), 404, ["no published model", "'..'"]),
+        "PUT unknown model": (lambda: svc.deploy("no_such_model"), 404, ["no published model", "no_such_model"]),
+        "PUT unknown version": (lambda: svc.deploy("fashion_small", "fashion_small@20000101T000000Z"), 404, ["no published version"]),
+    }
+    answers, good = {}, 0
+    for name, (send, status, words) in cases.items():
+        r = send()
+        assert r.status_code == status, f"{name}: {r.status_code} {r.text[:500]}"
+        body = r.json()
+        assert set(body) == {"error", "request_id"}, f"{name}: {body}"
+        assert all(w.lower() in body["error"].lower() for w in words), f"{name}: {body['error']!r} should name {words}"
+        assert r.headers["X-Request-ID"] == body["request_id"]
+        answers[body["request_id"]] = (name, status, body["error"])
+        for i in range(2):   # the workers still serve
+            ok = svc.predict(_good_png(trained_models, i), heatmap=False)
+            assert ok.status_code == 200, f"after {name}: {ok.status_code} {ok.text[:300]}"
+            good += 1
+    # no worker died or was restarted, and nothing was deployed
+    assert _worker_pids(svc) == pids
+    assert requests.get(svc.url("/models/current"), timeout=5).json()["deployment"]["version"] == service_root["a"]
+    svc.stop()
+    logged = {r["request_id"]: r for r in _rows(db.url, "api_log", lambda t: t.c.request_id.in_(list(answers)))}
+    for rid, (name, status, error) in answers.items():
+        assert rid in logged, f"{name}: no api_log row"
+        assert (logged[rid]["status_code"], logged[rid]["error"]) == (status, error), f"{name}: {logged[rid]}"
+    assert _count(db.url, "predictions") == good
+
+
+# --- 2: conversions ------------------------------------------------------------------------------
+def test_image_conversions_give_the_prediction_of_the_upright_8bit_original(service_root, service_factory, trained_models, db):
+    from PIL import Image
+    svc = service_factory(service_root["root"], db_url=db.service_url)
+    svc.wait_workers_ready(service_root["a"])
+    classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
+    xt = trained_models["a"][1]
+    grey_palette = [v for i in range(256) for v in (i, i, i)]
+
+    def probs(data, content_type="image/png", filename="x.png"):
+        r = svc.predict(data, filename, content_type, heatmap=False)
+        assert r.status_code == 200, r.text[:500]
+        return np.array([r.json()["probabilities"][c] for c in classes])
+
+    n = 0
+    for i in range(4):
+        x = xt[i]
+        original = probs(encode(x, "PNG"))
+        rgb = np.stack([x] * 3, -1)
+        pal = Image.fromarray(x, "P"); pal.putpalette(grey_palette)
+        b = io.BytesIO(); pal.save(b, "PNG")
+        variants = {
+            "RGB PNG": encode(rgb, "PNG"),
+            "RGBA PNG": encode(np.dstack([rgb, np.full_like(x, 255)]), "PNG"),
+            "grey+alpha PNG": encode(np.dstack([x, np.full_like(x, 255)]), "PNG"),
+            "palette PNG": b.getvalue(),
+            "16-bit PNG": encode(x.astype(np.uint16) * 257, "PNG"),
+            "lossless WebP": encode(rgb, "WEBP", lossless=True),
+            "BMP": encode(x, "BMP"),
+            "TIFF": encode(x, "TIFF"),
+            "GIF": encode(x, "GIF"),
+        }
+        assert Image.open(io.BytesIO(variants["16-bit PNG"])).mode.startswith("I;16")
+        assert Image.open(io.BytesIO(variants["palette PNG"])).mode == "P"
+        for name, data in variants.items():
+            np.testing.assert_allclose(probs(data), original, atol=2e-3, err_msg=name)
+            n += 1
+        for orientation in (3, 6, 8):
+            jpeg, upright = _exif_rotated_jpeg(x, orientation)
+            got = probs(jpeg, "image/jpeg", "x.jpg")
+            # exactly what the upright pixels of that JPEG give, and the original's class and about its probabilities
+            np.testing.assert_allclose(got, probs(encode(upright, "PNG")), atol=2e-3, err_msg=f"EXIF {orientation}")
+            assert got.argmax() == original.argmax(), f"EXIF {orientation}: {got} vs {original}"
+            np.testing.assert_allclose(got, original, atol=0.1, err_msg=f"EXIF {orientation}")
+            n += 2
+        n += 1
+    svc.stop()
+    assert _count(db.url, "predictions") == n
+
+
+# --- 3: schemathesis ----------------------------------------------------------------------------
+def test_schemathesis_finds_no_server_errors(service_root, service_factory, db, tmp_path):
+    "Property-based requests from /openapi.json (the admin token included, so PUT /models/current runs its body checks): no 5xx."
+    import xml.etree.ElementTree as ET
+    svc = service_factory(service_root["root"], db_url=db.service_url)
+    svc.wait_workers_ready(service_root["a"])
+    junit = tmp_path / "schemathesis.xml"
+    cmd = [str(BIN / "schemathesis"), "run", svc.url("/openapi.json"), "--checks", "not_a_server_error",
+           "--max-examples", "30", "--seed", "20240601", "--phases", "examples,coverage,fuzzing", "--request-timeout", "30",
+           "-H", f"Authorization: Bearer {ADMIN_TOKEN}", "--report", "junit", "--report-junit-path", str(junit)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"})
+    out = p.stdout[-6000:] + p.stderr[-3000:]
+    assert p.returncode == 0, f"schemathesis exited {p.returncode}:\n{out}\n--- service log\n{svc.read_log()}"
+    suite = ET.parse(junit).getroot()
+    cases = suite.findall(".//testcase")
+    failed = [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None]
+    assert cases and not failed, f"{failed}\n{out}"
+    tested = {c.get("name") for c in cases}
+    assert {"POST /predict", "PUT /models/current"} <= tested, tested
+    assert requests.get(svc.url("/models/current"), timeout=5).json()["deployment"]["version"] == service_root["a"]
+    svc.stop()
+    rows = _rows(db.url, "api_log")
+    assert not [r for r in rows if r["status_code"] >= 500], [r for r in rows if r["status_code"] >= 500][:5]
+    puts = [r for r in rows if r["method"] == "PUT"]
+    assert any(r["status_code"] not in (401, 403) for r in puts), "the admin header did not reach PUT /models/current"
+    assert sum(r["route"] == "/predict" for r in rows) >= 20
+
+
+# --- 4 + 5 + 8: deploy under load, a corrupt version refused, rollback ----------------------------
+class Load:
+    "Threads posting predictions until stopped; every answer recorded with when its request started and ended."
+
+    def __init__(self, svc, images, threads=4):
+        self.svc, self.images, self.results, self.stop_ = svc, images, [], threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, k):
+        i = k
+        while not self.stop_.is_set():
+            t0 = time.monotonic()
+            try:
+                r = self.svc.predict(self.images[i % len(self.images)], heatmap=bool(i % 2))
+                out = (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:300])
+            except requests.RequestException as e:
+                out = (None, f"{type(e).__name__}: {e}")
+            self.results.append((t0, time.monotonic(), *out))
+            i += len(self.threads)
+
+    def __enter__(self):
+        for t in self.threads: t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_.set()
+        for t in self.threads: t.join(60)
+
+    def failed(self): return [r for r in self.results if r[2] != 200]
+
+
+def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root, service_factory, trained_models, db):
+    svc = service_factory(service_root["root"], db_url=db.service_url)
+    a, b = service_root["a"], service_root["b"]
+    svc.wait_workers_ready(a)
+    images = [encode(x, "PNG") for x in trained_models["a"][1][:32]]
+    ok = 0   # 200 answers of /predict in this test
+
+    # 4: deploy b while 4 threads predict
+    with Load(svc, images) as load:
+        time.sleep(4)
+        r = requests.put(svc.url("/models/current"), json={"model_name": "fashion_small", "version": b, "reason": "load test"},
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Deployed-By": "load-test"}, timeout=60)
+        put_done = time.monotonic()
+        time.sleep(5)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["version"] == b and d["previous_version"] == a and d["deployed_by"].startswith("load-test")
+    assert len(d["workers"]) == 2 and set(d["workers"].values()) == {b}, d["workers"]
+    assert not load.failed(), load.failed()[:5]
+    after = [res for res in load.results if res[0] > put_done]
+    assert len(after) >= 10 and {res[3] for res in after} == {b}, [res for res in after if res[3] != b][:5]
+    assert {res[3] for res in load.results if res[1] < put_done} >= {a}
+    ok += len(load.results)
+    history = requests.get(svc.url("/models/history"), timeout=5).json()
+    assert history[0]["version"] == b and history[0]["deployed_by"].startswith("load-test") and history[0]["reason"] == "load test"
+    assert history[1]["version"] == a and history[1]["deployed_by"] == "tests"
+    metrics = requests.get(svc.url("/metrics"), timeout=5).text
+    assert f'cvops_model_serving{{version="{b}"}} 1.0' in metrics, [l for l in metrics.splitlines() if "serving" in l]
+    assert f'cvops_model_serving{{version="{a}"}} 0.0' in metrics
+
+    # 5: a version that cannot load is refused; b keeps serving, the pointer stays
+    with Load(svc, images, threads=2) as load:
+        r = svc.deploy("fashion_small", service_root["corrupt"])
+        time.sleep(1.5)
+    assert r.status_code == 422, r.text
+    assert service_root["corrupt"] in r.json()["error"] and "cannot be loaded" in r.json()["error"], r.json()
+    assert not load.failed() and {res[3] for res in load.results} == {b}, load.failed()[:5]
+    ok += len(load.results)
+    for pid, version in _worker_pids(svc).items(): assert version == b, (pid, version)
+    cur = requests.get(svc.url("/models/current"), timeout=5).json()
+    assert cur["version"] == b and cur["deployment"]["version"] == b and cur["load_error"] is None
+    assert requests.get(svc.url("/models/history"), timeout=5).json()[0]["version"] == b
+
+    # rollback: deploy a again
+    r = svc.deploy("fashion_small", a)
+    assert r.status_code == 200 and set(r.json()["workers"].values()) == {a}, r.text
+    for i in range(6):
+        p = svc.predict(images[i], heatmap=False)
+        assert p.status_code == 200 and p.json()["model_version"] == a, p.text[:300]
+        ok += 1
+
+    # 8: one predictions row per 200 answer, written by the time the service stopped
+    svc.stop()
+    assert _count(db.url, "predictions") == ok
+    versions = {r["model_version"] for r in _rows(db.url, "predictions")}
+    assert versions == {a, b}
+
+
+# --- 6: start-up without a model, deploy by CLI, a killed worker ------------------------------------
+def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(service_root, service_factory, trained_models, db):
+    root, a = service_root["root"], service_root["a"]
+    (service_root["storage"] / "deployments" / "current.json").unlink()
+    svc = service_factory(root, db_url=db.service_url)
+    image = encode(trained_models["a"][1][0], "PNG")
+    for _ in range(6):   # both workers: no model
+        r = svc.predict(image)
+        assert r.status_code == 503 and "cvops deploy" in r.json()["error"] and "PUT /models/current" in r.json()["error"], r.text
+        ready = requests.get(svc.url("/ready"), timeout=5)
+        assert ready.status_code == 503 and not ready.json()["ready"], ready.text
+        assert any("no model is deployed" in reason for reason in ready.json()["reasons"]), ready.json()
+    env = {k: v for k, v in os.environ.items() if k not in ("CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI", "DB_URL")}
+    p = subprocess.run([str(BIN / "cvops"), "deploy", "fashion_small", "--version", a, "--by", "cli-test"], cwd=root,
+                       env={**env, "CVOPS_ROOT": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    t0 = time.monotonic()
+    svc.wait_workers_ready(a, timeout=10)
+    assert time.monotonic() - t0 < 10
+    assert requests.get(svc.url("/ready"), timeout=5).status_code == 200
+    pids = _worker_pids(svc)
+    assert set(pids.values()) == {a}
+
+    # SIGKILL one worker while predictions go on: gunicorn starts another, which serves the pointer's version
+    victim = min(pids)
+    with Load(svc, [image], threads=2) as load:
+        time.sleep(1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        deadline, new = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            d = requests.get(svc.url("/models/current"), timeout=5).json()
+            if d["worker_pid"] not in pids:
+                new[d["worker_pid"]] = d["version"]
+                if d["version"] == a: break
+            time.sleep(0.1)
+        time.sleep(1)
+    assert new and a in new.values(), f"no new worker serving {a} within 60 s: {new}\n{svc.read_log()}"
+    assert victim not in _worker_pids(svc)
+    failed = load.failed()
+    # at most the requests in flight on the killed worker fail (one per thread), and only by a broken connection
+    assert len(failed) <= 2 and all(f[2] is None and f[0] < killed_at for f in failed), failed
+    assert sum(res[2] == 200 for res in load.results) >= 10
+    r = svc.predict(image)
+    assert r.status_code == 200 and r.json()["model_version"] == a

@@ -1,0 +1,604 @@
+"""Prediction-service throughput: the real service over HTTP vs the same work in-process, and the prediction log.
+
+1. service   `cvops serve` (gunicorn + 2 uvicorn workers, SQLite prediction log, image store) on a free
+             127.0.0.1 port, fed real Fashion-MNIST test images (28x28 PNG) by a bounded load generator
+             (Python threads, one keep-alive connection each) at concurrency 1 and 8, heatmaps on and off.
+             Per cell: warm-up, then a fixed window; requests/s = responses completed in the window / window.
+2. in-process  the same decode -> model (+ GradCAM) -> overlay PNG path (check_upload, prepare_input,
+             LoadedVersion call, class_probabilities, render_heatmap when heatmaps are on) in a loop, in as many
+             processes as the service has workers (multiprocessing spawn), each with TensorFlow's intra/inter
+             op threads = cores / workers as the service's workers use, at batch 1 and batched by 8.
+             ratio = service / in-process: concurrency 1 against batch 1, concurrency 8 against the better of
+             batch 1 and batch 8 (target >= 0.5 at concurrency 8).
+   Service and in-process cells alternate (never run at the same time: they would share the cores), for
+   `--rounds` rounds; the figures reported are medians over the rounds.
+3. predlog   rows/s that cvops.predlog.PredictionLog writes (one row = one request: its api_log row and its
+             predictions row with 10 class probabilities and a 40-float feature head), queued up front and
+             timed until the writer thread has written them all, to SQLite (a file in a temp folder) and
+             PostgreSQL (127.0.0.1:5432, user postgres, a temp database created and dropped; "unavailable" and
+             the reason when it cannot be reached), without and with the image store; compared with the
+             service's best request rate (target >= 10x).
+
+The model: the project's deployed one (central_storage/deployments/current.json, after `make run`) copied into
+a temp central storage; otherwise one trained for the bench (the config's model section, one epoch on 3000
+Fashion-MNIST images, as tests/service_support.train_small_model does), published and deployed there.
+The service is stopped at the end, pass or fail; results go to --out (JSON) and a table on stdout.
+
+    python bench/service_throughput.py [--duration 8] [--warmup 2] [--rounds 2] [--out bench/results/service_throughput.json]
+"""
+import argparse
+import http.client
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BIN = Path(sys.executable).parent
+TARGET_SERVICE_RATIO = 0.5
+TARGET_LOG_RATIO = 10.0
+
+
+# --- the model ----------------------------------------------------------------------------------
+def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epochs: int = 1) -> dict:
+    "In a child process: train the config's model briefly on Fashion-MNIST, publish and deploy it into `storage`."
+    import numpy as np
+    import yaml
+    from cvops.config import ModelConfig
+    from cvops.dataset import load_default_source
+    from cvops.deploy import deploy
+    from cvops.model import build_model, compile_model
+    from cvops.publish import publish_model
+    from cvops.train import save_trained_model
+    src = load_default_source()
+    cfg = ModelConfig.model_validate(yaml.safe_load(Path(config_path).read_text())["model"])
+    k = len(src.classes)
+    x, y = src.train[0][:n_train], src.train[1][:n_train]
+    prep = lambda a: (a[..., None] if cfg.channels == 1 else np.repeat(a[..., None], 3, -1)).astype("float32") / 255
+    model = compile_model(build_model(cfg, k, seed=0), cfg, "adam", 2e-3)
+    if (cfg.input_size.w, cfg.input_size.h) != (28, 28):
+        import tensorflow as tf
+        prep0 = prep; prep = lambda a: tf.image.resize(prep0(a), (cfg.input_size.h, cfg.input_size.w)).numpy()
+    model.fit(prep(x), np.eye(k)[y], epochs=epochs, batch_size=64, verbose=0)
+    xt, yt = src.test[0][:500], src.test[1][:500]
+    acc = float((np.asarray(model(prep(xt))).argmax(1) == yt).mean())
+    folder = save_trained_model(model, Path(storage).parent / "trained", cfg, src.classes)
+    meta = {"model_name": cfg.model_name, "model": {"model_name": cfg.model_name},
+            "metrics": {"accuracy": acc, "n_images": 500}, "lineage": {}}
+    version = publish_model(folder, meta, storage)["version"]
+    deploy(storage, cfg.model_name, version, by="bench")
+    return {"accuracy_500_test_images": acc, "trained_on": n_train, "epochs": epochs}
+
+
+def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
+    "A temp project folder for the service whose central storage holds one deployed version; returns what it is."
+    from cvops.deploy import current_deployment, resolve_version
+    storage = work / "central_storage"
+    (storage / "models" / ".versions").mkdir(parents=True)
+    (work / "pipeline.yaml").write_text("tasks: []\n")
+    src_storage = project_root / "central_storage"
+    rec = current_deployment(src_storage)
+    if rec is not None:
+        version, folder = resolve_version(src_storage, rec["model_name"], rec["version"])
+        shutil.copytree(folder, storage / "models" / ".versions" / version)
+        shutil.copy2(src_storage / "models" / f"{rec['model_name']}.yaml", storage / "models" / f"{rec['model_name']}.yaml")
+        (storage / "deployments").mkdir()
+        (storage / "deployments" / "current.json").write_text(json.dumps(rec))
+        source = {"source": f"deployed in {src_storage} (copied to a temp central storage)"}
+    else:
+        import concurrent.futures as cf
+        with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+            trained = ex.submit(_train_and_deploy, str(config_path), str(storage)).result()
+        rec = current_deployment(storage)
+        source = {"source": f"no deployment in {src_storage}: the model section of {config_path.name} trained for the bench, "
+                            "published and deployed in a temp central storage", **trained}
+    _, folder = resolve_version(storage, rec["model_name"], rec["version"])
+    info = json.loads((folder / "model_info.json").read_text())
+    return {"model_name": rec["model_name"], "version": rec["version"], "folder": str(folder), **source,
+            "input": [info["model"]["input_size"]["h"], info["model"]["input_size"]["w"], info["model"]["channels"]],
+            "architecture": info["model"].get("architecture"), "classes": len(info["classes"])}
+
+
+def test_images(n: int) -> list:
+    "The first `n` Fashion-MNIST test images, PNG-encoded (as a client would upload them)."
+    import io
+    from PIL import Image
+    from cvops.dataset import load_default_source
+    out = []
+    for a in load_default_source().test[0][:n]:
+        b = io.BytesIO(); Image.fromarray(a).save(b, "PNG"); out.append(b.getvalue())
+    return out
+
+
+# --- the in-process limit ---------------------------------------------------------------------------
+def _limit_worker(folder: str, images: list, threads: int, cmds, results):
+    "One process of the in-process limit: load the version, then run the cells the parent sends."
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    import numpy as np
+    import keras
+    from cvops.deploy import check_version
+    from cvops.inference import check_upload, class_probabilities, prepare_input, render_heatmap
+    lv = check_version(folder)
+    params = keras.models.load_model(Path(folder) / "model.keras", compile=False).count_params()
+    results.put(("ready", os.getpid(), params))
+    k = 0
+    while True:
+        cmd = cmds.get()
+        if cmd is None: return
+        heatmap, batch, t_start, warm, dur = cmd
+        while time.time() < t_start: time.sleep(0.001)
+        t0 = time.perf_counter() + warm; t1 = t0 + dur
+        n, lat, stages = 0, [], [0.0, 0.0, 0.0, 0.0]   # decode, prepare, model, render
+        cpu0 = time.process_time()
+        while True:
+            a = time.perf_counter()
+            if a >= t1: break
+            datas = [images[(k + i) % len(images)] for i in range(batch)]; k += batch
+            ups = [check_upload(d, "image/png") for d in datas]
+            b = time.perf_counter()
+            x = np.stack([prepare_input(u, lv) for u in ups])
+            c = time.perf_counter()
+            out = lv(x, heatmap=heatmap)
+            d = time.perf_counter()
+            for i, u in enumerate(ups):
+                class_probabilities(out["probs"][i], lv.classes)
+                if heatmap: render_heatmap(out["cam"][i], u.display)
+            e = time.perf_counter()
+            if a >= t0:
+                n += batch; lat.append(e - a)
+                for j, s in enumerate((b - a, c - b, d - c, e - d)): stages[j] += s
+        results.put(("done", os.getpid(), n, lat, stages, time.process_time() - cpu0))
+
+
+class InProcessLimit:
+    def __init__(self, folder: str, images: list, processes: int, threads: int):
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.cmds = [ctx.Queue() for _ in range(processes)]
+        self.procs = [ctx.Process(target=_limit_worker, args=(folder, images, threads, q, self.results), daemon=True)
+                      for q in self.cmds]
+        for p in self.procs: p.start()
+
+    def wait_ready(self, timeout=180) -> int:
+        got = [self.results.get(timeout=timeout) for _ in self.procs]
+        return got[0][2]
+
+    def cell(self, heatmap: bool, batch: int, warm: float, dur: float) -> dict:
+        t_start = time.time() + 0.3
+        j0, w0 = machine_jiffies(), time.perf_counter()
+        for q in self.cmds: q.put((heatmap, batch, t_start, warm, dur))
+        got = [self.results.get(timeout=warm + dur + 120) for _ in self.procs]
+        machine, ours = cores_busy(j0, machine_jiffies()), sum(g[5] for g in got) / (time.perf_counter() - w0)
+        n = sum(g[2] for g in got)
+        lat = sorted(x for g in got for x in g[3])
+        steps = len(lat) or 1
+        stages = [sum(g[4][j] for g in got) / steps * 1000 for j in range(4)]
+        return {"img_s": n / dur, "images": n,
+                "step_ms_p50": _pct(lat, 50) * 1000 if lat else None, "step_ms_p99": _pct(lat, 99) * 1000 if lat else None,
+                "step_ms_mean_by_stage": dict(zip(("decode", "prepare_input", "model", "probs_and_render"), (round(s, 3) for s in stages))),
+                "cpu_s_per_image": sum(g[5] for g in got) / max(n, 1),
+                "cpu_cores_busy": {"in_process": round(ours, 3), "machine": None if machine is None else round(machine, 3),
+                                   "other_processes": None if machine is None else round(max(0.0, machine - ours), 3)}}
+
+    def close(self):
+        for q in self.cmds: q.put(None)
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive(): p.terminate()
+
+
+# --- the service -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    "`cvops serve` on a free 127.0.0.1 port, in its own process group."
+    def __init__(self, root: Path, workers: int):
+        self.root, self.port, self.workers = root, free_port(), workers
+        self.env = {**os.environ, "CVOPS_ROOT": str(root), "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(self.port),
+                    "SERVICE_WORKERS": str(workers), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        for k in ("CVOPS_CENTRAL_STORAGE", "CVOPS_VAR_DIR", "MLFLOW_TRACKING_URI", "DB_URL", "TF_THREADS", "MAX_BATCH"):
+            self.env.pop(k, None)
+        self.log_path = root / "service.log"
+        self.proc = None
+
+    def start(self, version: str, timeout: float = 180):
+        import requests
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([str(BIN / "cvops"), "serve"], cwd=self.root, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.read_log()}")
+            try:
+                seen = [requests.get(f"http://127.0.0.1:{self.port}/models/current", timeout=5).json()["version"] for _ in range(12)]
+                if all(v == version for v in seen) and len(self.worker_pids()) == self.workers: return self
+            except (requests.RequestException, ValueError, KeyError):
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the service did not serve {version} within {timeout} s:\n{self.read_log()}")
+
+    def worker_pids(self) -> list:
+        import psutil
+        try: return sorted(c.pid for c in psutil.Process(self.proc.pid).children())
+        except psutil.Error: return []
+
+    def cpu(self) -> dict:
+        "CPU seconds (user + system) of the master and of each worker."
+        import psutil
+        out = {}
+        for pid in [self.proc.pid] + self.worker_pids():
+            try: t = psutil.Process(pid).cpu_times(); out[pid] = t.user + t.system
+            except psutil.Error: pass
+        return out
+
+    def read_log(self) -> str:
+        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 40):
+        if self.proc is None or self.proc.poll() is not None: return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try: self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait(10)
+        self.log.close()
+
+
+def machine_jiffies() -> tuple:
+    "(busy, total) CPU jiffies of the whole machine, from /proc/stat ((0, 0) where there is none)."
+    try:
+        v = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
+        return sum(v) - v[3] - v[4], sum(v)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def cores_busy(j0, j1) -> float | None:
+    "Cores busy on the whole machine between two `machine_jiffies()` readings."
+    return (j1[0] - j0[0]) / (j1[1] - j0[1]) * (os.cpu_count() or 1) if j1[1] > j0[1] else None
+
+
+def _pct(sorted_xs, p):
+    if not sorted_xs: return None
+    return sorted_xs[min(len(sorted_xs) - 1, max(0, round(p / 100 * len(sorted_xs) + 0.5) - 1))]
+
+
+_TIME_MS = re.compile(rb'"time_ms":\s*([0-9.eE+-]+)')
+
+
+def load_cell(port: int, bodies: list, ctype: str, heatmap: bool, concurrency: int, warm: float, dur: float) -> dict:
+    "`concurrency` threads, one keep-alive connection each, sending POST /predict back to back."
+    path = "/predict" + ("" if heatmap else "?heatmap=false")
+    start = time.perf_counter() + 0.05
+    t0, t1 = start + warm, start + warm + dur
+    per = [dict(lat=[], server=[], errors=0, statuses={}, bytes=0) for _ in range(concurrency)]
+
+    def client(i):
+        rec = per[i]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        k = i * 997
+        while time.perf_counter() < start: time.sleep(0.001)
+        while True:
+            a = time.perf_counter()
+            if a >= t1: break
+            body = bodies[k % len(bodies)]; k += 1
+            try:
+                conn.request("POST", path, body, {"Content-Type": ctype})
+                r = conn.getresponse(); payload = r.read()
+            except (OSError, http.client.HTTPException) as e:
+                rec["errors"] += 1; rec["statuses"][type(e).__name__] = rec["statuses"].get(type(e).__name__, 0) + 1
+                conn.close(); conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                continue
+            b = time.perf_counter()
+            if t0 <= b <= t1:
+                if r.status == 200:
+                    rec["lat"].append(b - a); rec["bytes"] += len(payload)
+                    m = _TIME_MS.search(payload)
+                    if m: rec["server"].append(float(m.group(1)))
+                else:
+                    rec["errors"] += 1; rec["statuses"][r.status] = rec["statuses"].get(r.status, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads: t.start()
+    for t in threads: t.join(warm + dur + 120)
+    lat = sorted(x for r in per for x in r["lat"])
+    server = sorted(x for r in per for x in r["server"])
+    n = len(lat)
+    statuses = {}
+    for r in per:
+        for s, c in r["statuses"].items(): statuses[str(s)] = statuses.get(str(s), 0) + c
+    return {"req_s": n / dur, "requests": n, "errors": sum(r["errors"] for r in per), "error_kinds": statuses,
+            "p50_ms": _pct(lat, 50) * 1000 if lat else None, "p99_ms": _pct(lat, 99) * 1000 if lat else None,
+            "server_time_ms_p50": _pct(server, 50), "server_time_ms_mean": statistics.fmean(server) if server else None,
+            "client_latency_ms_mean": statistics.fmean(lat) * 1000 if lat else None,
+            "response_kb_mean": sum(r["bytes"] for r in per) / max(n, 1) / 1024}
+
+
+def multipart(data: bytes, boundary: str) -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"image.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+
+
+def service_cell(svc: Service, bodies, ctype, heatmap, concurrency, warm, dur) -> dict:
+    "One load cell, with the CPU the service's processes and this (client) process used during it."
+    cpu0, client0, j0, w0 = svc.cpu(), time.process_time(), machine_jiffies(), time.perf_counter()
+    res = load_cell(svc.port, bodies, ctype, heatmap, concurrency, warm, dur)
+    cpu1, client1, j1, w1 = svc.cpu(), time.process_time(), machine_jiffies(), time.perf_counter()
+    wall = w1 - w0
+    per_proc = {str(pid): round((cpu1[pid] - cpu0.get(pid, 0)) / wall, 3) for pid in cpu1}
+    ours = sum(per_proc.values()) + (client1 - client0) / wall
+    machine = cores_busy(j0, j1)
+    res["cpu_cores_busy"] = {"service_master": per_proc.pop(str(svc.proc.pid), None), "service_workers": per_proc,
+                             "load_generator": round((client1 - client0) / wall, 3),
+                             "machine": None if machine is None else round(machine, 3),
+                             "other_processes": None if machine is None else round(max(0.0, machine - ours), 3)}
+    return res
+
+
+# --- the prediction log --------------------------------------------------------------------------
+def log_rows(n: int, images: list, classes: list) -> list:
+    "`n` requests' rows as the service's middleware and /predict build them."
+    import random
+    rnd = random.Random(0)
+    rows = []
+    for i in range(n):
+        rid = uuid.uuid4().hex
+        now = datetime.now(timezone.utc)
+        p = [rnd.random() for _ in classes]; s = sum(p)
+        probs = {c: round(v / s, 6) for c, v in zip(classes, p)}
+        api = {"request_id": rid, "created_on": now, "method": "POST", "route": "/predict", "path": "/predict",
+               "status_code": 200, "latency_ms": round(rnd.uniform(5, 40), 3), "client": "127.0.0.1",
+               "model_version": "fashion_mnist_cnn@20250101T000000Z", "error": None}
+        pred = {"request_id": rid, "created_on": now, "model_name": "fashion_mnist_cnn",
+                "model_version": "fashion_mnist_cnn@20250101T000000Z", "top_class": max(probs, key=probs.get),
+                "probabilities": probs, "features": {"embedding": [round(rnd.gauss(0, 1), 6) for _ in range(40)]},
+                "latency_ms": api["latency_ms"]}
+        rows.append((api, pred, (images[i % len(images)], "PNG")))
+    return rows
+
+
+def predlog_rate(url: str, rows: list, work: Path, with_images: bool, timeout: float = 120) -> dict:
+    from cvops.predlog import ImageStore, PredictionLog, make_engine, migrate
+    import sqlalchemy as sa
+    eng = make_engine(url)
+    try:
+        migrate(eng)
+        with eng.begin() as c:
+            for t in ("predictions", "api_log"): c.execute(sa.text(f"DELETE FROM {t}"))
+        d = work / f"plog-{uuid.uuid4().hex[:8]}"
+        plog = PredictionLog(eng, d / "spill", ImageStore(d / "images") if with_images else None)
+        for api, pred, image in rows: plog.log(api, pred, image if with_images else None)
+        t = time.perf_counter(); plog.start()
+        while plog.written < len(rows) and time.perf_counter() - t < timeout:
+            time.sleep(0.002)
+        dt = time.perf_counter() - t
+        written, failures, err = plog.written, plog.failures, plog.last_error
+        plog.stop()
+        with eng.connect() as c:
+            counted = c.execute(sa.text("SELECT COUNT(*) FROM predictions")).scalar()
+        return {"rows_s": written / dt, "rows": written, "seconds": round(dt, 3), "rows_in_table": counted,
+                "write_failures": failures, **({"last_error": err} if err else {})}
+    finally:
+        eng.dispose()
+
+
+def bench_predlog(images: list, classes: list, n: int, work: Path, pg: str) -> dict:
+    rows = log_rows(n, images, classes)
+    out = {"rows_per_request": "1 api_log row + 1 predictions row (10 probabilities, 40-float feature head)",
+           "batch_size": 500, "rows_queued": n}
+    sq = work / "predlog.sqlite"
+    out["sqlite"] = {"url": f"sqlite:///{sq}",
+                     "rows_only": predlog_rate(f"sqlite:///{sq}", rows, work, False),
+                     "with_image_store": predlog_rate(f"sqlite:///{sq}", rows, work, True)}
+    # PostgreSQL: a temp database on the machine's server
+    host, port = pg.rsplit(":", 1)
+    dbname = f"cvops_bench_{uuid.uuid4().hex[:8]}"
+    try:
+        import psycopg2
+        admin = psycopg2.connect(host=host, port=int(port), user="postgres", dbname="postgres", connect_timeout=3)
+    except Exception as e:
+        out["postgresql"] = {"status": "unavailable", "reason": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+        return out
+    admin.autocommit = True
+    try:
+        with admin.cursor() as c:
+            c.execute(f'CREATE DATABASE "{dbname}"')
+            c.execute("SHOW server_version"); version = c.fetchone()[0]
+            c.execute("SHOW synchronous_commit"); sync = c.fetchone()[0]
+            c.execute("SHOW fsync"); fsync = c.fetchone()[0]
+        url = f"postgresql+psycopg2://postgres@{host}:{port}/{dbname}"
+        out["postgresql"] = {"url": url, "server_version": version, "synchronous_commit": sync, "fsync": fsync,
+                             "rows_only": predlog_rate(url, rows, work, False),
+                             "with_image_store": predlog_rate(url, rows, work, True)}
+    except Exception as e:
+        out["postgresql"] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"}
+    finally:
+        try:
+            with admin.cursor() as c: c.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        finally:
+            admin.close()
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/config.yaml", help="its model section is trained when nothing is deployed")
+    ap.add_argument("--duration", type=float, default=8, help="seconds measured per service cell")
+    ap.add_argument("--limit-duration", type=float, default=6, help="seconds measured per in-process cell")
+    ap.add_argument("--warmup", type=float, default=2, help="seconds of load before each measured window")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of alternating service / in-process cells")
+    ap.add_argument("--workers", type=int, default=2, help="service workers = in-process processes")
+    ap.add_argument("--concurrency", default="1,8", help="two levels: the first is compared with batch 1, the second with the best in-process figure")
+    ap.add_argument("--images", type=int, default=1000, help="distinct test images sent")
+    ap.add_argument("--log-rows", type=int, default=10000, help="requests' rows written per prediction-log measurement")
+    ap.add_argument("--postgres", default="127.0.0.1:5432", help="host:port of a PostgreSQL server (trust auth, user postgres)")
+    ap.add_argument("--out", default="bench/results/service_throughput.json")
+    args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the clean-ups below
+
+    from cvops.config import find_project_root, resolve_path
+    project = find_project_root()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    if len(concurrencies) != 2: ap.error("--concurrency takes two levels, e.g. 1,8")
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // args.workers)                    # what the service's workers use (TF_THREADS=0)
+    t_begin = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="cvops-bench-service-"))
+    svc = limit = None
+    try:
+        model = prepare_storage(project, work, resolve_path(args.config, project))
+        images = test_images(args.images)
+        boundary = uuid.uuid4().hex
+        bodies = [multipart(d, boundary) for d in images]
+        ctype = f"multipart/form-data; boundary={boundary}"
+        limit = InProcessLimit(model["folder"], images, args.workers, threads)
+        model["parameters"] = limit.wait_ready()
+        svc = Service(work, args.workers).start(model["version"])
+        setup_s = time.perf_counter() - t_begin
+
+        raw = {"service": {}, "in_process": {}}
+        for rnd in range(args.rounds):
+            for heatmap in (True, False):
+                hm = "heatmap_on" if heatmap else "heatmap_off"
+                for conc, batch in zip(concurrencies, (1, 8)):
+                    r = service_cell(svc, bodies, ctype, heatmap, conc, args.warmup, args.duration)
+                    raw["service"].setdefault(f"{hm}/c{conc}", []).append(r)
+                    print(f"round {rnd + 1} service    {hm:11s} concurrency {conc}: {r['req_s']:7.1f} req/s  "
+                          f"p50 {_f(r['p50_ms'], '.1f')} ms  p99 {_f(r['p99_ms'], '.1f')} ms  errors {r['errors']}", flush=True)
+                    p = limit.cell(heatmap, batch, min(args.warmup, 1.0), args.limit_duration)
+                    raw["in_process"].setdefault(f"{hm}/b{batch}", []).append(p)
+                    print(f"round {rnd + 1} in-process {hm:11s} batch {batch}:       {p['img_s']:7.1f} img/s", flush=True)
+        service_s = time.perf_counter() - t_begin - setup_s
+        limit.close(); limit = None
+        svc_log_tail = svc.read_log()
+        svc.stop()
+
+        # summary: medians over the rounds
+        cells, best_req_s = {}, 0.0
+        for heatmap in (True, False):
+            hm = "heatmap_on" if heatmap else "heatmap_off"
+            b1 = _median([p["img_s"] for p in raw["in_process"][f"{hm}/b1"]])
+            b8 = _median([p["img_s"] for p in raw["in_process"][f"{hm}/b8"]])
+            for conc in concurrencies:
+                rs = raw["service"][f"{hm}/c{conc}"]
+                req_s = _median([r["req_s"] for r in rs])
+                ref, ref_name = (b1, "batch 1") if conc == 1 else ((b8, "batch 8") if b8 >= b1 else (b1, "batch 1"))
+                cells[f"{hm}/c{conc}"] = {
+                    "heatmap": heatmap, "concurrency": conc, "req_s": req_s,
+                    "p50_ms": _median([r["p50_ms"] for r in rs]), "p99_ms": _median([r["p99_ms"] for r in rs]),
+                    "server_time_ms_p50": _median([r["server_time_ms_p50"] for r in rs]),
+                    "errors": sum(r["errors"] for r in rs),
+                    "in_process_batch1_img_s": b1, "in_process_batch8_img_s": b8,
+                    "compared_with": ref_name, "ratio": req_s / ref if ref else None,
+                    **({"target": TARGET_SERVICE_RATIO, "meets_target": (req_s / ref) >= TARGET_SERVICE_RATIO} if conc != 1 else {})}
+                best_req_s = max(best_req_s, req_s)
+
+        others = [c["cpu_cores_busy"]["other_processes"] for part in raw.values() for cs in part.values() for c in cs]
+        others = [o for o in others if o is not None]
+        other_load = {"mean_cores_busy_by_other_processes": round(statistics.fmean(others), 3) if others else None,
+                      "max": max(others) if others else None,
+                      "note": "CPU used during the cells by processes other than the service, the load generator and the "
+                              "in-process workers (from /proc/stat); above ~0.2 cores the figures are disturbed"}
+
+        t_log = time.perf_counter()
+        from cvops.dataset import load_default_source
+        classes = load_default_source().classes if model["classes"] == 10 else [f"c{i}" for i in range(model["classes"])]
+        predlog = bench_predlog(images, classes, args.log_rows, work, args.postgres)
+        for db in ("sqlite", "postgresql"):
+            d = predlog.get(db, {})
+            for v in ("rows_only", "with_image_store"):
+                if v in d: d[v]["ratio_to_best_service_req_s"] = d[v]["rows_s"] / best_req_s if best_req_s else None
+        predlog["target_ratio"] = TARGET_LOG_RATIO
+        predlog["best_service_req_s"] = best_req_s
+
+        import keras
+        result = {
+            "what": "prediction service throughput over HTTP (cvops serve) vs the same path in-process; prediction-log write rate",
+            "model": {k: v for k, v in model.items() if k != "folder"},
+            "service": {"workers": args.workers, "tf_threads_per_worker": threads, "host": "127.0.0.1",
+                        "server": "gunicorn + uvicorn_worker.UvicornWorker (cvops serve)", "prediction_log": "SQLite under the temp project's var/",
+                        "load_generator": "Python threads, one keep-alive http.client connection each, multipart POST /predict",
+                        "images": f"{len(images)} Fashion-MNIST test images, 28x28 PNG ({statistics.fmean(map(len, images)):.0f} bytes mean)"},
+            "in_process": {"processes": args.workers, "tf_intra_inter_threads": threads, "start_method": "spawn",
+                           "path": "check_upload -> prepare_input -> LoadedVersion(batch) -> class_probabilities (+ render_heatmap when heatmaps on)"},
+            "durations_s": {"service_cell": args.duration, "in_process_cell": args.limit_duration, "warmup": args.warmup, "rounds": args.rounds},
+            "cells": cells, "other_load": other_load, "target_ratio_concurrency8": TARGET_SERVICE_RATIO,
+            "prediction_log": predlog,
+            "raw": raw,
+            "timing_s": {"setup": round(setup_s, 1), "service_and_in_process": round(service_s, 1),
+                         "prediction_log": round(time.perf_counter() - t_log, 1), "total": round(time.perf_counter() - t_begin, 1)},
+            "machine": {"cpus": cores, "platform": platform.platform(), "python": platform.python_version(), "keras": keras.__version__},
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        if any(r["errors"] for rs in raw["service"].values() for r in rs): result["service_log_tail"] = svc_log_tail
+        out = resolve_path(args.out, project)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str))
+        print_table(result, out)
+        return result
+    finally:
+        if svc is not None: svc.stop()
+        if limit is not None: limit.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _f(x, spec="7.1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(r: dict, out: Path):
+    m = r["model"]
+    print(f"\nmodel {m['version']} input {'x'.join(map(str, m['input']))} {m['parameters']:,} parameters ({m['source'].split(':')[0]})")
+    print(f"service: {r['service']['workers']} workers, {r['service']['tf_threads_per_worker']} TF thread(s) each; "
+          f"in-process: {r['in_process']['processes']} processes; medians of {r['durations_s']['rounds']} rounds")
+    print(f"{'heatmaps':9s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s} {'srv ms':>7s} | {'in-proc b1':>10s} {'b8':>8s} | {'ratio':>6s} vs")
+    for c in r["cells"].values():
+        print(f"{'on' if c['heatmap'] else 'off':9s} {c['concurrency']:4d} {_f(c['req_s'], '8.1f')} {_f(c['p50_ms'])} {_f(c['p99_ms'])} "
+              f"{_f(c['server_time_ms_p50'])} | {_f(c['in_process_batch1_img_s'], '10.1f')} {_f(c['in_process_batch8_img_s'], '8.1f')} | "
+              f"{_f(c['ratio'], '6.2f')} {c['compared_with']}" + ("" if "meets_target" not in c else
+                                                          f" ({'meets' if c['meets_target'] else 'BELOW'} target {c['target']})"))
+    pl = r["prediction_log"]
+    print(f"\nprediction log ({pl['rows_queued']} requests' rows; ratio to the best service rate {pl['best_service_req_s']:.1f} req/s, target {pl['target_ratio']:.0f}x)")
+    for db in ("sqlite", "postgresql"):
+        d = pl.get(db, {})
+        if "rows_only" not in d:
+            print(f"  {db:10s} {d.get('status', '?')}: {d.get('reason', '')}"); continue
+        for v in ("rows_only", "with_image_store"):
+            x = d[v]
+            print(f"  {db:10s} {v:16s} {x['rows_s']:9.0f} rows/s  {_f(x['ratio_to_best_service_req_s'])}x")
+    ol = r["other_load"]
+    if ol["mean_cores_busy_by_other_processes"] is not None:
+        print(f"other processes kept {ol['mean_cores_busy_by_other_processes']:.2f} cores busy on average during the cells (max {ol['max']:.2f})"
+              + ("  -- the machine was not quiet: figures are noisy" if ol["mean_cores_busy_by_other_processes"] > 0.2 else ""))
+    print(f"-> {out}  ({r['timing_s']['total']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

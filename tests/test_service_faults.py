@@ -1,0 +1,196 @@
+"""The prediction service when its database goes away: a throw-away PostgreSQL cluster (Debian's
+initdb + pg_ctl on a free port, never the machine's own) is stopped under load and started again.
+Predictions keep succeeding, /ready and /metrics tell the truth, and afterwards every successful
+prediction has exactly one row in the database (from memory, or written back from spill files)."""
+import os
+import threading
+import time
+
+import pytest
+import requests
+import sqlalchemy as sa
+
+from service_support import encode, postgres_bindir, start_postgres
+
+pytestmark = pytest.mark.service
+
+IN_CI = os.environ.get("CI") == "true"
+WARMUP_S, OUTAGE_S, RECOVERY_S = 3.0, 5.0, 7.0
+N_THREADS = 3
+
+
+@pytest.fixture
+def pg(tmp_path):
+    "A throw-away PostgreSQL cluster, stopped and removed when the test ends, pass or fail."
+    if postgres_bindir() is None:
+        msg = "PostgreSQL server programs (initdb, pg_ctl) not found: apt-get install postgresql"
+        if IN_CI: pytest.fail(msg)
+        pytest.skip(msg)
+    cluster = start_postgres(tmp_path / "pg")
+    yield cluster
+    cluster.remove()
+
+
+def _counts(url) -> dict:
+    from cvops.predlog import api_log, predictions
+    eng = sa.create_engine(url)
+    try:
+        with eng.connect() as c:
+            n = {t.name: c.execute(sa.select(sa.func.count()).select_from(t)).scalar() for t in (api_log, predictions)}
+            n["api_predict"] = c.execute(sa.select(sa.func.count()).select_from(api_log).where(api_log.c.route == "/predict")).scalar()
+            n["distinct"] = c.execute(sa.select(sa.func.count(sa.distinct(predictions.c.request_id)))).scalar()
+    finally:
+        eng.dispose()
+    return n
+
+
+def _metric(text: str, name: str) -> float:
+    "The sum of a metric's samples (over workers, labels) in Prometheus text format."
+    from prometheus_client.parser import text_string_to_metric_families
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+def _spill_files(root) -> list:
+    d = root / "var" / "spill"
+    return sorted(p.name for p in d.glob("spill-*.jsonl*")) if d.exists() else []
+
+
+class Load:
+    "Predictions from a few threads until stopped; every response (or exception) is recorded with its time."
+
+    def __init__(self, svc, images):
+        self.svc, self.images, self.results, self._stop = svc, images, [], threading.Event()
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(N_THREADS)]
+
+    def _run(self, k):
+        i = k
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                r = self.svc.predict(self.images[i % len(self.images)], heatmap=bool(i % 2), timeout=20)
+                res = (t, r.status_code, r.json().get("request_id") if r.status_code == 200 else r.text[:300])
+            except Exception as e:  # a refused/reset connection is a failure too
+                res = (t, None, f"{type(e).__name__}: {e}")
+            with self._lock: self.results.append(res)
+            i += N_THREADS
+
+    def __enter__(self):
+        for t in self.threads: t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self.threads: t.join(30)
+
+
+def _outage(pg, svc, root, images, *, expect_spill: bool):
+    "Load, stop the database for OUTAGE_S, start it, load on; returns what was observed."
+    seen = {"ready_down": [], "ready_after": None, "queue_max": 0.0, "spilled_max": 0.0, "db_up_min": 1.0,
+            "spill_files_max": 0, "spill_files_left_under_load": None}
+    with Load(svc, images) as load:
+        time.sleep(WARMUP_S)
+        pg.stop("fast")
+        t_down = time.monotonic()
+        try:
+            while time.monotonic() - t_down < OUTAGE_S:
+                r = requests.get(svc.url("/ready"), timeout=10)
+                seen["ready_down"].append((r.status_code, r.json()))
+                m = requests.get(svc.url("/metrics"), timeout=10).text
+                seen["queue_max"] = max(seen["queue_max"], _metric(m, "cvops_prediction_log_queue_depth"))
+                seen["spilled_max"] = max(seen["spilled_max"], _metric(m, "cvops_prediction_log_rows_spilled_total"))
+                seen["db_up_min"] = min(seen["db_up_min"], _metric(m, "cvops_prediction_log_database_up"))
+                seen["spill_files_max"] = max(seen["spill_files_max"], len(_spill_files(root)))
+                time.sleep(0.3)
+        finally:
+            pg.start()
+        t_up = time.monotonic()
+        # ready again (every worker: several requests), while the load goes on
+        deadline = t_up + RECOVERY_S + 10
+        while time.monotonic() < deadline:
+            rs = [requests.get(svc.url("/ready"), timeout=10) for _ in range(6)]
+            if all(r.status_code == 200 for r in rs):
+                seen["ready_after"] = time.monotonic() - t_up; break
+            time.sleep(0.3)
+        remaining = RECOVERY_S - (time.monotonic() - t_up)
+        if remaining > 0: time.sleep(remaining)
+        if expect_spill: seen["spill_files_left_under_load"] = _spill_files(root)
+    seen.update(results=load.results, t_down=t_down, t_up=t_up)
+    return seen
+
+
+def _wait_caught_up(url, n_ok, root, timeout=45) -> dict:
+    "Poll the database until the writers have written every row (and no spill file is left)."
+    deadline, counts = time.time() + timeout, None
+    while time.time() < deadline:
+        try: counts = _counts(url)
+        except sa.exc.OperationalError: counts = None
+        if counts and counts["predictions"] >= n_ok and not _spill_files(root): break
+        time.sleep(0.5)
+    return counts
+
+
+def _check(seen, counts, svc):
+    results = seen["results"]
+    ok = [r for r in results if r[1] == 200]
+    bad = [r for r in results if r[1] != 200]
+    during = [r for r in results if seen["t_down"] <= r[0] <= seen["t_up"]]
+    print(f"{len(results)} predictions ({len(during)} during the outage), /ready after restart in {seen['ready_after']} s, "
+          f"max queue {seen['queue_max']:.0f}, spilled {seen['spilled_max']:.0f} rows in up to {seen['spill_files_max']} files, counts {counts}")
+    assert not bad, f"{len(bad)} of {len(results)} predictions failed, e.g. {bad[:3]}\n{svc.read_log()}"
+    assert len(during) >= 20 and all(r[1] == 200 for r in during), f"{len(during)} predictions during the outage"
+    assert len({r[2] for r in ok}) == len(ok)
+    # /ready: the database is reported unreachable during the outage, and ready again after
+    assert seen["ready_down"], "no /ready answer during the outage"
+    down = [(c, b) for c, b in seen["ready_down"] if c == 503 and b["database"] == "unreachable" and not b["ready"]]
+    assert down, f"/ready never said the database was unreachable: {seen['ready_down'][:5]}"
+    assert seen["ready_after"] is not None, "/ready did not recover after the database came back"
+    # /metrics: rows waited in memory or on disk, and the writer saw the database down
+    assert seen["queue_max"] > 0 or seen["spilled_max"] > 0, seen
+    assert seen["db_up_min"] == 0, seen
+    # exactly one row per successful prediction
+    assert counts is not None, "could not count rows"
+    assert counts["predictions"] == len(ok), (counts, len(ok))
+    assert counts["distinct"] == counts["predictions"]
+    assert counts["api_predict"] == len(ok), (counts, len(ok))
+    assert counts["api_log"] >= counts["predictions"]
+    return len(ok)
+
+
+@pytest.fixture
+def images(trained_models):
+    _, xt, _, _ = trained_models["a"]
+    return [encode(xt[i], "PNG") for i in range(50)]
+
+
+def test_database_outage_under_load_loses_no_row(pg, service_root, service_factory, images):
+    "The database stopped for 5 s under load: no failed prediction, and one row per 200 afterwards."
+    root = service_root["root"]
+    svc = service_factory(root, workers=2, db_url=pg.url)
+    svc.wait_workers_ready(service_root["a"])
+    seen = _outage(pg, svc, root, images, expect_spill=False)
+    n_ok = len([r for r in seen["results"] if r[1] == 200])
+    counts = _wait_caught_up(pg.url, n_ok, root)
+    _check(seen, counts, svc)
+    svc.stop()  # shutdown flushes; nothing more, nothing less
+    after = _counts(pg.url)
+    assert after["predictions"] == n_ok and after["api_predict"] == n_ok, (after, n_ok)
+    assert not _spill_files(root)
+
+
+def test_database_outage_spills_to_disk_and_writes_back(pg, service_root, service_factory, images):
+    "With LOG_MAX_BUFFER=50 the outage spills rows to var/spill/*.jsonl; all are written back once it is over."
+    root = service_root["root"]
+    svc = service_factory(root, workers=2, db_url=pg.url, env={"LOG_MAX_BUFFER": "50"})
+    svc.wait_workers_ready(service_root["a"])
+    seen = _outage(pg, svc, root, images, expect_spill=True)
+    assert seen["spill_files_max"] > 0 and seen["spilled_max"] > 0, "nothing was spilled to disk during the outage"
+    # the database came back while the load went on: the spill files were written back meanwhile
+    assert seen["spill_files_left_under_load"] == [], f"spill files not written back under load: {seen['spill_files_left_under_load']}"
+    n_ok = len([r for r in seen["results"] if r[1] == 200])
+    counts = _wait_caught_up(pg.url, n_ok, root)
+    _check(seen, counts, svc)
+    svc.stop()
+    after = _counts(pg.url)
+    assert after["predictions"] == n_ok and after["api_predict"] == n_ok, (after, n_ok)
+    assert not _spill_files(root)

@@ -1,0 +1,89 @@
+"""The upload page at `/` in a real browser: headless Chromium (Debian's `chromium` and
+`chromium-driver`) driven by selenium through the system chromedriver, never a downloaded one."""
+import os
+import shutil
+
+import pytest
+import requests
+
+from service_support import encode
+
+pytestmark = pytest.mark.service
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+@pytest.fixture
+def browser(tmp_path):
+    "Headless Chromium through the system chromedriver; quit when the test ends, pass or fail."
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        msg = f"chromium ({chromium}) and chromedriver ({driver_path}) are needed: apt-get install chromium chromium-driver"
+        if IN_CI: pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service as DriverService
+    except ImportError as e:
+        if IN_CI: pytest.fail(f"selenium is not installed: {e}")
+        pytest.skip(f"selenium is not installed: {e}")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-dev-shm-usage", "--window-size=1100,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(arg)
+    service = DriverService(executable_path=driver_path, log_output=str(tmp_path / "chromedriver.log"))
+    drv = webdriver.Chrome(service=service, options=opts)  # a given executable_path: selenium-manager is not used
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def test_upload_page_classifies_an_image_and_shows_the_overlay(service_root, service_factory, trained_models, browser, tmp_path):
+    "Upload a Fashion-MNIST test image through the page: the class shown is the API's, and the GradCAM overlay renders."
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    svc = service_factory(service_root["root"])
+    svc.wait_workers_ready(service_root["a"])
+    _, xt, yt, _ = trained_models["a"]
+    data = encode(xt[0], "PNG")
+    image = tmp_path / "upload.png"
+    image.write_bytes(data)
+    api = svc.predict(data)
+    assert api.status_code == 200, api.text
+    expected = api.json()["top_class"]
+
+    browser.get(svc.url("/"))
+    assert browser.title == "cvops: classify an image"
+    WebDriverWait(browser, 20).until(lambda d: service_root["a"] in d.find_element(By.ID, "model").text)
+    browser.find_element(By.ID, "file").send_keys(str(image))   # the hidden <input type=file>
+    def shown(d):
+        if d.find_element(By.ID, "error").text: pytest.fail(f"the page shows an error: {d.find_element(By.ID, 'error').text}")
+        t = d.find_element(By.ID, "top").text
+        return t if t not in ("", "Classifying...") else None
+    top = WebDriverWait(browser, 30).until(shown)
+    overlay = browser.find_element(By.ID, "overlay")
+    WebDriverWait(browser, 20).until(lambda d: overlay.get_attribute("src").startswith("data:image/png;base64,")
+                                     and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", overlay) > 0)
+    width, height = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", overlay)
+    shot = tmp_path / "upload-page.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 1000
+
+    assert top == expected, f"the page shows {top!r}, the API says {expected!r} (screenshot {shot})"
+    assert width > 0 and height > 0
+    assert overlay.get_attribute("alt") == f"GradCAM overlay for {expected}"
+    bars = browser.find_elements(By.CSS_SELECTOR, "#bars .bar")
+    assert 1 <= len(bars) <= 5 and bars[0].find_element(By.CSS_SELECTOR, "span.name").text == expected
+    meta = browser.find_element(By.ID, "meta").text
+    assert service_root["a"] in meta and "request" in meta
+    assert browser.find_element(By.ID, "error").text == ""
+    # the page's upload was logged like the API call: two predictions of the same image
+    svc.stop()
+    import sqlalchemy as sa
+    from cvops.predlog import predictions
+    eng = sa.create_engine(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}")
+    with eng.connect() as c:
+        rows = c.execute(sa.select(predictions.c.top_class, predictions.c.image_sha256)).all()
+    eng.dispose()
+    assert len(rows) == 2 and rows[0] == rows[1] and rows[0][0] == expected, rows
