@@ -162,6 +162,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cvops.predlog._m0001_initial': ('predlog.html#_m0001_initial', 'cvops/predlog.py'),
                                'cvops.predlog._pid_alive': ('predlog.html#_pid_alive', 'cvops/predlog.py'),
                                'cvops.predlog._predictions_columns': ('predlog.html#_predictions_columns', 'cvops/predlog.py'),
+                               'cvops.predlog._text_safe': ('predlog.html#_text_safe', 'cvops/predlog.py'),
                                'cvops.predlog.default_db_url': ('predlog.html#default_db_url', 'cvops/predlog.py'),
                                'cvops.predlog.make_engine': ('predlog.html#make_engine', 'cvops/predlog.py'),
                                'cvops.predlog.migrate': ('predlog.html#migrate', 'cvops/predlog.py')},

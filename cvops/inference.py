@@ -141,7 +141,9 @@ def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
     meta = metadata if metadata is not None else _read_metadata(folder)
     lv = LoadedVersion(m["model_name"], meta.get("version", folder.name), list(info["classes"]), size, ch,
                        bool(m.get("multilabel", False)), meta, sorted(heads), predict, predict_cam, prepare)
-    probe = np.zeros((2, size[1], size[0], ch), np.uint8)   # traces both functions now, not on a request
+    from PIL import Image
+    png = io.BytesIO(); Image.new("L", (4, 4)).save(png, "PNG"); prepare(png.getvalue())
+    probe = np.zeros((2, size[1], size[0], ch), np.uint8)   # traces every function now, not on a request
     out = lv(probe, heatmap=True); lv(probe, heatmap=False)
     if out["probs"].shape != (2, len(lv.classes)):
         raise ValueError(f"the model has {out['probs'].shape[-1]} outputs but the version lists {len(lv.classes)} classes")

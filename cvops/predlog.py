@@ -146,6 +146,10 @@ def _encode_row(row: dict) -> dict:
 def _decode_row(row: dict) -> dict:
     return {k: (datetime.fromisoformat(v) if k == "created_on" and isinstance(v, str) else v) for k, v in row.items()}
 
+def _text_safe(row: dict) -> dict:
+    "NUL characters replaced: PostgreSQL text cannot hold them (psycopg2 raises ValueError) and a request path can (`/x%00`)."
+    return {k: (v.replace("\x00", "\ufffd") if isinstance(v, str) and "\x00" in v else v) for k, v in row.items()}
+
 def _insert_ignoring_duplicates(conn, table, rows):
     if not rows: return
     if conn.dialect.name == "postgresql":
@@ -219,7 +223,7 @@ class PredictionLog:
 
     def _write(self, batch):
         from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-        api_rows = [a for a, _, _ in batch]; pred_rows = [p for _, p, _ in batch if p is not None]
+        api_rows = [_text_safe(a) for a, _, _ in batch]; pred_rows = [_text_safe(p) for _, p, _ in batch if p is not None]
         for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.05, max=0.5),
                                 retry=retry_if_exception_type(sa.exc.SQLAlchemyError), reraise=True):
             with attempt:
@@ -231,9 +235,12 @@ class PredictionLog:
     def _run(self):
         backoff = 0.0
         while True:
+            retry_at = time.monotonic() + backoff   # the database failed: wait before retrying, even with rows queued,
+            while backoff and not self._stopping and time.monotonic() < retry_at:   # and keep the queue within its bound
+                with self._cv: self._cv.wait_for(lambda: self._stopping, min(self.flush_interval, max(0.0, retry_at - time.monotonic())))
+                if len(self._q) > self.max_buffer: self._spill(len(self._q) - self.max_buffer // 2)
             with self._cv:
-                if backoff: self._cv.wait_for(lambda: self._stopping, backoff)  # the database failed: wait, even with rows queued
-                elif not self._q and not self._stopping: self._cv.wait(self.flush_interval)
+                if not backoff and not self._q and not self._stopping: self._cv.wait(self.flush_interval)
                 stopping = self._stopping
             batch = self._take()
             if not batch:

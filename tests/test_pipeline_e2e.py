@@ -55,7 +55,9 @@ def _mlflow_run(project, run_id):
 
 def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     "Fashion-MNIST as a git + DVC repo, one epoch: every product, lineage, MLflow, incremental rebuilds."
-    project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}))
+    # one-epoch models differ by chance: the deploy task's regression gate is not what this test is about
+    no_gate = {"max_regression": 1.0}
+    project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}, deploy=no_gate))
     build = project.run("cvops", "build")
     assert project.ran_tasks(build.stdout) == {t: True for t in ALL_TASKS}, build.stdout
 
@@ -117,7 +119,7 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     assert project.ran_tasks(again.stdout) == {t: False for t in ALL_TASKS}, again.stdout
 
     # one training hyper-parameter changed: train and what depends on it rerun, not the data tasks
-    cfg = base_config(dataset={"path": str(tiny_fashion_repo)}, train={"learning_rate": 0.001})
+    cfg = base_config(dataset={"path": str(tiny_fashion_repo)}, train={"learning_rate": 0.001}, deploy=no_gate)
     project.write_config(cfg)
     changed = project.run("ploomber", "build")
     assert project.ran_tasks(changed.stdout) == {**{t: True for t in ALL_TASKS}, "prepare_data": False,

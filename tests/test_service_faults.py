@@ -15,7 +15,7 @@ from service_support import encode, postgres_bindir, start_postgres
 pytestmark = pytest.mark.service
 
 IN_CI = os.environ.get("CI") == "true"
-WARMUP_S, OUTAGE_S, RECOVERY_S = 3.0, 5.0, 7.0
+WARMUP_S, OUTAGE_S, RECOVERY_S = 3.0, 5.0, 6.0
 N_THREADS = 3
 
 
