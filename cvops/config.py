@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # %% auto #0
 __all__ = ['Section', 'InputSize', 'Architecture', 'ModelConfig', 'DatasetConfig', 'ValidateConfig', 'Augmentation',
-           'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'Config', 'ConfigError', 'parse_config', 'load_config',
-           'config_hash', 'find_project_root', 'resolve_path', 'central_storage_dir', 'mlflow_tracking_uri']
+           'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'MonitorConfig', 'Config', 'ConfigError', 'parse_config',
+           'load_config', 'config_hash', 'find_project_root', 'resolve_path', 'central_storage_dir',
+           'mlflow_tracking_uri']
 
 # %% ../notebooks/lib/00_config.ipynb #ebfffd0d
 class Section(BaseModel):
@@ -107,6 +108,21 @@ class DeployConfig(Section):
     force: bool = False  # deploy even when a gate refuses (the refusal is still recorded)
     keep_versions: int = Field(default=5, ge=1, description="published versions kept per model (the deployed one always)")
 
+class MonitorConfig(Section):
+    "Drift detectors built with each model, and the scheduled drift check of the serving version."
+    encoding_dim: int = Field(default=32, gt=0, description="UAE encoding size")
+    bbsd_layer: str = Field(default="probabilities", description="layer whose output the BBSD detector reads (softmax)")
+    reference_size: int = Field(default=1000, gt=0, description="images in the reference data (n images, not batches)")
+    reference_split: Literal["valid", "test"] = "valid"   # never 'train': the model has memorised those
+    seed: int = 0
+    window_days: Optional[float] = Field(default=7, gt=0, description="predictions of the last N days (null: no limit)")
+    window_rows: Optional[int] = Field(default=1000, gt=0, description="at most the latest N predictions (null: no limit)")
+    min_rows: int = Field(default=30, ge=2, description="fewer rows: 'insufficient data', no verdict")
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    backend: Literal["cvops", "alibi"] = "cvops"   # alibi-detect is BSL 1.1: production use needs a Seldon licence
+    permutations: int = Field(default=500, ge=50, description="permutations of the MMD / classifier tests")
+    max_test_rows: int = Field(default=1000, gt=0, description="rows sub-sampled for the permutation tests")
+
 class Config(Section):
     model: ModelConfig
     dataset: DatasetConfig
@@ -114,6 +130,7 @@ class Config(Section):
     train: TrainConfig
     evaluate: EvaluateConfig
     deploy: DeployConfig
+    monitor: MonitorConfig
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
 # %% ../notebooks/lib/00_config.ipynb #1f539de1

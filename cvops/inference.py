@@ -75,7 +75,7 @@ def _to_8bit(im):
     return im
 
 # %% ../notebooks/lib/12_inference.ipynb #c9edd2a8
-HEADS_DIR = "heads"
+HEADS_DIR = "detectors"   # cvops.detectors.DETECTORS_DIR: <model_name>_uae.keras, <model_name>_bbsd.keras
 
 @dataclass
 class LoadedVersion:
@@ -97,13 +97,15 @@ class LoadedVersion:
         fn = self._predict_cam if heatmap else self._predict
         return {k: v.numpy() for k, v in fn(to_model_input(batch)).items()}
 
-def _extra_heads(folder: Path) -> dict:
+def _extra_heads(folder: Path, model_name: str) -> dict:
+    "The version's detectors, by feature name (`<model_name>_uae.keras` -> `uae`)."
     import keras
+    from cvops.detectors import head_name
     d = folder / HEADS_DIR
-    return {p.stem: keras.models.load_model(p, compile=False) for p in sorted(d.glob("*.keras"))} if d.is_dir() else {}
+    return {head_name(p, model_name): keras.models.load_model(p, compile=False) for p in sorted(d.glob("*.keras"))} if d.is_dir() else {}
 
 def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
-    "Load a published version folder (model.keras, model_info.json, heads/) and compile its calls."
+    "Load a published version folder (model.keras, model_info.json, detectors/) and compile its calls."
     import keras
     import tensorflow as tf
     from cvops.train import MODEL_FILE, read_model_info
@@ -112,7 +114,7 @@ def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
     m = info["model"]
     model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     size, ch = (m["input_size"]["w"], m["input_size"]["h"]), m["channels"]
-    heads = _extra_heads(folder)
+    heads = _extra_heads(folder, m["model_name"])
     conv = model.get_layer(LAST_CONV).output
     logits = model.get_layer(m.get("classification_layer", "classifier")).output
     graph = keras.Model(model.inputs, [conv, logits, model.output])

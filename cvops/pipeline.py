@@ -31,9 +31,9 @@ def load_checked_config(path, root) -> Config:
     "Read, validate and pre-flight a config file."
     return check_config(load_config(path), root)
 
-def check_sections(root, model, dataset, validate, train, evaluate, deploy):
+def check_sections(root, model, dataset, validate, train, evaluate, deploy, monitor):
     "Ploomber `on_render` hook: validate the config sections the DAG was rendered with."
-    sections = dict(model=model, dataset=dataset, validate=validate, train=train, evaluate=evaluate, deploy=deploy)
+    sections = dict(model=model, dataset=dataset, validate=validate, train=train, evaluate=evaluate, deploy=deploy, monitor=monitor)
     check_config(parse_config(sections, "config"), root)
 
 # %% ../notebooks/lib/10_pipeline.ipynb #fdad0090

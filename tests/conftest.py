@@ -25,6 +25,7 @@ def base_config(**sections):
         "train": {"epochs": 1, "batch_size": 32, "learning_rate": 0.002, "experiment": "tests"},
         "evaluate": {"split": "test", "batch_size": 64},
         "deploy": {"min_test_accuracy": 0.0},
+        "monitor": {"reference_size": 100, "permutations": 100},
     }
     for name, value in sections.items():
         cfg[name] = {**cfg.get(name, {}), **value} if isinstance(value, dict) else value

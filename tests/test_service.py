@@ -1,7 +1,8 @@
 """The prediction service over real HTTP: `cvops serve` (gunicorn, 2 uvicorn workers) on a free
-port, with a small Fashion-MNIST model published into a throw-away central storage. Every test
-that logs runs twice: on the default SQLite database and on a fresh database of the machine's
-PostgreSQL server (127.0.0.1:5432, user postgres, trust auth)."""
+port, with a small Fashion-MNIST model published into a throw-away central storage. The tests
+after the round trip run twice (fixture `db`): on the default SQLite database and on a fresh
+database of the machine's PostgreSQL server (127.0.0.1:5432, user postgres, trust auth; skipped
+when unreachable, failed when CI=true)."""
 import io
 import os
 import signal
@@ -293,7 +294,8 @@ def test_schemathesis_finds_no_server_errors(service_root, service_factory, db, 
     assert cases and not failed, f"{failed}\n{out}"
     tested = {c.get("name") for c in cases}
     assert {"POST /predict", "PUT /models/current"} <= tested, tested
-    assert requests.get(svc.url("/models/current"), timeout=5).json()["deployment"]["version"] == service_root["a"]
+    # it may redeploy a version it saw in a response, never the corrupt one
+    assert requests.get(svc.url("/models/current"), timeout=5).json()["deployment"]["version"] in (service_root["a"], service_root["b"])
     svc.stop()
     rows = _rows(db.url, "api_log")
     assert not [r for r in rows if r["status_code"] >= 500], [r for r in rows if r["status_code"] >= 500][:5]
