@@ -20,8 +20,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 # %% auto #0
-__all__ = ['log', 'metadata', 'api_log', 'predictions', 'MIGRATIONS', 'KEEP_AS_IS', 'migrate', 'make_engine', 'default_db_url',
-           'ImageStore', 'PredictionLog']
+__all__ = ['log', 'metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'KEEP_AS_IS', 'migrate',
+           'make_engine', 'default_db_url', 'ImageStore', 'PredictionLog']
 
 # %% ../notebooks/lib/13_predlog.ipynb #153f9264
 log = logging.getLogger("cvops.predlog")
@@ -58,13 +58,47 @@ api_log = sa.Table("api_log", metadata, *_api_log_columns())
 predictions = sa.Table("predictions", metadata, *_predictions_columns(),
                        sa.Index("ix_predictions_version_time", "model_version", "created_on"))
 
+# %% ../notebooks/lib/13_predlog.ipynb #67ef7ec1
+def _feedback_columns():
+    return [sa.Column("id", _ID, primary_key=True, autoincrement=True),
+            sa.Column("request_id", sa.String(32), nullable=False, unique=True),
+            sa.Column("created_on", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("labels", sa.JSON, nullable=False),
+            sa.Column("source", sa.String(64))]
+
+def _drift_reports_columns():
+    return [sa.Column("id", _ID, primary_key=True, autoincrement=True),
+            sa.Column("run_id", sa.String(32), nullable=False, index=True),
+            sa.Column("created_on", sa.DateTime(timezone=True), nullable=False, index=True),
+            sa.Column("model_name", sa.String(128), nullable=False),
+            sa.Column("model_version", sa.String(160), nullable=False, index=True),
+            sa.Column("window_start", sa.DateTime(timezone=True)),
+            sa.Column("window_end", sa.DateTime(timezone=True)),
+            sa.Column("n_rows", sa.Integer, nullable=False),
+            sa.Column("n_reference", sa.Integer),
+            sa.Column("test", sa.String(64), nullable=False),
+            sa.Column("features", sa.String(32)),
+            sa.Column("statistic", sa.Float),
+            sa.Column("p_value", sa.Float),
+            sa.Column("threshold", sa.Float),
+            sa.Column("verdict", sa.String(24), nullable=False),
+            sa.Column("backend", sa.String(16)),
+            sa.Column("details", sa.JSON)]
+
+feedback = sa.Table("feedback", metadata, *_feedback_columns())
+drift_reports = sa.Table("drift_reports", metadata, *_drift_reports_columns())
+
 # %% ../notebooks/lib/13_predlog.ipynb #5a670033
 def _m0001_initial(op):
     op.create_table("api_log", *_api_log_columns())
     op.create_table("predictions", *_predictions_columns())
     op.create_index("ix_predictions_version_time", "predictions", ["model_version", "created_on"])
 
-MIGRATIONS = [("0001_initial", _m0001_initial)]
+def _m0002_monitoring(op):
+    op.create_table("feedback", *_feedback_columns())
+    op.create_table("drift_reports", *_drift_reports_columns())   # its index=True columns get their indexes here
+
+MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_monitoring", _m0002_monitoring)]
 _version_table = sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), primary_key=True))
 
 def migrate(engine) -> list[str]:
