@@ -20,8 +20,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 # %% auto #0
-__all__ = ['log', 'metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'KEEP_AS_IS', 'migrate',
-           'make_engine', 'default_db_url', 'ImageStore', 'PredictionLog']
+__all__ = ['log', 'metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'KEEP_AS_IS', 'OUTAGE',
+           'migrate', 'make_engine', 'default_db_url', 'ImageStore', 'PredictionLog']
 
 # %% ../notebooks/lib/13_predlog.ipynb #153f9264
 log = logging.getLogger("cvops.predlog")
@@ -174,6 +174,8 @@ class ImageStore:
         return len(old)
 
 # %% ../notebooks/lib/13_predlog.ipynb #04240e99
+OUTAGE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)  # retry these
+
 def _encode_row(row: dict) -> dict:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
 
@@ -259,7 +261,7 @@ class PredictionLog:
         from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
         api_rows = [_text_safe(a) for a, _, _ in batch]; pred_rows = [_text_safe(p) for _, p, _ in batch if p is not None]
         for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.05, max=0.5),
-                                retry=retry_if_exception_type(sa.exc.SQLAlchemyError), reraise=True):
+                                retry=retry_if_exception_type(OUTAGE), reraise=True):
             with attempt:
                 with self.engine.begin() as conn:
                     _insert_ignoring_duplicates(conn, api_log, api_rows)
@@ -286,7 +288,7 @@ class PredictionLog:
                 self._write(batch)
                 self.db_ok, backoff = True, 0.0
                 if len(self._q) < self.batch_size and not stopping: self._write_back_spilled()  # caught up: under steady traffic too
-            except sa.exc.SQLAlchemyError as e:
+            except OUTAGE as e:
                 self.failures += 1
                 self.db_ok, self.last_error = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 log.warning("prediction log: database unavailable (%s); %d rows kept", self.last_error, len(self._q) + len(batch))
@@ -294,8 +296,33 @@ class PredictionLog:
                 if len(self._q) > self.max_buffer: self._spill(len(self._q) - self.max_buffer // 2)
                 if stopping: self._spill(len(self._q)); return
                 backoff = min(self.max_backoff, max(0.25, backoff * 2))
+            except Exception as e:   # the database refuses some row(s) for another reason: find them, keep them on disk
+                self.failures += 1
+                log.warning("prediction log: a batch was refused (%s: %s); writing its rows one by one", type(e).__name__, str(e)[:200])
+                self._isolate(batch)
+
+    def _isolate(self, batch):
+        "Write rows one at a time; a row the database refuses goes to a `rejected-*.jsonl` file, the others are written."
+        for i, row in enumerate(batch):
+            try: self._write([row])
+            except OUTAGE:
+                self._requeue(batch[i:]); return
+            except Exception as e:
+                self._dump([row], f"rejected-{os.getpid()}-{time.time_ns()}.jsonl")
+                log.error("prediction log: row %s refused (%s: %s); kept in %s", row[0].get("request_id"), type(e).__name__,
+                          str(e)[:200], self.spill_dir)
 
     # -- spill files ---------------------------------------------------------------------------
+    def _dump(self, batch, name: str):
+        "Write rows to `spill_dir/name` whole (temporary name, fsync, rename)."
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.spill_dir / f".{name}.tmp"
+        with open(tmp, "w") as f:
+            for api, pred, _ in batch:
+                f.write(json.dumps({"api": _encode_row(api), "prediction": _encode_row(pred) if pred else None}, default=str) + "\n")
+            f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, self.spill_dir / name)
+
     def _spill(self, n: int):
         "Move the `n` oldest queued rows to a spill file (written whole, then renamed into place)."
         batch = []
@@ -303,14 +330,8 @@ class PredictionLog:
             for _ in range(min(n, len(self._q))): batch.append(self._q.popleft())
         if not batch: return
         batch = self._store_images(batch)
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
         name = f"spill-{os.getpid()}-{time.time_ns()}"
-        tmp = self.spill_dir / f".{name}.tmp"
-        with open(tmp, "w") as f:
-            for api, pred, _ in batch:
-                f.write(json.dumps({"api": _encode_row(api), "prediction": _encode_row(pred) if pred else None}) + "\n")
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, self.spill_dir / f"{name}.jsonl")
+        self._dump(batch, f"{name}.jsonl")
         self.spilled += len(batch)
         log.warning("prediction log: %d rows spilled to %s", len(batch), self.spill_dir / f"{name}.jsonl")
 
@@ -327,13 +348,16 @@ class PredictionLog:
             claimed = f.with_name(f"{f.name.split('.claimed-')[0]}.claimed-{os.getpid()}")
             try: os.rename(f, claimed)
             except FileNotFoundError: continue  # another process took it
-            lines = [json.loads(l) for l in claimed.read_text().splitlines() if l.strip()]
-            batch = [(_decode_row(d["api"]), _decode_row(d["prediction"]) if d["prediction"] else None, None) for d in lines]
             try:
+                lines = [json.loads(l) for l in claimed.read_text().splitlines() if l.strip()]
+                batch = [(_decode_row(d["api"]), _decode_row(d["prediction"]) if d["prediction"] else None, None) for d in lines]
                 for i in range(0, len(batch), self.batch_size): self._write(batch[i:i + self.batch_size])
-            except sa.exc.SQLAlchemyError:
+            except OUTAGE:
                 os.rename(claimed, f.with_name(claimed.name.split(".claimed-")[0]))
                 return False
+            except Exception as e:   # not an outage: retrying the whole file cannot help; rows one by one
+                log.warning("prediction log: %s refused as a whole (%s); writing its rows one by one", f.name, type(e).__name__)
+                self._isolate(batch)
             claimed.unlink()
             return True
         return False
