@@ -28,10 +28,11 @@ from .config import find_project_root, resolve_path
 from .inference import ImageError, check_upload
 
 # %% auto #0
-__all__ = ['log', 'NO_MODEL', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings', 'Batcher', 'NoModelError', 'WorkerState',
-           'workers_serving', 'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'ErrorResponse',
-           'PredictionResponse', 'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'Health', 'Readiness',
-           'ApiError', 'create_app']
+__all__ = ['log', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings', 'Batcher', 'NoModelError',
+           'WorkerState', 'workers_serving', 'metrics_model_switched', 'metrics_log_state', 'render_metrics',
+           'ErrorResponse', 'PredictionResponse', 'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'Health',
+           'Readiness', 'FeedbackRequest', 'FeedbackResponse', 'ApiError', 'queued_prediction', 'lookup_prediction',
+           'store_feedback', 'create_app']
 
 # %% ../notebooks/lib/15_service.ipynb #fbceeee2
 def _env(*names): return AliasChoices(*names)
@@ -319,6 +320,20 @@ class Readiness(BaseModel):
     database: str
     reasons: list[str] = Field(default_factory=list)
 
+class FeedbackRequest(BaseModel):
+    request_id: str = Field(min_length=1, max_length=128, description="the `request_id` of a /predict answer")
+    labels: list[str] = Field(min_length=1, max_length=1000, description="the true class name(s) of that image")
+    source: Optional[str] = Field(None, max_length=64, description="who says so (a user, a labelling tool)")
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    model_name: str
+    model_version: str = Field(description="the version that made the prediction")
+    top_class: str = Field(description="what it answered")
+    labels: list[str]
+    correct: bool = Field(description="the top class is among the labels")
+    updated: bool = Field(description="an earlier feedback for this request was replaced")
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str): self.status, self.message = status, message
 
@@ -329,7 +344,48 @@ def _route_of(request: Request) -> str:
     r = request.scope.get("route")
     return getattr(r, "path", None) or "unmatched"
 
-# %% ../notebooks/lib/15_service.ipynb #024055cf
+# %% ../notebooks/lib/15_service.ipynb #a16646ce
+FEEDBACK_WAIT_S = 2.0
+
+def queued_prediction(plog, request_id: str) -> dict | None:
+    "The prediction row of `request_id` if it still waits in this worker's log queue."
+    if plog is None: return None
+    for _, pred, _ in list(plog._q):
+        if pred is not None and pred.get("request_id") == request_id: return pred
+    return None
+
+def lookup_prediction(engine, request_id: str) -> dict | None:
+    "model_name, model_version, top_class, probabilities of a logged prediction (None if not in the database)."
+    import sqlalchemy as sa
+    from cvops.predlog import predictions as p
+    with engine.connect() as c:
+        row = c.execute(sa.select(p.c.model_name, p.c.model_version, p.c.top_class, p.c.probabilities)
+                        .where(p.c.request_id == request_id)).first()
+    return dict(row._mapping) if row else None
+
+def store_feedback(engine, request_id: str, labels: list, source: str | None = None) -> bool:
+    "Insert or replace the feedback of `request_id`; True when it replaced an earlier one."
+    import sqlalchemy as sa
+    from cvops.predlog import feedback as f
+    values = {"request_id": request_id, "created_on": datetime.now(timezone.utc), "labels": list(labels), "source": source}
+    with engine.begin() as c:
+        existed = c.execute(sa.select(f.c.id).where(f.c.request_id == request_id)).first() is not None
+        if c.dialect.name in ("postgresql", "sqlite"):
+            from importlib import import_module
+            ins = import_module(f"sqlalchemy.dialects.{c.dialect.name}").insert(f).values(**values)
+            c.execute(ins.on_conflict_do_update(index_elements=["request_id"],
+                                                set_={k: ins.excluded[k] for k in ("created_on", "labels", "source")}))
+        elif existed: c.execute(f.update().where(f.c.request_id == request_id).values(**values))
+        else: c.execute(f.insert().values(**values))
+    return existed
+
+def _version_multilabel(storage, name: str, version: str) -> bool:
+    "Whether a published version is multi-label (True when it can no longer be read: the labels are then not limited to one)."
+    from cvops.deploy import DeployError, resolve_version, version_metadata
+    try: return bool((version_metadata(resolve_version(storage, name, version)[1]).get("model") or {}).get("multilabel", False))
+    except (DeployError, OSError, ValueError): return True
+
+# %% ../notebooks/lib/15_service.ipynb #6073700b
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     "The FastAPI app of one worker process."
     settings = settings or load_settings()
@@ -354,7 +410,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         request.state.request_id = uuid.uuid4().hex
         request.state.error = request.state.prediction = request.state.image = None
         t0 = time.perf_counter()
-        try: response = await call_next(request)
+        declared = request.headers.get("content-length", "")
+        too_big = declared.isdigit() and int(declared) > settings.max_upload_bytes + 65536   # refused before the body is read
+        try:
+            if too_big:
+                request.state.error = f"the request body is {int(declared):,} bytes, over the upload limit of {settings.max_upload_bytes:,}"
+                response = JSONResponse({"error": request.state.error, "request_id": request.state.request_id}, 413)
+            else: response = await call_next(request)
         except Exception as e:
             log.exception("unhandled error")
             request.state.error = f"{type(e).__name__}: {e}"
@@ -479,6 +541,38 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def models_history(limit: int = Query(50, ge=1, le=1000)):
         from cvops.deploy import deployment_history
         return await asyncio.to_thread(deployment_history, settings.storage, limit)
+
+    async def find_prediction(request_id: str) -> dict | None:
+        "The prediction row of `request_id`, waiting briefly for rows still in a writer's queue (this worker's or another's)."
+        deadline = time.monotonic() + FEEDBACK_WAIT_S
+        while True:
+            queued = queued_prediction(state.plog, request_id)
+            if queued is not None: return queued
+            try: row = await asyncio.to_thread(lookup_prediction, state.engine, request_id)
+            except Exception as e: raise ApiError(503, f"the prediction log database is unavailable ({type(e).__name__})")
+            if row is not None or time.monotonic() > deadline: return row
+            await asyncio.sleep(0.1)
+
+    @app.post("/feedback", response_model=FeedbackResponse, responses={s: {"model": ErrorResponse} for s in (404, 422, 503)},
+              tags=["monitor"], summary="The true label(s) of a prediction: the monitor's live accuracy (the latest feedback counts)")
+    async def post_feedback(body: FeedbackRequest):
+        pred = await find_prediction(body.request_id) if len(body.request_id) <= 32 else None
+        if pred is None: raise ApiError(404, f"no prediction with request_id '{body.request_id}'")
+        classes = list(pred["probabilities"])
+        labels = list(dict.fromkeys(body.labels))
+        unknown = [l for l in labels if l not in classes]
+        if unknown:
+            raise ApiError(422, f"labels: {', '.join(map(repr, unknown[:5]))} not among the classes of {pred['model_version']} "
+                                f"({', '.join(classes[:20])}{', ...' if len(classes) > 20 else ''})")
+        lv = state.serving
+        multilabel = lv.multilabel if lv is not None and lv.version == pred["model_version"] else await asyncio.to_thread(
+            _version_multilabel, settings.storage, pred["model_name"], pred["model_version"])
+        if len(labels) > 1 and not multilabel:
+            raise ApiError(422, f"labels: {pred['model_version']} is a single-label model; give one label (got {len(labels)})")
+        try: updated = await asyncio.to_thread(store_feedback, state.engine, body.request_id, labels, body.source)
+        except Exception as e: raise ApiError(503, f"the prediction log database is unavailable ({type(e).__name__})")
+        return FeedbackResponse(request_id=body.request_id, model_name=pred["model_name"], model_version=pred["model_version"],
+                                top_class=pred["top_class"], labels=labels, correct=pred["top_class"] in labels, updated=updated)
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", response_class=Response)
     async def metrics():
