@@ -9,6 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.cvops-installed
 MLFLOW_PORT ?= 5000
 LAB_PORT ?= 8888
+DASHBOARD_PORT ?= 8866
 SERVICE_PORT ?= 8000
 SERVICE_WORKERS ?= 2
 VAR    := var
@@ -19,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv dataset run serve stop test test-fast bench mlflow lab status clean
+.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -67,6 +68,16 @@ serve: venv ## start the prediction service in the background (gunicorn, 2 worke
 
 stop: venv ## stop the prediction service (requests finish, the prediction log is flushed)
 	@$(BIN)/cvops stop
+
+monitor: venv ## one drift check of the serving version: a line per test; record under products/monitor/<run id>/
+	$(BIN)/cvops monitor
+
+dashboard: venv ## the Voila dashboards (drift monitor, service activity) on 127.0.0.1:8866 (DASHBOARD_PORT); Ctrl-C stops them
+	@echo "  drift monitor:    http://127.0.0.1:$(DASHBOARD_PORT)/voila/render/drift_monitor.ipynb"
+	@echo "  service activity: http://127.0.0.1:$(DASHBOARD_PORT)/voila/render/service_activity.ipynb"
+	@echo "  they read the service's database and central storage (CVOPS_ROOT, DB_URL, CVOPS_CENTRAL_STORAGE, .env)"
+	@CVOPS_ROOT=$${CVOPS_ROOT:-$(CURDIR)} TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/voila notebooks/dashboards --no-browser \
+	  --port=$(DASHBOARD_PORT) --Voila.ip=127.0.0.1
 
 status: venv ## which pipeline tasks are up to date
 	$(BIN)/ploomber status

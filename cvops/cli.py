@@ -12,7 +12,7 @@ from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
 __all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models',
-           'make_parser', 'failure_summary', 'main']
+           'cmd_monitor', 'make_parser', 'failure_summary', 'main']
 
 # %% ../notebooks/lib/11_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -90,6 +90,31 @@ def cmd_models(args):
         for v in published_versions(storage, name): print(f"  {'*' if v == cur else ' '} {v}")
     if not published_models(storage): print(f"no published models in {storage}")
 
+def cmd_monitor(args):
+    "Run the drift monitor of the serving version once (a summary line per test), or every INTERVAL for ever."
+    import logging
+    import signal
+    from cvops.monitor import build_monitor, load_monitor_settings, monitor_section, parse_interval, report_lines, run_every
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers: h.setLevel(logging.WARNING)   # Ploomber's and papermill's INFO lines stay out
+    logging.getLogger("traitlets").setLevel(logging.ERROR)               # nbconvert's note on image alt texts
+    root = find_project_root()
+    if args.every is None:
+        report = build_monitor(root, args.config)
+        for line in report_lines(report): print(line)
+        drift = [r["test"] for r in report.get("rows", []) if r["verdict"] == "drift"]
+        if drift: logging.getLogger("cvops.monitor").warning("drift in %s: %s", report.get("model_version"), ", ".join(drift))
+        return
+    try: seconds = parse_interval(args.every) if args.every else load_monitor_settings(root).seconds
+    except ValueError as e: raise ConfigError(f"--every: {e}") from None
+    monitor_section(args.config, root)                      # a bad config stops here, not at every run
+    def stop(*_): raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+    print(f"monitoring the serving version every {args.every or load_monitor_settings(root).interval} ({seconds:g} s); "
+          "records under products/monitor/", flush=True)
+    try: run_every(seconds, root, args.config, out=lambda line: print(line, flush=True))
+    except KeyboardInterrupt: print("monitor stopped", flush=True)
+
 # %% ../notebooks/lib/11_cli.ipynb #9dfaa76d
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "
@@ -103,7 +128,7 @@ def make_parser() -> argparse.ArgumentParser:
                      "Does nothing if the repository is already built.")
     b.add_argument("--dest", default="datasets/fashion-mnist", help="dataset repository (default: %(default)s)")
     b.add_argument("--remote", default="datasets/.dvc-remote/fashion-mnist", help="local DVC remote (default: %(default)s)")
-    b.add_argument("--n-train", type=int, default=15000, help="training images (default: %(default)s)")
+    b.add_argument("--n-train", type=int, default=30000, help="training images (default: %(default)s)")
     b.add_argument("--n-valid", type=int, default=3000, help="validation images (default: %(default)s)")
     b.add_argument("--n-test", type=int, default=2000, help="test images (default: %(default)s)")
     b.add_argument("--all", action="store_true", help="all 70,000 images (55,000 / 5,000 / 10,000)")
@@ -141,6 +166,16 @@ def make_parser() -> argparse.ArgumentParser:
     dp.set_defaults(func=cmd_deploy)
     ls = sub.add_parser("models", help="list published models and versions; * marks the deployed one")
     ls.set_defaults(func=cmd_models)
+    mo = sub.add_parser("monitor", help="check the serving version for drift (once, or --every INTERVAL); rows in drift_reports",
+                        description="Run the monitoring pipeline (pipeline.monitor.yaml): the serving version's logged predictions "
+                        "of the window in the config's `monitor` section against its reference data (drift tests), live "
+                        "accuracy from feedback; one drift_reports row per test, the rendered notebook under "
+                        "products/monitor/<run id>/. On drift: a warning and a POST to MONITOR_WEBHOOK_URL (if set). "
+                        "Settings from the environment and .env: DB_URL, CVOPS_CENTRAL_STORAGE, MONITOR_INTERVAL, MONITOR_WEBHOOK_URL.")
+    mo.add_argument("--config", default="configs/config.yaml", help="(default: %(default)s)")
+    mo.add_argument("--every", nargs="?", const="", default=None, metavar="INTERVAL",
+                    help="keep running, one check every INTERVAL (e.g. 1w, 1d, 30m, 10s; default: MONITOR_INTERVAL, 1w)")
+    mo.set_defaults(func=cmd_monitor)
     return p
 
 _WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}

@@ -95,6 +95,8 @@ class TrainConfig(Section):
     max_images: Optional[int] = Field(default=None, gt=0)
     augmentation: Augmentation = Augmentation()
     experiment: str = "cvops"
+    early_stopping_patience: Optional[int] = Field(default=None, gt=0, description="stop after this many epochs without a lower validation loss (null: all epochs)")
+    restore_best_weights: bool = True   # keep the epoch with the lowest validation loss, not the last one
 
 class EvaluateConfig(Section):
     split: Literal["train", "valid", "test"] = "test"

@@ -12,7 +12,8 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['DETECTORS_DIR', 'REF_DIR', 'detector_path', 'ref_data_path', 'head_name', 'build_uae', 'build_bbsd', 'feature_frame',
-           'feature_matrix', 'reference_data']
+           'feature_matrix', 'reference_data', 'build_detectors', 'reference_rows', 'label_names', 'make_reference',
+           'save_detectors', 'plot_reference']
 
 # %% ../notebooks/lib/17_detectors.ipynb #b06ee0e1
 DETECTORS_DIR, REF_DIR = "detectors", "ref_data"
@@ -75,3 +76,59 @@ def reference_data(detectors: dict, images: np.ndarray, labels, classes, batch_s
     feats = {name: np.concatenate([np.asarray(det(to_model_input(images[i:i + batch_size]), training=False))
                                    for i in range(0, len(images), batch_size)]) for name, det in detectors.items()}
     return feature_frame(feats, labels, classes)
+
+# %% ../notebooks/lib/17_detectors.ipynb #e4b2f9a1
+def build_detectors(model, monitor) -> dict:
+    "`{'uae': ..., 'bbsd': ...}` for a trained `model` from the `monitor` config section (dict or `MonitorConfig`)."
+    from cvops.config import MonitorConfig
+    cfg = MonitorConfig(**monitor) if isinstance(monitor, dict) else monitor
+    return {"uae": build_uae(tuple(model.input_shape[1:]), cfg.encoding_dim, cfg.seed), "bbsd": build_bbsd(model, cfg.bbsd_layer)}
+
+def reference_rows(annotations: pd.DataFrame, split: str, n: int, seed: int = 0) -> pd.DataFrame:
+    "The annotation rows of the reference images: a seeded sample of `n` rows of `split` (all when fewer), in the order used."
+    from cvops.data import split_rows
+    return split_rows(annotations, split, n, seed).reset_index(drop=True)
+
+def label_names(rows: pd.DataFrame, classes, multilabel: bool = False) -> list:
+    "Each row's label: its class name (multi-label: the list of its class names)."
+    y = rows[list(classes)].to_numpy()
+    if multilabel: return [[c for c, v in zip(classes, r) if v] for r in y]
+    return list(np.asarray(classes)[y.argmax(1)])
+
+def make_reference(detectors: dict, annotations: pd.DataFrame, dataset_dir, classes, size, channels, monitor,
+                   multilabel: bool = False) -> pd.DataFrame:
+    "The reference data: features of every detector, `predicted`, `label` and `path` of the sampled images, row i = image i."
+    from cvops.config import MonitorConfig
+    from cvops.data import read_image
+    cfg = MonitorConfig(**monitor) if isinstance(monitor, dict) else monitor
+    rows = reference_rows(annotations, cfg.reference_split, cfg.reference_size, cfg.seed)
+    images = np.stack([read_image(Path(dataset_dir) / p, size, channels) for p in rows.path])
+    ref = reference_data(detectors, images, label_names(rows, classes, multilabel), classes)
+    ref["path"] = list(rows.path)
+    return ref
+
+def save_detectors(detectors: dict, ref: pd.DataFrame, paths: dict) -> dict:
+    "Write each detector to `paths[kind]` and the reference to `paths['ref_data']` (parquet); returns the paths written."
+    out = {}
+    for kind, det in detectors.items():
+        Path(paths[kind]).parent.mkdir(parents=True, exist_ok=True); det.save(paths[kind]); out[kind] = Path(paths[kind])
+    Path(paths["ref_data"]).parent.mkdir(parents=True, exist_ok=True)
+    ref.to_parquet(paths["ref_data"], index=False); out["ref_data"] = Path(paths["ref_data"])
+    return out
+
+# %% ../notebooks/lib/17_detectors.ipynb #b8d3e5f7
+def plot_reference(ref: pd.DataFrame, classes, n_features: int = 4):
+    "Left: true vs predicted class counts of the reference; right: histograms of the first UAE features."
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    pos = np.arange(len(classes))
+    true = ref["label"].explode().value_counts().reindex(classes, fill_value=0) if "label" in ref else None
+    pred = ref["predicted"].value_counts().reindex(classes, fill_value=0)
+    if true is not None: ax1.bar(pos - 0.2, true.values, 0.4, label="true")
+    ax1.bar(pos + 0.2, pred.values, 0.4, label="predicted")
+    ax1.set_xticks(pos, classes, rotation=45, ha="right", fontsize=8); ax1.set_title(f"reference classes (n={len(ref)})"); ax1.legend()
+    uae = feature_matrix(ref, "uae")
+    for j in range(min(n_features, uae.shape[1])): ax2.hist(uae[:, j], bins=30, alpha=0.5, label=f"uae_{j}")
+    ax2.set_title("UAE features"); ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

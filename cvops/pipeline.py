@@ -17,8 +17,8 @@ from .versioning import DatasetError, check_dataset, checkout_dataset
 
 # %% auto #0
 __all__ = ['check_config', 'load_checked_config', 'check_sections', 'PreparedData', 'prepare_data', 'load_prepared',
-           'model_classes', 'sample_grid', 'build', 'pipeline_lineage', 'notebook_records', 'publish_trained_model',
-           'on_publish_finish']
+           'model_classes', 'sample_grid', 'build', 'pipeline_lineage', 'notebook_records', 'detector_records',
+           'publish_trained_model', 'on_publish_finish']
 
 # %% ../notebooks/lib/10_pipeline.ipynb #57b8658e
 def check_config(cfg: Config, root) -> Config:
@@ -131,11 +131,26 @@ def notebook_records(version: str, run_id, notebooks: dict) -> dict:
         records[task] = rec
     return records
 
+def detector_records(version: str, model_name: str, detectors: dict, monitor=None) -> dict:
+    "What the metadata says about a version's drift detectors: their paths (relative to central storage), the reference's size and settings."
+    from cvops.publish import detector_files, storage_path
+    rec = {(Path(rel).stem[len(model_name) + 1:] if rel.endswith(".keras") else "ref_data"): storage_path(version, *rel.split("/"))
+           for rel in detector_files(model_name, detectors)}
+    if "ref_data" in detectors:
+        import pyarrow.parquet as pq
+        rec["reference_rows"] = pq.read_metadata(detectors["ref_data"]).num_rows
+    if monitor is not None:
+        from cvops.config import MonitorConfig
+        m = (MonitorConfig(**monitor) if isinstance(monitor, dict) else monitor).model_dump(mode="json")  # with the defaults
+        rec.update({k: m[k] for k in ("encoding_dim", "bbsd_layer", "reference_split", "reference_size", "seed")})
+    return rec
+
 def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=None, notebooks: dict | None = None,
-                          later=("publish",)) -> dict:
-    "Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) as a new version, prune old versions."
+                          later=("publish",), detectors: dict | None = None, monitor=None) -> dict:
+    """Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) + drift detectors and reference
+    data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) as a new version, in one rename; prune old versions."""
     from cvops.config import DeployConfig, central_storage_dir
-    from cvops.publish import (NOTEBOOKS_DIR, check_quality_gate, deployed_version, model_metadata, new_version,
+    from cvops.publish import (NOTEBOOKS_DIR, check_quality_gate, deployed_version, detector_files, model_metadata, new_version,
                                prune_versions, publish_model)
     from cvops.train import read_model_info
     deploy = DeployConfig(**(deploy or {})) if isinstance(deploy, dict) or deploy is None else deploy
@@ -146,7 +161,12 @@ def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=
     notebooks = notebooks or {}
     lineage = {**lineage, "notebooks": notebook_records(version, (lineage.get("mlflow") or {}).get("run_id"), notebooks)}
     files = {f"{NOTEBOOKS_DIR}/{Path(f).name}": f for task, fs in notebooks.items() if task not in later for f in fs}
-    meta = publish_model(model_dir, model_metadata(info["model"], info["classes"], metrics, lineage), storage, files, version)
+    metadata = model_metadata(info["model"], info["classes"], metrics, lineage)
+    if info.get("training"): metadata["training"] = info["training"]   # e.g. the kept epoch
+    if detectors:
+        files.update(detector_files(name, detectors))
+        metadata["detectors"] = detector_records(version, name, detectors, monitor)
+    meta = publish_model(model_dir, metadata, storage, files, version)
     pruned = prune_versions(storage, name, deploy.keep_versions, protect={deployed_version(storage)})
     if pruned: print(f"removed {len(pruned)} old version(s) of {name} (deploy.keep_versions: {deploy.keep_versions}): {', '.join(pruned)}")
     return meta

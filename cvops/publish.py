@@ -17,8 +17,8 @@ import yaml
 # %% auto #0
 __all__ = ['DEPLOYMENT_POINTER', 'METADATA_FILE', 'NOTEBOOKS_DIR', 'PublishError', 'models_dir', 'metadata_path', 'model_path',
            'versions_dir', 'version_dir', 'storage_path', 'new_version', 'current_version', 'publish_model',
-           'add_to_version', 'deployed_version', 'list_versions', 'prune_versions', 'git_state', 'strip_local_paths',
-           'model_metadata', 'check_quality_gate']
+           'add_to_version', 'detector_files', 'deployed_version', 'list_versions', 'prune_versions', 'git_state',
+           'strip_local_paths', 'model_metadata', 'check_quality_gate']
 
 # %% ../notebooks/lib/09_publish.ipynb #6e22dcee
 DEPLOYMENT_POINTER = "deployments/current.json"
@@ -109,6 +109,13 @@ def add_to_version(storage, version: str, files, subdir: str = NOTEBOOKS_DIR) ->
         os.replace(tmp, dest / subdir / f.name)
         out.append(storage_path(version, subdir, f.name))
     return out
+
+# %% ../notebooks/lib/09_publish.ipynb #4c8e2f63
+def detector_files(model_name: str, detectors: dict) -> dict:
+    "`{path in the version folder: source file}` of a model's detectors and reference data (`detectors`: `{'uae': f, 'bbsd': f, 'ref_data': f}`)."
+    from cvops.detectors import detector_path, ref_data_path
+    return {(ref_data_path("", model_name) if kind == "ref_data" else detector_path("", model_name, kind)).as_posix(): src
+            for kind, src in detectors.items()}
 
 # %% ../notebooks/lib/09_publish.ipynb #c3c7d0dd
 def deployed_version(storage) -> str | None:

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -28,11 +29,11 @@ from .config import find_project_root, resolve_path
 from .inference import ImageError, check_upload
 
 # %% auto #0
-__all__ = ['log', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings', 'Batcher', 'NoModelError',
-           'WorkerState', 'workers_serving', 'metrics_model_switched', 'metrics_log_state', 'render_metrics',
-           'ErrorResponse', 'PredictionResponse', 'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'Health',
-           'Readiness', 'FeedbackRequest', 'FeedbackResponse', 'ApiError', 'queued_prediction', 'lookup_prediction',
-           'store_feedback', 'create_app']
+__all__ = ['log', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings', 'Batcher',
+           'NoModelError', 'WorkerState', 'workers_serving', 'metrics_model_switched', 'metrics_log_state',
+           'render_metrics', 'ErrorResponse', 'PredictionResponse', 'DeployRequest', 'DeploymentResponse',
+           'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest', 'FeedbackResponse', 'ApiError', 'queued_prediction',
+           'lookup_prediction', 'store_feedback', 'create_app']
 
 # %% ../notebooks/lib/15_service.ipynb #fbceeee2
 def _env(*names): return AliasChoices(*names)
@@ -346,6 +347,7 @@ def _route_of(request: Request) -> str:
 
 # %% ../notebooks/lib/15_service.ipynb #a16646ce
 FEEDBACK_WAIT_S = 2.0
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")   # what the service gives every request (uuid4 hex); anything else is unknown at once
 
 def queued_prediction(plog, request_id: str) -> dict | None:
     "The prediction row of `request_id` if it still waits in this worker's log queue."
@@ -556,7 +558,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @app.post("/feedback", response_model=FeedbackResponse, responses={s: {"model": ErrorResponse} for s in (404, 422, 503)},
               tags=["monitor"], summary="The true label(s) of a prediction: the monitor's live accuracy (the latest feedback counts)")
     async def post_feedback(body: FeedbackRequest):
-        pred = await find_prediction(body.request_id) if len(body.request_id) <= 32 else None
+        pred = await find_prediction(body.request_id) if REQUEST_ID.fullmatch(body.request_id) else None   # ids are uuid4 hex
         if pred is None: raise ApiError(404, f"no prediction with request_id '{body.request_id}'")
         classes = list(pred["probabilities"])
         labels = list(dict.fromkeys(body.labels))
@@ -569,7 +571,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             _version_multilabel, settings.storage, pred["model_name"], pred["model_version"])
         if len(labels) > 1 and not multilabel:
             raise ApiError(422, f"labels: {pred['model_version']} is a single-label model; give one label (got {len(labels)})")
-        try: updated = await asyncio.to_thread(store_feedback, state.engine, body.request_id, labels, body.source)
+        source = body.source.replace("\x00", "\ufffd") if body.source else body.source     # PostgreSQL text cannot hold NUL
+        try: updated = await asyncio.to_thread(store_feedback, state.engine, body.request_id, labels, source)
         except Exception as e: raise ApiError(503, f"the prediction log database is unavailable ({type(e).__name__})")
         return FeedbackResponse(request_id=body.request_id, model_name=pred["model_name"], model_version=pred["model_version"],
                                 top_class=pred["top_class"], labels=labels, correct=pred["top_class"] in labels, updated=updated)

@@ -15,8 +15,9 @@ from .data import build_augmenter, make_dataset, split_rows
 from .model import build_model, compile_model
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'INFO_FILE', 'FinalLine', 'make_callbacks', 'TrainResult', 'fit_classifier', 'save_trained_model',
-           'read_model_info', 'load_trained_model', 'flatten', 'log_training_inputs', 'history_table', 'plot_history']
+__all__ = ['MODEL_FILE', 'INFO_FILE', 'FinalLine', 'make_callbacks', 'keep_best_callback', 'kept_epoch', 'TrainResult',
+           'fit_classifier', 'save_trained_model', 'read_model_info', 'load_trained_model', 'flatten',
+           'log_training_inputs', 'history_table', 'plot_history']
 
 # %% ../notebooks/lib/07_train.ipynb #2369786c
 class FinalLine:
@@ -74,6 +75,19 @@ def make_callbacks(epochs: int, steps: int, log_to_mlflow: bool = True, mininter
     return cbs
 
 # %% ../notebooks/lib/07_train.ipynb #96be33e0
+def keep_best_callback(train_cfg: TrainConfig):
+    "Keras `EarlyStopping` on validation loss: stops after `early_stopping_patience` epochs without improvement (never when null), restores the best epoch's weights when `restore_best_weights`."
+    import keras
+    return keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=train_cfg.early_stopping_patience or train_cfg.epochs,
+                                         restore_best_weights=train_cfg.restore_best_weights)
+
+def kept_epoch(history: dict, restore_best: bool = True):
+    "The epoch (1-based) whose weights the model ends with: the lowest validation loss when restoring, else the last."
+    n = len(history.get("loss") or history.get("val_loss") or [])
+    if not restore_best or not history.get("val_loss"): return n or None
+    return int(min(range(len(history["val_loss"])), key=lambda i: history["val_loss"][i])) + 1
+
+# %% ../notebooks/lib/07_train.ipynb #99460780
 @dataclass
 class TrainResult:
     model: object
@@ -81,6 +95,14 @@ class TrainResult:
     epoch_seconds: list = field(default_factory=list)
     n_train: int = 0
     n_valid: int = 0
+    kept_epoch: int | None = None    # 1-based epoch whose weights the model holds
+    epochs_run: int = 0              # fewer than train.epochs when early stopping stopped it
+
+    def training_record(self) -> dict:
+        "What `model_info.json` and the published metadata record about the run."
+        h, k = self.history, self.kept_epoch
+        at = {f"kept_{m}": round(h[m][k - 1], 6) for m in ("val_loss", "val_accuracy") if k and len(h.get(m, [])) >= k}
+        return {"epochs_run": self.epochs_run, "kept_epoch": k, **at}
 
 def fit_classifier(model_cfg: ModelConfig, train_cfg: TrainConfig, df, dataset_dir, classes,
                    log_to_mlflow=True, progress_interval=5.0) -> TrainResult:
@@ -96,19 +118,26 @@ def fit_classifier(model_cfg: ModelConfig, train_cfg: TrainConfig, df, dataset_d
     model = compile_model(build_model(model_cfg, len(classes), seed=train_cfg.seed), model_cfg,
                           train_cfg.optimizer, train_cfg.learning_rate)
     cbs = make_callbacks(train_cfg.epochs, steps, log_to_mlflow, progress_interval)
+    if has_valid: cbs.append(keep_best_callback(train_cfg))
     hist = model.fit(train_ds, validation_data=valid_ds, epochs=train_cfg.epochs, verbose=0, callbacks=cbs, shuffle=False)
-    return TrainResult(model, {k: [float(v) for v in vs] for k, vs in hist.history.items()},
-                       cbs[1].seconds, n_train, int((df.split == "valid").sum()))
+    history = {k: [float(v) for v in vs] for k, vs in hist.history.items()}
+    result = TrainResult(model, history, cbs[1].seconds, n_train, int((df.split == "valid").sum()),
+                         kept_epoch(history, train_cfg.restore_best_weights), len(history.get("loss", [])))
+    if log_to_mlflow:
+        import mlflow
+        mlflow.log_metrics({k: float(v) for k, v in result.training_record().items() if v is not None})
+    return result
 
 # %% ../notebooks/lib/07_train.ipynb #e11f7a90
 MODEL_FILE, INFO_FILE = "model.keras", "model_info.json"
 
-def save_trained_model(model, model_dir, model_cfg: ModelConfig, classes) -> Path:
-    "Write the model and what it needs to be used (its config section and class names)."
+def save_trained_model(model, model_dir, model_cfg: ModelConfig, classes, training: dict | None = None) -> Path:
+    "Write the model and what it needs to be used (its config section and class names; `training`: e.g. the kept epoch)."
     import json
     model_dir = Path(model_dir); model_dir.mkdir(parents=True, exist_ok=True)
     model.save(model_dir / MODEL_FILE)
     info = {"model": model_cfg.model_dump(mode="json"), "classes": list(classes)}
+    if training: info["training"] = training
     (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
     return model_dir
 
@@ -143,8 +172,8 @@ def log_training_inputs(model_cfg: ModelConfig, train_cfg: TrainConfig, lineage:
         if Path(f).exists(): mlflow.log_artifact(str(f), artifact_path="notebooks")
 
 # %% ../notebooks/lib/07_train.ipynb #943b28a5
-def history_table(history: dict, epoch_seconds=()):
-    "One row per epoch: the metrics Keras recorded (train, then validation) and the epoch's seconds."
+def history_table(history: dict, epoch_seconds=(), kept_epoch: int | None = None):
+    "One row per epoch: the metrics Keras recorded (train, then validation), the epoch's seconds, and the kept epoch marked."
     import pandas as pd
     keys = sorted((k for k in history if not k.startswith("val_") and k not in ("epoch_seconds", "learning_rate")), key=lambda k: k != "loss")
     cols = {k: history[k] for k in keys} | {f"val_{k}": history[f"val_{k}"] for k in keys if f"val_{k}" in history}
@@ -152,16 +181,18 @@ def history_table(history: dict, epoch_seconds=()):
     df = pd.DataFrame(cols, index=pd.RangeIndex(1, n + 1, name="epoch"))
     seconds = list(epoch_seconds) or history.get("epoch_seconds", [])
     if seconds: df["seconds"] = seconds[:n]
+    if kept_epoch: df["kept"] = ["✓" if e == kept_epoch else "" for e in df.index]
     return df
 
 # %% ../notebooks/lib/07_train.ipynb #6d798770
-def plot_history(history: dict):
-    "Loss and accuracy per epoch, train vs validation."
+def plot_history(history: dict, kept_epoch: int | None = None):
+    "Loss and accuracy per epoch, train vs validation (the kept epoch dashed)."
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
     for ax, key in zip(axes, ("loss", "accuracy")):
         for prefix, label in (("", "train"), ("val_", "valid")):
             if prefix + key in history: ax.plot(range(1, len(history[prefix + key]) + 1), history[prefix + key], marker="o", label=label)
+        if kept_epoch: ax.axvline(kept_epoch, color="grey", ls="--", lw=1, label=f"kept (epoch {kept_epoch})")
         ax.set_xlabel("epoch"); ax.set_title(key); ax.legend(); ax.grid(alpha=.3)
     fig.tight_layout()
     return fig

@@ -12,9 +12,10 @@ import yaml
 
 from conftest import base_config
 from cvops.dataset import make_synthetic_dataset
+from service_support import Service
 
 pytestmark = pytest.mark.e2e
-TASKS = ["prepare_data", "validate_data", "train", "evaluate", "publish"]  # the tasks whose records a version keeps
+TASKS = ["prepare_data", "validate_data", "train", "drift_detectors", "evaluate", "publish"]  # the tasks whose records a version keeps
 ALL_TASKS = [t["name"] for t in yaml.safe_load((Path(__file__).resolve().parents[1] / "pipeline.yaml").read_text())["tasks"]]
 
 
@@ -104,6 +105,13 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     assert (models / "test_model.yaml").resolve() == (models / meta["model_dir"] / "metadata.yaml").resolve()
     assert meta["model"]["classes"][0] == "T-shirt_top" and "path" not in meta["model"]
     assert meta["metrics"]["accuracy"] == metrics["accuracy"]
+    assert meta["training"]["kept_epoch"] == 1 and meta["training"]["epochs_run"] == 1
+
+    # the drift detectors and the reference data are part of the version (the same rename)
+    _check_detectors(project, meta, tiny_fashion_repo)
+    # the service on this project's central storage (the deploy task deployed this version)
+    # logs, for an image of the reference split, the features that cvops.detectors computes
+    _check_service_features(project, meta, tiny_fashion_repo)
 
     client, run = _mlflow_run(project, lineage["mlflow"]["run_id"])
     assert run.data.params["train.epochs"] == "1" and run.data.tags["dataset.tag"] == "v2.0.0"
@@ -131,6 +139,67 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     new_params = _injected_parameters(products / "train" / "train.ipynb")
     assert '"learning_rate": 0.002' in old_params and '"learning_rate": 0.001' in new_params, (old_params, new_params)
     assert all((storage / r[k]).is_file() for r in lineage["notebooks"].values() for k in ("ipynb", "html"))
+
+
+def _check_detectors(project, meta, dataset_dir):
+    "detectors/<name>_uae.keras, detectors/<name>_bbsd.keras, ref_data/<name>_ref_data.parquet in the version folder."
+    name, folder = meta["model_name"], project.path / "central_storage" / "models" / meta["model_dir"]
+    n_ref, dim, classes = 100, 32, meta["model"]["classes"]   # conftest's monitor.reference_size; the default encoding_dim
+    assert {p.relative_to(folder).as_posix() for p in folder.glob("*/*") if p.parent.name in ("detectors", "ref_data")} == {
+        f"detectors/{name}_uae.keras", f"detectors/{name}_bbsd.keras", f"ref_data/{name}_ref_data.parquet"}
+    det = meta["detectors"]
+    assert det["uae"] == f"models/{meta['model_dir']}/detectors/{name}_uae.keras" and det["reference_rows"] == n_ref
+    assert det["reference_split"] == "valid" and det["encoding_dim"] == dim
+    ref = pd.read_parquet(folder / "ref_data" / f"{name}_ref_data.parquet")
+    assert len(ref) == n_ref and ref.path.is_unique
+    assert [c for c in ref.columns if c.startswith("uae_")] == [f"uae_{j}" for j in range(dim)]
+    assert [c for c in ref.columns if c.startswith("bbsd_")] == [f"bbsd_{j}" for j in range(len(classes))]
+    np.testing.assert_allclose(ref[[f"bbsd_{j}" for j in range(len(classes))]].sum(axis=1), 1, atol=1e-4)  # softmax rows
+    # drawn from the valid split, never train; labels are those of the images (the dataset's annotations)
+    ann = pd.read_csv(dataset_dir / "annotation_df.csv").set_index("path")
+    assert set(ann.loc[ref.path, "split"]) == {"valid"}
+    assert list(ref.label) == list(ann.loc[ref.path, classes].idxmax(axis=1))
+    assert set(ref.predicted) <= set(classes) and len(set(ref.label)) == len(classes)
+    # the same as the pipeline's product, and as a fresh sample with the same seed would be
+    products = project.products(name) / "drift_detectors"
+    assert (products / "ref_data" / f"{name}_ref_data.parquet").read_bytes() == (folder / "ref_data" / f"{name}_ref_data.parquet").read_bytes()
+    from cvops.detectors import reference_rows
+    assert list(ref.path) == list(reference_rows(ann.reset_index(), "valid", n_ref, 0).path)
+    nb = json.loads((products / "drift_detectors.ipynb").read_text())
+    assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
+    assert any("uae_0" in "".join(o.get("data", {}).get("text/html", "")) for c in nb["cells"] for o in c.get("outputs", []))
+
+
+def _check_service_features(project, meta, dataset_dir):
+    "The real service, one image of the reference split: the logged features are what cvops.detectors computes for its bytes."
+    import keras
+    import sqlalchemy as sa
+    from cvops.data import preprocess, to_model_input
+    from cvops.predlog import default_db_url, make_engine
+    name, folder = meta["model_name"], project.path / "central_storage" / "models" / meta["model_dir"]
+    ref = pd.read_parquet(folder / "ref_data" / f"{name}_ref_data.parquet")
+    data = (dataset_dir / ref.path[0]).read_bytes()
+    svc = Service(project.path, workers=1)
+    try:
+        svc.start(wait_for="/ready")
+        resp = svc.predict(data, filename="ref.jpg", content_type="image/jpeg", heatmap=False)
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["model_version"] == meta["version"]
+    finally:
+        svc.stop()   # flushes the prediction log
+    engine = make_engine(default_db_url(project.path))   # var/cvops.db of the project
+    with engine.connect() as c:
+        row = c.execute(sa.text("SELECT features, model_version FROM predictions WHERE request_id = :r"),
+                        {"r": body["request_id"]}).one()
+    features = json.loads(row[0]) if isinstance(row[0], str) else row[0]
+    assert row[1] == meta["version"] and sorted(features) == ["bbsd", "uae"]
+    assert len(features["uae"]) == 32 and len(features["bbsd"]) == len(meta["model"]["classes"])
+    np.testing.assert_allclose(features["bbsd"], [body["probabilities"][c] for c in meta["model"]["classes"]], atol=2e-6)
+    uae = keras.models.load_model(folder / "detectors" / f"{name}_uae.keras", compile=False)
+    expected = np.asarray(uae(to_model_input(preprocess(data, (28, 28), 1)[None]), training=False))[0]
+    np.testing.assert_allclose(features["uae"], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(features["uae"], ref[[f"uae_{j}" for j in range(32)]].iloc[0], rtol=1e-4, atol=1e-4)  # = its reference row
 
 
 def test_two_model_names_keep_their_own_products(project, tiny_fashion_repo):

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p for p in (REPO / "notebooks").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-PIPELINE = sorted((REPO / "notebooks" / "pipeline").glob("*.ipynb"))
+PIPELINE = sorted([*(REPO / "notebooks" / "pipeline").glob("*.ipynb"), *(REPO / "notebooks" / "monitor").glob("*.ipynb")])
 
 
 def test_cvops_is_the_nbdev_export(tmp_path):

@@ -1,0 +1,238 @@
+"""The drift monitor end to end, as a user runs it: a small Fashion-MNIST model published with its
+detectors (UAE, BBSD) and reference data and deployed; the real service (`cvops serve`, 2 workers)
+on a free port; images sent over HTTP, feedback for some of them; then `cvops monitor` (what
+`make monitor` runs) in the project folder, which writes `drift_reports` rows and keeps its
+rendered notebook.
+
+First 200 unshifted test images (none of them trained on or in the reference): no test may say
+"drift". Then 200 of the same kind with gaussian noise of std 100 (0-255 scale, clipped): the
+window of the latest 200 predictions holds only those, and the feature tests must say "drift".
+
+False alarms: every test of the run is a level-alpha test (alpha = 0.005 here), so by the union
+bound the chance that the unshifted window gives any "drift" verdict is at most T * alpha for T
+tests (<= 3% for up to 6 tests); the draw is seeded (images, noise, model, permutations), so the
+outcome is the same on every run of this test on a given machine. Noise of std 100 moves the BBSD
+and UAE features so far that their p-values are many orders of magnitude below alpha at n = 200.
+"""
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import sqlalchemy as sa
+import yaml
+
+from service_support import BIN, Service, encode, train_small_model
+
+pytestmark = [pytest.mark.service, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "fashion_small"
+N_WINDOW = 200
+ALPHA = 0.005
+MONITOR = {"window_days": 1, "window_rows": N_WINDOW, "min_rows": 30, "alpha": ALPHA, "permutations": 400,
+           "max_test_rows": 1000, "reference_size": 1000, "seed": 0}
+
+
+def _monitored_version(base: Path, storage: Path) -> dict:
+    "Train the small model, build its detectors and reference data (1,000 test images it never saw), publish and deploy it."
+    from cvops.dataset import load_default_source
+    from cvops.deploy import deploy
+    from cvops.detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
+    from cvops.publish import publish_model
+    import keras
+    keras.utils.set_random_seed(0)                                  # the same model (shuffling included) on every run
+    folder, _, _, acc = train_small_model(base, seed=0)
+    model = keras.models.load_model(folder / "model.keras", compile=False)
+    src = load_default_source()
+    classes = list(src.classes)
+    detectors = {"uae": build_uae(model.input_shape[1:], 32, seed=0), "bbsd": build_bbsd(model, "probabilities")}
+    xr, yr = src.test[0][500:1500], src.test[1][500:1500]          # train_small_model trained on train[:3000], tested on test[:500]
+    ref = reference_data(detectors, xr[..., None], [classes[i] for i in yr], classes)
+    extra = base / "extra"
+    files = {}
+    for kind, det in detectors.items():
+        p = detector_path(extra, MODEL, kind); p.parent.mkdir(parents=True, exist_ok=True); det.save(p)
+        files[p.relative_to(extra).as_posix()] = p
+    p = ref_data_path(extra, MODEL); p.parent.mkdir(parents=True, exist_ok=True); ref.to_parquet(p, index=False)
+    files[p.relative_to(extra).as_posix()] = p
+    meta = {"model_name": MODEL, "model": {"model_name": MODEL, "classes": classes},
+            "metrics": {"accuracy": acc, "n_images": 500}, "lineage": {}}
+    version = publish_model(folder, meta, storage, files)["version"]
+    deploy(storage, MODEL, version, by="tests")
+    return {"version": version, "classes": classes, "accuracy": acc, "images": src.test[0], "labels": src.test[1]}
+
+
+def _project(root: Path) -> Path:
+    "A project folder with the monitoring pipeline and a config whose `monitor` section suits this test."
+    (root / "central_storage" / "models").mkdir(parents=True)
+    (root / "pipeline.yaml").write_text("tasks: []\n")
+    shutil.copy(REPO / "pipeline.monitor.yaml", root / "pipeline.monitor.yaml")
+    shutil.copytree(REPO / "notebooks" / "monitor", root / "notebooks" / "monitor")
+    (root / "configs").mkdir()
+    (root / "configs" / "config.yaml").write_text(yaml.safe_dump({"monitor": MONITOR}))
+    return root
+
+
+class Webhook:
+    "A local HTTP endpoint that records the JSON bodies POSTed to it."
+    def __init__(self):
+        received = self.received = []
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204); self.end_headers()
+            def log_message(self, *a): pass
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown(); self.server.server_close()
+
+
+def _send(svc: Service, images: np.ndarray, labels: np.ndarray, classes: list, feedback_every: int) -> tuple[list, list]:
+    "Predict every image over HTTP (4 at a time); right after every `feedback_every`-th answer, POST its true label."
+    def one(i):
+        r = svc.predict(encode(images[i]), heatmap=False)
+        assert r.status_code == 200, r.text
+        d = r.json()
+        fb = None
+        if i % feedback_every == 0:
+            f = requests.post(svc.url("/feedback"), json={"request_id": d["request_id"], "labels": [classes[labels[i]]]}, timeout=30)
+            assert f.status_code == 200, f.text        # at once: the prediction may still be in a writer's queue
+            fb = f.json()
+            assert fb["correct"] == (d["top_class"] == classes[labels[i]])
+        return d, fb
+    with ThreadPoolExecutor(4) as ex:
+        out = list(ex.map(one, range(len(images))))
+    return [d for d, _ in out], [fb for _, fb in out if fb is not None]
+
+
+def _wait_rows(db_url: str, n: int, timeout: float = 30):
+    from cvops.predlog import predictions
+    eng = sa.create_engine(db_url)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with eng.connect() as c:
+                if c.execute(sa.select(sa.func.count()).select_from(predictions)).scalar() >= n: return
+            time.sleep(0.2)
+        raise AssertionError(f"fewer than {n} predictions logged after {timeout} s")
+    finally:
+        eng.dispose()
+
+
+def _monitor(root: Path, env: dict) -> tuple[str, list]:
+    "`cvops monitor` in the project folder; returns its output and the drift_reports rows of its run."
+    from cvops.predlog import default_db_url, drift_reports
+    proc = subprocess.run([str(BIN / "cvops"), "monitor"], cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"cvops monitor exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run_id = proc.stdout.split("monitor run ", 1)[1].split(":", 1)[0]
+    eng = sa.create_engine(default_db_url(root))
+    try:
+        with eng.connect() as c:
+            rows = [dict(r._mapping) for r in c.execute(sa.select(drift_reports).where(drift_reports.c.run_id == run_id))]
+    finally:
+        eng.dispose()
+    assert rows, proc.stdout
+    assert (root / "products" / "monitor" / run_id / "check_drift.html").exists(), "the run's rendered notebook is missing"
+    return proc.stdout + proc.stderr, rows
+
+
+def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gives_live_accuracy(tmp_path):
+    from cvops.predlog import default_db_url
+    root = _project(tmp_path / "project")
+    v = _monitored_version(tmp_path / "build", root / "central_storage")
+    classes, images, labels = v["classes"], v["images"], v["labels"]
+    hook = Webhook()
+    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_WEBHOOK_URL": hook.url, "PLOOMBER_STATS_ENABLED": "false",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI", "MONITOR_INTERVAL"):
+        env.pop(var, None)
+    svc = Service(root, workers=2)
+    try:
+        svc.start()
+        svc.wait_workers_ready(v["version"])
+
+        # feedback: unknown request id -> 404 JSON, a label that is not a class -> 422
+        r = requests.post(svc.url("/feedback"), json={"request_id": "f" * 32, "labels": [classes[0]]}, timeout=30)
+        assert r.status_code == 404 and "request_id" in r.json()["error"], r.text
+
+        # 1. unshifted: 200 test images the model never saw (nor the reference), feedback for every 4th
+        x0, y0 = images[1500:1500 + N_WINDOW], labels[1500:1500 + N_WINDOW]
+        answers, fbs = _send(svc, x0, y0, classes, feedback_every=4)
+        r = requests.post(svc.url("/feedback"), json={"request_id": answers[1]["request_id"], "labels": ["no such class"]}, timeout=30)
+        assert r.status_code == 422, r.text
+        _wait_rows(default_db_url(root), N_WINDOW)
+        out, rows = _monitor(root, env)
+        by_test = {r["test"]: r for r in rows}
+        assert all(r["verdict"] != "drift" for r in rows), out
+        assert all(r["model_version"] == v["version"] for r in rows)
+        tests = [r for r in rows if r["test"] != "live_accuracy"]
+        assert len(tests) >= 3 and all(r["verdict"] == "no drift" and r["n_rows"] == N_WINDOW for r in tests), out
+        acc = by_test["live_accuracy"]
+        assert acc["n_rows"] == len(fbs) == N_WINDOW // 4
+        assert acc["statistic"] == pytest.approx(np.mean([f["correct"] for f in fbs])), out
+        assert not hook.received, "the webhook was called without drift"
+
+        # 2. shifted: 200 other test images with gaussian noise (std 100 on 0-255), feedback for every 5th
+        rng = np.random.default_rng(0)
+        x1, y1 = images[1700:1700 + N_WINDOW], labels[1700:1700 + N_WINDOW]
+        x1 = np.clip(x1 + rng.normal(0, 100, x1.shape), 0, 255).astype(np.uint8)
+        _, fbs1 = _send(svc, x1, y1, classes, feedback_every=5)
+        _wait_rows(default_db_url(root), 2 * N_WINDOW)
+        out, rows = _monitor(root, env)
+        by_test = {r["test"]: r for r in rows}
+        drift = {r["features"] for r in rows if r["verdict"] == "drift"}
+        assert {"bbsd", "uae"} <= drift, out                          # the feature tests see the noise
+        assert all(r["n_rows"] == N_WINDOW for r in rows if r["test"] != "live_accuracy"), out   # only the latest 200
+        acc = by_test["live_accuracy"]
+        assert acc["n_rows"] == len(fbs1) == N_WINDOW // 5
+        assert acc["statistic"] == pytest.approx(np.mean([f["correct"] for f in fbs1])), out
+        assert "drift" in out.lower()
+        assert len(hook.received) == 1 and hook.received[0]["event"] == "drift", hook.received
+        assert hook.received[0]["model_version"] == v["version"] and set(hook.received[0]["drift"]) <= set(by_test)
+    finally:
+        svc.stop()
+        hook.close()
+
+
+def test_monitor_every_interval_from_env_keeps_running_until_sigterm(tmp_path):
+    "`cvops monitor --every` (MONITOR_INTERVAL from the environment): one run per interval, each with its own record; SIGTERM stops it."
+    import signal
+    root = _project(tmp_path / "project")
+    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_INTERVAL": "1s", "PLOOMBER_STATS_ENABLED": "false"}
+    for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MONITOR_WEBHOOK_URL"):
+        env.pop(var, None)
+    log = open(tmp_path / "monitor.log", "w+")
+    proc = subprocess.Popen([str(BIN / "cvops"), "monitor", "--every"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (tmp_path / "monitor.log").read_text().count("  record: ") >= 2: break      # two runs reported
+            time.sleep(0.5)
+        assert proc.poll() is None, f"the monitor exited ({proc.returncode}):\n{(tmp_path / 'monitor.log').read_text()[-4000:]}"
+        runs = sorted((root / "products" / "monitor").glob("*/report.json"))
+        assert len(runs) >= 2, (tmp_path / "monitor.log").read_text()[-4000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait(10)
+        log.close()
+    out = (tmp_path / "monitor.log").read_text()
+    assert "monitoring the serving version every 1s" in out and "monitor stopped" in out, out[-4000:]
+    assert out.count("no version, 0 predictions: nothing is deployed") >= 2, out[-4000:]   # said, not a crash
+    report = json.loads(runs[0].read_text())
+    assert report["rows"] == [] and report["model_version"] is None
