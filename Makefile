@@ -88,9 +88,11 @@ test: setup ## run every test: notebook checks (nbval), integration and end-to-e
 test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
 
-bench: dataset ## training throughput; service req/s + latency vs the in-process limit; prediction-log rows/s -> bench/results/
+bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends); monitoring run on 100k rows -> bench/results/
 	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
 	$(BIN)/python bench/service_throughput.py
+	$(BIN)/python bench/drift_quality.py
+	$(BIN)/python bench/monitor_throughput.py
 
 mlflow: venv ## the MLflow UI on the local store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -5,6 +5,7 @@
 # %% ../notebooks/lib/18_drift.ipynb #1c1c0b39
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 
@@ -122,7 +123,7 @@ def _cvops_test(test: str, ref: dict, cur: dict, cfg, rng) -> tuple:
     r = lambda x: subsample(x, cfg.max_test_rows, rng)
     if test == "mmd_uae": return mmd_permutation(r(ref["uae"]), r(cur["uae"]), cfg.permutations, rng)
     both = lambda d: np.concatenate([d["uae"], np.log(np.clip(d["bbsd"], 1e-6, 1))], axis=1)
-    return c2st(both(ref), both(cur), rng)
+    return c2st(r(both(ref)), r(both(cur)), rng)
 
 # %% ../notebooks/lib/18_drift.ipynb #ce47dc51
 def _inputs(df: pd.DataFrame, classes) -> dict:
@@ -155,6 +156,7 @@ def run_drift_tests(reference: pd.DataFrame, current: pd.DataFrame, classes: lis
 def _alibi_test(test: str, ref: dict, cur: dict, cfg, rng) -> tuple:
     from alibi_detect.cd import ChiSquareDrift, ClassifierDrift, KSDrift, MMDDrift
     quiet = warnings.catch_warnings(); quiet.__enter__(); warnings.simplefilter("ignore")
+    alibi_log = logging.getLogger("alibi_detect"); level = alibi_log.level; alibi_log.setLevel(logging.ERROR)   # its per-call notices
     try:
         if test == "ks_bbsd_bonferroni":
             out = KSDrift(ref["bbsd"], p_val=cfg.alpha, correction="bonferroni").predict(cur["bbsd"])["data"]
@@ -174,9 +176,9 @@ def _alibi_test(test: str, ref: dict, cur: dict, cfg, rng) -> tuple:
             return float(out["distance"]), float(out["p_val"]), {"permutations": cfg.permutations, "p_value_rule": "k/n (alibi)"}
         from sklearn.linear_model import LogisticRegression
         both = lambda d: np.concatenate([d["uae"], np.log(np.clip(d["bbsd"], 1e-6, 1))], axis=1).astype(np.float32)
-        xr, xc = both(ref), both(cur); mu, sd = xr.mean(0), xr.std(0) + 1e-6
+        xr, xc = r(both(ref)), r(both(cur)); mu, sd = xr.mean(0), xr.std(0) + 1e-6
         det = ClassifierDrift((xr - mu) / sd, LogisticRegression(C=0.1, class_weight="balanced", solver="liblinear"), backend="sklearn",
                               p_val=cfg.alpha, train_size=0.5, preds_type="probs", seed=int(rng.integers(2**31)))
         out = det.predict((xc - mu) / sd)["data"]
         return float(out["distance"]), float(out["p_val"]), {"method": "ClassifierDrift (sklearn, KS on held-out probabilities)"}
-    finally: quiet.__exit__(None, None, None)
+    finally: quiet.__exit__(None, None, None); alibi_log.setLevel(level)
