@@ -139,11 +139,13 @@ def main():
     from cvops.drift import TESTS, run_drift_tests
     t_start = time.time()
     setup = load_setup(Path(a.config), Path(a.storage))
-    mon = setup["cfg"].monitor.model_copy(update={"permutations": a.permutations})
+    sizes = [int(s) for s in a.sizes.split(",")]
+    # every n is tested: min_rows (the monitor policy: no verdict below monitor.min_rows rows) is lowered to the smallest window;
+    # the tests are valid at any n (exact KS, permutation MMD, Monte Carlo chi-square, exact Mann-Whitney)
+    mon = setup["cfg"].monitor.model_copy(update={"permutations": a.permutations, "min_rows": max(2, min(sizes))})
     feats, acc = shifted_features(setup, a.seed)
     print(f"model: {setup['model']} ({setup['source']}); test accuracy per shift: {acc}", flush=True)
     backends = ["cvops"] + ([] if a.no_alibi else ["alibi"])
-    sizes = [int(s) for s in a.sizes.split(",")]
     alibi_sizes = [int(s) for s in a.alibi_sizes.split(",")]
     rng = np.random.default_rng(a.seed)
     y, classes = setup["y_test"], setup["classes"]
@@ -196,7 +198,7 @@ def main():
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": setup["model"], "features_source": setup["source"], "n_reference": len(setup["ref"]), "n_test_images": int(len(y)),
         "test_accuracy_per_shift": acc, "draws": a.draws, "alibi_draws": 0 if a.no_alibi else a.alibi_draws, "alibi_sizes": [] if a.no_alibi else alibi_sizes, "sizes": sizes, "shifts": list(SHIFTS), "tests": list(TESTS), "backends": backends,
-        "alpha": mon.alpha, "permutations": a.permutations, "max_test_rows": mon.max_test_rows,
+        "alpha": mon.alpha, "min_rows": mon.min_rows, "min_rows_config": setup["cfg"].monitor.min_rows, "permutations": a.permutations, "max_test_rows": mon.max_test_rows,
         "detection_rate": to_dict(rates), "median_seconds_per_test": to_dict(secs),
         "decisions_differ": None if disagree is None else to_dict(disagree),
         "ko_rate_by_class": {b: {t: {classes[int(c)]: round(float(v), 3) for c, v in ko_rates.xs((b, t)).items()} for t in TESTS} for b in backends},
