@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -71,7 +70,6 @@ def write_rows(url: str, n: int, rng, spill: Path) -> dict:
 
 def read_window(eng, window_days, window_rows) -> tuple:
     "The bench's own reader on the public tables: (frame, timings)."
-    import pandas as pd
     import sqlalchemy as sa
     from cvops.detectors import feature_frame
     from cvops.predlog import predictions as p

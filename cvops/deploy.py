@@ -9,7 +9,6 @@ import fcntl
 import getpass
 import json
 import os
-import re
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path

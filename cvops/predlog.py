@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa

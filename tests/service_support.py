@@ -191,3 +191,31 @@ def start_postgres(base: Path) -> PostgresCluster:
     try: return pg.start()
     except BaseException:
         pg.remove(); raise
+
+
+def headless_chromium(tmp_path: Path, window: str = "1100,900", page_load_timeout: float = 30):
+    """Headless Chromium through Debian's chromedriver (never a downloaded browser); yields the
+    driver and quits it. Missing Chromium or selenium: fail under CI=true, skip otherwise."""
+    import pytest
+    in_ci = os.environ.get("CI") == "true"
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        msg = f"chromium ({chromium}) and chromedriver ({driver_path}) are needed: apt-get install chromium chromium-driver"
+        if in_ci: pytest.fail(msg)
+        pytest.skip(msg)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service as DriverService
+    except ImportError as e:
+        if in_ci: pytest.fail(f"selenium is not installed: {e}")
+        pytest.skip(f"selenium is not installed: {e}")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-dev-shm-usage", f"--window-size={window}", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(arg)
+    service = DriverService(executable_path=driver_path, log_output=str(tmp_path / "chromedriver.log"))
+    drv = webdriver.Chrome(service=service, options=opts)  # a given executable_path: selenium-manager is not used
+    drv.set_page_load_timeout(page_load_timeout)
+    try: yield drv
+    finally: drv.quit()

@@ -22,13 +22,12 @@ import numpy as np
 import pytest
 import requests
 
-from service_support import encode, free_port, train_small_model
+from service_support import encode, free_port, train_small_model, headless_chromium
 
 pytestmark = pytest.mark.service
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-IN_CI = os.environ.get("CI") == "true"
 DASHBOARDS = ("drift_monitor", "service_activity")
 ERROR_MARKERS = ("Traceback", "Error", "There was an error when executing cell")
 
@@ -38,7 +37,6 @@ def fill_project(root: Path, base: Path) -> dict:
     with UAE/BBSD detectors and reference data, deployed after the first), 240 logged predictions
     over three days (the latest 30 noisy), api_log rows, and three monitoring runs."""
     import keras
-    import sqlalchemy as sa
     from cvops.deploy import deploy
     from cvops.detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
     from cvops.inference import load_version
@@ -207,26 +205,7 @@ def text_of(outs) -> str:
 @pytest.fixture
 def browser(tmp_path):
     "Headless Chromium through the system chromedriver; quit when the test ends, pass or fail."
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        msg = f"chromium ({chromium}) and chromedriver ({driver_path}) are needed: apt-get install chromium chromium-driver"
-        if IN_CI: pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service as DriverService
-    except ImportError as e:
-        if IN_CI: pytest.fail(f"selenium is not installed: {e}")
-        pytest.skip(f"selenium is not installed: {e}")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-dev-shm-usage", "--window-size=1200,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(service=DriverService(executable_path=driver_path, log_output=str(tmp_path / "chromedriver.log")), options=opts)
-    drv.set_page_load_timeout(120)
-    yield drv
-    drv.quit()
+    yield from headless_chromium(tmp_path, "1200,900", 120)
 
 
 def rendered_images(browser, url: str, shot: Path, min_images: int, timeout=120) -> list:

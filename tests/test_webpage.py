@@ -2,44 +2,21 @@
 `chromium-driver`) driven by selenium through the system chromedriver, never a downloaded one."""
 import base64
 import io
-import os
-import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from service_support import encode
+from service_support import encode, headless_chromium
 
 pytestmark = pytest.mark.service
 
-IN_CI = os.environ.get("CI") == "true"
 
 
 @pytest.fixture
 def browser(tmp_path):
     "Headless Chromium through the system chromedriver; quit when the test ends, pass or fail."
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        msg = f"chromium ({chromium}) and chromedriver ({driver_path}) are needed: apt-get install chromium chromium-driver"
-        if IN_CI: pytest.fail(msg)
-        pytest.skip(msg)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service as DriverService
-    except ImportError as e:
-        if IN_CI: pytest.fail(f"selenium is not installed: {e}")
-        pytest.skip(f"selenium is not installed: {e}")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = chromium
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run", "--disable-dev-shm-usage", "--window-size=1100,900", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
-        opts.add_argument(arg)
-    service = DriverService(executable_path=driver_path, log_output=str(tmp_path / "chromedriver.log"))
-    drv = webdriver.Chrome(service=service, options=opts)  # a given executable_path: selenium-manager is not used
-    drv.set_page_load_timeout(30)
-    yield drv
-    drv.quit()
+    yield from headless_chromium(tmp_path, "1100,900", 30)
 
 
 def test_upload_page_classifies_an_image_and_shows_the_overlay(browser, service_root, service_factory, trained_models, tmp_path):
