@@ -128,7 +128,7 @@ def make_parser() -> argparse.ArgumentParser:
                      "Does nothing if the repository is already built.")
     b.add_argument("--dest", default="datasets/fashion-mnist", help="dataset repository (default: %(default)s)")
     b.add_argument("--remote", default="datasets/.dvc-remote/fashion-mnist", help="local DVC remote (default: %(default)s)")
-    b.add_argument("--n-train", type=int, default=30000, help="training images (default: %(default)s)")
+    b.add_argument("--n-train", type=int, default=55000, help="training images (default: %(default)s)")
     b.add_argument("--n-valid", type=int, default=3000, help="validation images (default: %(default)s)")
     b.add_argument("--n-test", type=int, default=2000, help="test images (default: %(default)s)")
     b.add_argument("--all", action="store_true", help="all 70,000 images (55,000 / 5,000 / 10,000)")

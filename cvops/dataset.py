@@ -83,7 +83,7 @@ def _quotas(n: Optional[int], n_classes: int) -> Optional[np.ndarray]:
     q = np.full(n_classes, n // n_classes); q[: n % n_classes] += 1
     return q
 
-def sample_splits(source: ImageSource, n_train: Optional[int] = 30000, n_valid: Optional[int] = 3000,
+def sample_splits(source: ImageSource, n_train: Optional[int] = 55000, n_valid: Optional[int] = 3000,
                   n_test: Optional[int] = 2000, seed: int = 0):
     "Seeded class-balanced subset: `(images, labels, splits)` with `splits` one of train/valid/test per image."
     rng, k = np.random.default_rng(seed), len(source.classes)
@@ -198,7 +198,7 @@ def _commit_version(dest: Path, tag: str, files: list[str], message: str):
     dvc(dest, "push", "-q")
 
 # %% ../notebooks/lib/01_dataset.ipynb #29add2d4
-def build_dataset_repo(dest, remote, source: Optional[ImageSource] = None, n_train: Optional[int] = 30000,
+def build_dataset_repo(dest, remote, source: Optional[ImageSource] = None, n_train: Optional[int] = 55000,
                        n_valid: Optional[int] = 3000, n_test: Optional[int] = 2000, seed: int = 0,
                        progress: bool = True) -> dict:
     "Build `dest` as a git+DVC dataset repo with tags v1.0.0 (class folders) and v2.0.0 (splits)."
