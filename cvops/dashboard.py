@@ -203,13 +203,14 @@ def prediction_counts(src: Sources, since=None) -> pd.DataFrame:
 
 def with_features(rows: pd.DataFrame, classes) -> pd.DataFrame:
     "The rows that logged features, with their feature columns (`uae_*`, `bbsd_*`, `predicted`) next to them."
-    from cvops.detectors import feature_frame
+    from cvops.detectors import feature_matrix
+    from cvops.monitor import window_frame   # the monitor's parser of logged features, not a second one
     import json as _json
     rows = rows[rows.features.notna()].reset_index(drop=True)
     if rows.empty: return rows.drop(columns="features")
-    feats = [f if isinstance(f, dict) else _json.loads(f) for f in rows.features]
-    names = sorted(set.intersection(*(set(f) for f in feats)))
-    ff = feature_frame({n: np.array([f[n] for f in feats], np.float32) for n in names}, classes=classes)
+    texts = [f if isinstance(f, str) else _json.dumps(f) for f in rows.features]
+    ff = window_frame(pd.DataFrame({"features": texts, "top_class": rows.top_class})).reset_index(drop=True)
+    if any(c.startswith("bbsd_") for c in ff): ff["predicted"] = np.asarray(classes)[feature_matrix(ff, "bbsd").argmax(1)]
     return pd.concat([rows.drop(columns="features"), ff], axis=1)
 
 # %% ../notebooks/lib/20_dashboard.ipynb #b5d1da05
