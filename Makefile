@@ -60,7 +60,8 @@ run: dataset ## set up, build + deploy the pipeline on the default config, start
 
 serve: venv ## start the prediction service in the background (gunicorn, 2 workers); log in var/service.log
 	@mkdir -p $(VAR)
-	@test -s $(VAR)/admin_token || $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))' > $(VAR)/admin_token
+	@test -s $(VAR)/admin_token || (umask 077; $(BIN)/python -c 'import secrets; print(secrets.token_urlsafe(24))' > $(VAR)/admin_token)
+	@chmod 600 $(VAR)/admin_token
 	@ADMIN_TOKEN=$${ADMIN_TOKEN:-$$(cat $(VAR)/admin_token)} $(BIN)/cvops serve --detach --port $(SERVICE_PORT) --workers $(SERVICE_WORKERS)
 	@echo "  predict: curl -F file=@image.png http://127.0.0.1:$(SERVICE_PORT)/predict"
 	@echo "  deploy another version: .venv/bin/cvops models; .venv/bin/cvops deploy <model_name> --version <version>"

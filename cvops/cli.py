@@ -56,6 +56,9 @@ def cmd_serve(args):
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"service setting {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
+    from cvops.service import InsecureSettings, refuse_insecure
+    try: refuse_insecure(settings)
+    except InsecureSettings as e: raise ConfigError(str(e)) from None
     if not args.detach: return run_server(settings)
     from cvops.serve import start_background
     try: pid, already = start_background(settings)
@@ -99,6 +102,9 @@ def cmd_monitor(args):
     for h in logging.getLogger().handlers: h.setLevel(logging.WARNING)   # Ploomber's and papermill's INFO lines stay out
     logging.getLogger("traitlets").setLevel(logging.ERROR)               # nbconvert's note on image alt texts
     root = find_project_root()
+    from cvops.service import InsecureSettings, load_settings, refuse_insecure
+    try: refuse_insecure(load_settings(root=root), "the monitor", ("database",))
+    except InsecureSettings as e: raise ConfigError(str(e)) from None
     if args.every is None:
         report = build_monitor(root, args.config)
         for line in report_lines(report): print(line)

@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .service import ServiceSettings, load_settings
+from .service import ServiceSettings, load_settings, refuse_insecure
 
 # %% auto #0
 __all__ = ['gunicorn_options', 'run_server', 'service_running', 'wait_healthy', 'start_background', 'stop_background']
@@ -19,7 +19,8 @@ def gunicorn_options(s: ServiceSettings) -> dict:
     "gunicorn settings for the service."
     return {"bind": f"{s.host}:{s.port}", "workers": s.workers, "worker_class": "uvicorn_worker.UvicornWorker",
             "timeout": 120, "graceful_timeout": 30, "keepalive": 5, "preload_app": False,
-            "accesslog": None, "errorlog": "-", "loglevel": "warning", "proc_name": "cvops-service"}
+            "accesslog": None, "errorlog": "-", "loglevel": "warning", "proc_name": "cvops-service",
+            "forwarded_allow_ips": s.forwarded_allow_ips}   # X-Forwarded-For is believed from these proxies only
 
 def _on_starting(s: ServiceSettings):
     "Once, in the master: migrate the database, reset the metrics folder."
@@ -46,6 +47,7 @@ def run_server(settings: ServiceSettings | None = None):
     "Run the service in the foreground until SIGTERM/SIGINT (then workers drain and flush their logs)."
     from gunicorn.app.base import BaseApplication
     s = settings or load_settings()
+    refuse_insecure(s)
     s.var.mkdir(parents=True, exist_ok=True)
     opts = {**gunicorn_options(s), "on_starting": _on_starting(s), "child_exit": _child_exit}
 

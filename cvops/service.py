@@ -18,7 +18,7 @@ import uuid
 from contextlib import asynccontextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from fastapi import Depends, FastAPI, File, Header, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -29,11 +29,12 @@ from .config import find_project_root, resolve_path
 from .inference import ImageError, check_upload
 
 # %% auto #0
-__all__ = ['log', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings', 'Batcher',
+__all__ = ['SAMPLE_SECRET', 'log', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings',
+           'InsecureSettings', 'credential_problem', 'production_problems', 'refuse_insecure', 'Batcher',
            'NoModelError', 'WorkerState', 'workers_serving', 'metrics_model_switched', 'metrics_log_state',
            'render_metrics', 'ErrorResponse', 'PredictionResponse', 'DeployRequest', 'DeploymentResponse',
-           'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest', 'FeedbackResponse', 'ApiError', 'queued_prediction',
-           'lookup_prediction', 'store_feedback', 'create_app']
+           'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest', 'FeedbackResponse', 'ApiError', 'check_bearer',
+           'queued_prediction', 'lookup_prediction', 'store_feedback', 'create_app']
 
 # %% ../notebooks/lib/15_service.ipynb #fbceeee2
 def _env(*names): return AliasChoices(*names)
@@ -49,6 +50,9 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, validation_alias=_env("SERVICE_PORT"))
     workers: int = Field(2, ge=1, le=64, validation_alias=_env("SERVICE_WORKERS"))
     admin_token: Optional[str] = Field(None, validation_alias=_env("ADMIN_TOKEN"), description="bearer token for PUT /models/current")
+    feedback_token: Optional[str] = Field(None, validation_alias=_env("FEEDBACK_TOKEN"), description="bearer token for POST /feedback (none: open; required in production)")
+    env: Literal["development", "production"] = Field("development", validation_alias=_env("CVOPS_ENV"), description="production: refuse to start with a sample or empty credential")
+    forwarded_allow_ips: str = Field("127.0.0.1,::1", validation_alias=_env("FORWARDED_ALLOW_IPS"), description="proxies (addresses or networks, comma-separated) whose X-Forwarded-For names the client")
     max_upload_bytes: int = Field(10_000_000, gt=0, validation_alias=_env("MAX_UPLOAD_BYTES"))
     max_image_pixels: int = Field(40_000_000, gt=0, validation_alias=_env("MAX_IMAGE_PIXELS"))
     overlay_max_side: int = Field(1024, ge=224, validation_alias=_env("OVERLAY_MAX_SIDE"))
@@ -73,6 +77,37 @@ def load_settings(env_file=None, **overrides) -> ServiceSettings:
     root = Path(overrides.get("root") or os.environ.get("CVOPS_ROOT") or find_project_root())
     env_file = env_file or (root / ".env")
     return ServiceSettings(_env_file=env_file if Path(env_file).exists() else None, **{"root": root, **overrides})
+
+# %% ../notebooks/lib/15_service.ipynb #bf285d24
+SAMPLE_SECRET = re.compile(r"change[-_ ]?me|^(password|secret|admin|postgres|example|token|test)$", re.IGNORECASE)
+
+class InsecureSettings(RuntimeError):
+    "Production mode with a credential that is empty or still a sample value."
+
+def credential_problem(value) -> str | None:
+    "Why `value` cannot be a production credential (None: it can)."
+    if value is None or not str(value).strip(): return "is empty"
+    if SAMPLE_SECRET.search(str(value).strip()): return "still has a sample value"
+    return None
+
+def production_problems(s: ServiceSettings, uses=("database", "admin", "feedback")) -> list[str]:
+    "What stops `s` from running in production (empty when `CVOPS_ENV` is not production)."
+    if s.env != "production": return []
+    problems = []
+    if "database" in uses:
+        from sqlalchemy.engine import make_url
+        if not s.db_url: problems.append("DB_URL is not set (production logs to PostgreSQL)")
+        elif make_url(s.db_url).get_backend_name() != "sqlite" and (why := credential_problem(make_url(s.db_url).password)):
+            problems.append(f"the password in DB_URL {why}")
+    for use, name, value in (("admin", "ADMIN_TOKEN", s.admin_token), ("feedback", "FEEDBACK_TOKEN", s.feedback_token)):
+        if use in uses and (why := credential_problem(value)): problems.append(f"{name} {why}")
+    return problems
+
+def refuse_insecure(s: ServiceSettings, who: str = "the service", uses=("database", "admin", "feedback")):
+    "Raise `InsecureSettings` naming every credential that production mode cannot start with."
+    problems = production_problems(s, uses)
+    if problems: raise InsecureSettings(f"{who} refuses to start with CVOPS_ENV=production: {'; '.join(problems)} "
+                                        "(set real values in the environment or .env)")
 
 # %% ../notebooks/lib/15_service.ipynb #02d8db6f
 class _Job:
@@ -341,6 +376,11 @@ class ApiError(Exception):
 NO_MODEL = ("no model is deployed: build and deploy one with `make run`, or deploy a published version with "
             "`cvops deploy <model_name>` or PUT /models/current")
 
+def check_bearer(authorization: str | None, token: str, what: str):
+    "Raise `ApiError` 401/403 unless `authorization` is `Bearer <token>` (constant-time compare)."
+    if not authorization or not authorization.startswith("Bearer "): raise ApiError(401, "missing 'Authorization: Bearer <token>' header")
+    if not hmac.compare_digest(authorization[7:].encode(), token.encode()): raise ApiError(403, f"wrong {what}")
+
 def _route_of(request: Request) -> str:
     r = request.scope.get("route")
     return getattr(r, "path", None) or "unmatched"
@@ -391,6 +431,7 @@ def _version_multilabel(storage, name: str, version: str) -> bool:
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     "The FastAPI app of one worker process."
     settings = settings or load_settings()
+    refuse_insecure(settings)
     state = WorkerState(settings)
 
     @asynccontextmanager
@@ -514,8 +555,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     def require_admin(authorization: Optional[str] = Header(None, description="Bearer <ADMIN_TOKEN>")):
         if not settings.admin_token: raise ApiError(403, "deploying over HTTP is disabled: set ADMIN_TOKEN for the service")
-        if not authorization or not authorization.startswith("Bearer "): raise ApiError(401, "missing 'Authorization: Bearer <token>' header")
-        if not hmac.compare_digest(authorization[7:].encode(), settings.admin_token.encode()): raise ApiError(403, "wrong admin token")
+        check_bearer(authorization, settings.admin_token, "admin token")
+
+    def require_feedback_token(authorization: Optional[str] = Header(None, description="Bearer <FEEDBACK_TOKEN>, when the service has one")):
+        if settings.feedback_token: check_bearer(authorization, settings.feedback_token, "feedback token")
 
     @app.put("/models/current", response_model=DeploymentResponse, tags=["models"], dependencies=[Depends(require_admin)],
              responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422)},
@@ -555,7 +598,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             if row is not None or time.monotonic() > deadline: return row
             await asyncio.sleep(0.1)
 
-    @app.post("/feedback", response_model=FeedbackResponse, responses={s: {"model": ErrorResponse} for s in (404, 422, 503)},
+    @app.post("/feedback", response_model=FeedbackResponse, responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 422, 503)},
+              dependencies=[Depends(require_feedback_token)],
               tags=["monitor"], summary="The true label(s) of a prediction: the monitor's live accuracy (the latest feedback counts)")
     async def post_feedback(body: FeedbackRequest):
         pred = await find_prediction(body.request_id) if REQUEST_ID.fullmatch(body.request_id) else None   # ids are uuid4 hex
