@@ -296,3 +296,21 @@ def test_retention_runs_on_a_schedule(service_root, service_factory, images):
     assert p.returncode == 0 and "1 api_log and 1 predictions rows" in p.stdout, (p.stdout, p.stderr)
     assert "1" * 32 not in _ids(url, "predictions") and new <= _ids(url, "predictions")
     eng.dispose()
+
+
+def test_durable_outage_with_a_small_byte_bound_replays_from_the_wal(pg, service_root, service_factory, images):
+    """The database down 5 s under load with LOG_MAX_BUFFER_BYTES=20000: rows leave memory (counted as spilled)
+    but not the WAL; once it is back they are replayed from the segments: exactly one row per 200, no segment left."""
+    from test_service_faults import _check, _counts, _outage, _wait_caught_up
+    root = service_root["root"]
+    svc = service_factory(root, workers=2, db_url=pg.url, env={"LOG_MAX_BUFFER_BYTES": "20000"})
+    svc.wait_workers_ready(service_root["a"])
+    seen = _outage(pg, svc, root, images, expect_spill=False)
+    assert seen["spilled_max"] > 0, "no row left memory: the byte bound was not reached"
+    n_ok = len([r for r in seen["results"] if r[1] == 200])
+    counts = _wait_caught_up(pg.url, n_ok, root)
+    _check(seen, counts, svc)
+    svc.stop()
+    after = _counts(pg.url)
+    assert after["predictions"] == n_ok and after["api_predict"] == n_ok, (after, n_ok)
+    assert not list((root / "var" / "spill").glob("wal-*.jsonl"))
