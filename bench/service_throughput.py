@@ -19,6 +19,10 @@
              PostgreSQL (127.0.0.1:5432, user postgres, a temp database created and dropped; "unavailable" and
              the reason when it cannot be reached), without and with the image store; compared with the
              service's best request rate (target >= 10x).
+4. durability  the service as in 1 (LOG_DURABILITY=durable, the default: rows fsynced to a write-ahead log before the
+             answer) against a second one with LOG_DURABILITY=async (rows queued in memory), heatmaps off, concurrency
+             1 and 8, cells alternating; req/s, p50/p99 and the ratio durable / async (target: durable costs <= 15 %
+             at concurrency 8). `--only-durability` runs this part alone.
 
 The model: the project's deployed one (central_storage/deployments/current.json, after `make run`) copied into
 a temp central storage; otherwise one trained for the bench (the config's model section, one epoch on 3000
@@ -213,17 +217,21 @@ def free_port() -> int:
 
 class Service:
     "`cvops serve` on a free 127.0.0.1 port, in its own process group."
-    def __init__(self, root: Path, workers: int):
+    def __init__(self, root: Path, workers: int, durability: str = "durable", var_dir: str | None = None):
         self.root, self.port, self.workers = root, free_port(), workers
         self.env = {**os.environ, "CVOPS_ROOT": str(root), "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(self.port),
                     "SERVICE_WORKERS": str(workers), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        for k in ("CVOPS_CENTRAL_STORAGE", "CVOPS_VAR_DIR", "MLFLOW_TRACKING_URI", "DB_URL", "TF_THREADS", "MAX_BATCH"):
+        for k in ("CVOPS_CENTRAL_STORAGE", "CVOPS_VAR_DIR", "MLFLOW_TRACKING_URI", "DB_URL", "TF_THREADS", "MAX_BATCH",
+                  "LOG_GROUP_COMMIT_MS", "LOG_MAX_BUFFER", "LOG_MAX_BUFFER_BYTES"):
             self.env.pop(k, None)
-        self.log_path = root / "service.log"
+        self.env["LOG_DURABILITY"] = durability
+        if var_dir: self.env["CVOPS_VAR_DIR"] = var_dir       # its own SQLite file, spill folder and metrics
+        self.log_path = root / f"service-{durability}-{self.port}.log"
         self.proc = None
 
     def start(self, version: str, timeout: float = 180):
         import requests
+        self.version = version
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([str(BIN / "cvops"), "serve"], cwd=self.root, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -460,6 +468,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=1000, help="distinct test images sent")
     ap.add_argument("--log-rows", type=int, default=10000, help="requests' rows written per prediction-log measurement")
     ap.add_argument("--postgres", default="127.0.0.1:5432", help="host:port of a PostgreSQL server (trust auth, user postgres)")
+    ap.add_argument("--durability-rounds", type=int, default=None, help="rounds of durable / async cells (default: --rounds)")
+    ap.add_argument("--only-durability", action="store_true", help="only the prediction log's durable vs async cost (heatmaps off)")
     ap.add_argument("--out", default="bench/results/service_throughput.json")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the clean-ups below
@@ -473,6 +483,7 @@ def main(argv=None):
     t_begin = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-service-"))
     svc = limit = None
+    if args.only_durability: return bench_durability_only(args, project, concurrencies)
     try:
         model = prepare_storage(project, work, resolve_path(args.config, project))
         images = test_images(args.images)
@@ -498,6 +509,7 @@ def main(argv=None):
                     print(f"round {rnd + 1} in-process {hm:11s} batch {batch}:       {p['img_s']:7.1f} img/s", flush=True)
         service_s = time.perf_counter() - t_begin - setup_s
         limit.close(); limit = None
+        durability = bench_durability(svc, work, args, bodies, ctype, concurrencies, raw)
         svc_log_tail = svc.read_log()
         svc.stop()
 
@@ -552,7 +564,7 @@ def main(argv=None):
             "in_process": {"processes": args.workers, "tf_intra_inter_threads": threads, "start_method": "spawn",
                            "path": "check_upload -> prepare_input -> LoadedVersion(batch) -> class_probabilities (+ render_heatmap when heatmaps on)"},
             "durations_s": {"service_cell": args.duration, "in_process_cell": args.limit_duration, "warmup": args.warmup, "rounds": args.rounds},
-            "cells": cells, "other_load": other_load, "target_ratio_concurrency8": TARGET_SERVICE_RATIO,
+            "cells": cells, "durability": durability, "other_load": other_load, "target_ratio_concurrency8": TARGET_SERVICE_RATIO,
             "prediction_log": predlog,
             "raw": raw,
             "timing_s": {"setup": round(setup_s, 1), "service_and_in_process": round(service_s, 1),
@@ -572,6 +584,87 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
 
 
+# --- the prediction log's durability: durable (WAL + group commit before answering) vs async -------------
+TARGET_DURABLE_COST = 0.15
+
+
+def bench_durability(svc_durable: Service, work: Path, args, bodies, ctype, concurrencies, raw: dict) -> dict:
+    """The same service with LOG_DURABILITY=async beside the durable one (its own var folder and SQLite file), idle
+    while the other is measured; heatmaps off, cells alternating durable / async for --durability-rounds rounds."""
+    svc_async = Service(work, args.workers, "async", str(work / "var-async")).start(svc_durable.version)
+    rounds = args.durability_rounds or args.rounds
+    part = raw.setdefault("durability", {})
+    try:
+        for rnd in range(rounds):
+            for conc in concurrencies:
+                for mode, svc in (("durable", svc_durable), ("async", svc_async)):
+                    r = service_cell(svc, bodies, ctype, False, conc, args.warmup, args.duration)
+                    part.setdefault(f"{mode}/c{conc}", []).append(r)
+                    print(f"round {rnd + 1} log {mode:7s} heatmap_off concurrency {conc}: {r['req_s']:7.1f} req/s  "
+                          f"p50 {_f(r['p50_ms'], '.1f')} ms  p99 {_f(r['p99_ms'], '.1f')} ms  errors {r['errors']}", flush=True)
+    finally:
+        svc_async.stop()
+    out = {"heatmaps": False, "rounds": rounds, "target_cost_concurrency8": TARGET_DURABLE_COST,
+           "what": "durable: each request's rows appended to the worker's write-ahead log and fdatasync'ed (group commit) before "
+                   "the answer; async: rows queued in memory. Both: SQLite prediction log, image store.", "cells": {}}
+    for conc in concurrencies:
+        for mode in ("durable", "async"):
+            rs = part[f"{mode}/c{conc}"]
+            out["cells"][f"{mode}/c{conc}"] = {"mode": mode, "concurrency": conc, "req_s": _median([r["req_s"] for r in rs]),
+                                               "p50_ms": _median([r["p50_ms"] for r in rs]), "p99_ms": _median([r["p99_ms"] for r in rs]),
+                                               "errors": sum(r["errors"] for r in rs)}
+        d, a = out["cells"][f"durable/c{conc}"], out["cells"][f"async/c{conc}"]
+        ratio = d["req_s"] / a["req_s"] if a["req_s"] else None
+        out[f"ratio_durable_to_async_c{conc}"] = ratio
+        out[f"cost_c{conc}"] = None if ratio is None else 1 - ratio
+    c8 = out.get(f"cost_c{concurrencies[-1]}")
+    out["meets_target"] = c8 is not None and c8 <= TARGET_DURABLE_COST
+    return out
+
+
+def print_durability(d: dict):
+    print(f"\nprediction log durability (heatmaps off, medians of {d['rounds']} rounds; target: durable costs <= {d['target_cost_concurrency8']:.0%} at concurrency 8)")
+    print(f"{'mode':8s} {'conc':>4s} {'req/s':>8s} {'p50 ms':>7s} {'p99 ms':>7s}")
+    for c in d["cells"].values():
+        print(f"{c['mode']:8s} {c['concurrency']:4d} {_f(c['req_s'], '8.1f')} {_f(c['p50_ms'])} {_f(c['p99_ms'])}")
+    for k, v in d.items():
+        if k.startswith("ratio_durable_to_async_c"):
+            conc = k.rsplit("c", 1)[1]
+            print(f"concurrency {conc}: durable / async = {_f(v, '.3f')} (cost {_f(d[f'cost_c{conc}'], '.1%')})")
+    print("meets target" if d["meets_target"] else "BELOW target")
+
+
+def bench_durability_only(args, project: Path, concurrencies) -> dict:
+    "--only-durability: the durable vs async cells alone (no in-process or prediction-log measurements)."
+    from cvops.config import resolve_path
+    t0 = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="cvops-bench-durability-"))
+    svc = None
+    try:
+        model = prepare_storage(project, work, resolve_path(args.config, project))
+        images = test_images(args.images)
+        boundary = uuid.uuid4().hex
+        bodies = [multipart(d, boundary) for d in images]
+        ctype = f"multipart/form-data; boundary={boundary}"
+        svc = Service(work, args.workers, "durable").start(model["version"])
+        raw = {}
+        d = bench_durability(svc, work, args, bodies, ctype, concurrencies, raw)
+        others = [c["cpu_cores_busy"]["other_processes"] for cs in raw["durability"].values() for c in cs]
+        others = [o for o in others if o is not None]
+        d["other_load_mean_cores"] = round(statistics.fmean(others), 3) if others else None
+        d["raw"] = raw["durability"]
+        d["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()); d["total_s"] = round(time.perf_counter() - t0, 1)
+        out = resolve_path(args.out, project).with_name("service_durability.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(d, indent=2, default=str))
+        print_durability(d)
+        print(f"other processes kept {d['other_load_mean_cores']} cores busy on average during the cells -> {out}")
+        return d
+    finally:
+        if svc is not None: svc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def _f(x, spec="7.1f"):
     return "-" if x is None else format(x, spec)
 
@@ -588,6 +681,7 @@ def print_table(r: dict, out: Path):
               f"{_f(c['ratio'], '6.2f')} {c['compared_with']}" + ("" if "meets_target" not in c else
                                                           f" ({'meets' if c['meets_target'] else 'BELOW'} target {c['target']});"
                                                           f" {_f(c['ratio_to_per_image_loop'], '4.2f')} vs the per-image loop"))
+    print_durability(r["durability"])
     pl = r["prediction_log"]
     print(f"\nprediction log ({pl['rows_queued']} requests' rows; ratio to the best service rate {pl['best_service_req_s']:.1f} req/s, target {pl['target_ratio']:.0f}x)")
     for db in ("sqlite", "postgresql"):

@@ -12,7 +12,7 @@ from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
 __all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models',
-           'cmd_monitor', 'make_parser', 'failure_summary', 'main']
+           'cmd_monitor', 'cmd_log_replay', 'cmd_log_prune', 'make_parser', 'failure_summary', 'main']
 
 # %% ../notebooks/lib/11_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -121,6 +121,37 @@ def cmd_monitor(args):
     try: run_every(seconds, root, args.config, out=lambda line: print(line, flush=True))
     except KeyboardInterrupt: print("monitor stopped", flush=True)
 
+# %% ../notebooks/lib/11_cli.ipynb #ea885146
+def _log_parts():
+    from cvops.predlog import ImageStore, make_engine, migrate
+    from cvops.service import load_settings
+    s = load_settings()
+    eng = make_engine(s.database_url); migrate(eng)
+    return s, eng, ImageStore(s.storage / "predictions" / "images")
+
+def cmd_log_replay(args):
+    "Write what waits on disk to the database: dead workers' WAL segments, spill files and (unless --no-rejected) refused rows."
+    from cvops.predlog import OUTAGE, PredictionLog
+    s, eng, images = _log_parts()
+    try: out = PredictionLog(eng, s.var / "spill", images).replay_all(rejected=not args.no_rejected)
+    except OUTAGE as e: raise ConfigError(f"the database cannot take rows now ({type(e).__name__}: {str(e).splitlines()[0][:200]}); nothing lost, try again") from None
+    finally: eng.dispose()
+    print(f"replayed {out['wal_rows']} rows from write-ahead logs of stopped workers, {out['spill_files']} spill files, "
+          f"{out['rejected_written']} refused rows; {out['rejected_left']} rows still refused (kept in {s.var / 'spill'}/rejected-*.jsonl)")
+    if out["rejected_left"]: raise SystemExit(1)
+
+def cmd_log_prune(args):
+    "Apply IMAGE_RETENTION_DAYS and LOG_RETENTION_DAYS now (or the given days)."
+    from cvops.predlog import run_retention
+    s, eng, images = _log_parts()
+    img = s.image_retention_days if args.image_days is None else args.image_days
+    rows = s.log_retention_days if args.log_days is None else args.log_days
+    try: out = run_retention(s.var / "retention.lock", 0, eng, images, img, rows, force=True)
+    finally: eng.dispose()
+    if out is None: raise ConfigError("a retention run is in progress in the service; try again later")
+    print(f"deleted {out['images']} images older than {img:g} days, {out['api_log']} api_log and {out['predictions']} "
+          f"predictions rows older than {rows:g} days (0 keeps all)")
+
 # %% ../notebooks/lib/11_cli.ipynb #9dfaa76d
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "
@@ -153,7 +184,8 @@ def make_parser() -> argparse.ArgumentParser:
                        "/models/history, /metrics, PUT /models/current, an upload page at / and the API docs at /docs. "
                        "Settings come from the environment and .env: SERVICE_HOST, SERVICE_PORT, SERVICE_WORKERS, DB_URL "
                        "(default: SQLite under var/), ADMIN_TOKEN, MAX_UPLOAD_BYTES, MAX_IMAGE_PIXELS, OVERLAY_MAX_SIDE, "
-                       "MAX_BATCH, RELOAD_INTERVAL, IMAGE_RETENTION_DAYS, LOG_MAX_BUFFER, CVOPS_CENTRAL_STORAGE.")
+                       "MAX_BATCH, RELOAD_INTERVAL, IMAGE_RETENTION_DAYS, LOG_RETENTION_DAYS, RETENTION_INTERVAL, LOG_DURABILITY, "
+                       "LOG_MAX_BUFFER, LOG_MAX_BUFFER_BYTES, LOG_FLUSH_TIMEOUT, LOG_GROUP_COMMIT_MS, CVOPS_CENTRAL_STORAGE.")
     v.add_argument("--host", help="address to bind (default: SERVICE_HOST or 127.0.0.1)")
     v.add_argument("--port", type=int, help="port (default: SERVICE_PORT or 8000)")
     v.add_argument("--workers", type=int, help="worker processes (default: SERVICE_WORKERS or 2)")
@@ -182,6 +214,18 @@ def make_parser() -> argparse.ArgumentParser:
     mo.add_argument("--every", nargs="?", const="", default=None, metavar="INTERVAL",
                     help="keep running, one check every INTERVAL (e.g. 1w, 1d, 30m, 10s; default: MONITOR_INTERVAL, 1w)")
     mo.set_defaults(func=cmd_monitor)
+    lg = sub.add_parser("log", help="the prediction log: replay rows kept on disk, apply retention").add_subparsers(dest="action", required=True, metavar="ACTION")
+    rp = lg.add_parser("replay", help="write rows waiting on disk to the database (WAL of stopped workers, spill files, refused rows)",
+                       description="Writes to DB_URL the rows in var/spill that no running worker is writing: write-ahead log segments of "
+                       "workers that are gone, spill files, and rows the database refused (rejected-*.jsonl), e.g. once a column "
+                       "has been widened. Rows already in the database are skipped; rows that are still refused stay in their "
+                       "file (exit status 1).")
+    rp.add_argument("--no-rejected", action="store_true", help="leave refused rows alone")
+    rp.set_defaults(func=cmd_log_replay)
+    pr = lg.add_parser("prune", help="delete images and log rows past their retention now (the service does it every RETENTION_INTERVAL)")
+    pr.add_argument("--image-days", type=float, help="default: IMAGE_RETENTION_DAYS (30; 0 keeps all)")
+    pr.add_argument("--log-days", type=float, help="default: LOG_RETENTION_DAYS (0 keeps all)")
+    pr.set_defaults(func=cmd_log_prune)
     return p
 
 _WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}

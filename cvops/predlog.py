@@ -20,8 +20,9 @@ from pathlib import Path
 import sqlalchemy as sa
 
 # %% auto #0
-__all__ = ['log', 'metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'KEEP_AS_IS', 'OUTAGE',
-           'migrate', 'make_engine', 'default_db_url', 'ImageStore', 'PredictionLog']
+__all__ = ['log', 'metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'KEEP_AS_IS', 'CONNECTION',
+           'OUTAGE', 'migrate', 'make_engine', 'default_db_url', 'ImageStore', 'record_dumps', 'read_records',
+           'WriteAheadLog', 'LogUnavailable', 'PredictionLog', 'prune_log', 'run_retention']
 
 # %% ../notebooks/lib/13_predlog.ipynb #153f9264
 log = logging.getLogger("cvops.predlog")
@@ -174,7 +175,8 @@ class ImageStore:
         return len(old)
 
 # %% ../notebooks/lib/13_predlog.ipynb #04240e99
-OUTAGE = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)  # retry these
+CONNECTION = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
+OUTAGE = CONNECTION + (sa.exc.ProgrammingError, sa.exc.InternalError, sa.exc.NotSupportedError)  # every row would fail: keep, retry
 
 def _encode_row(row: dict) -> dict:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
@@ -201,139 +203,548 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError: return False
     except PermissionError: return True
 
-class PredictionLog:
-    "Batched, non-blocking, lossless writes of `api_log` and `predictions` rows."
-    def __init__(self, engine, spill_dir, images: ImageStore | None = None, batch_size: int = 500,
-                 flush_interval: float = 0.2, max_buffer: int = 20_000, max_backoff: float = 5.0):
-        self.engine, self.spill_dir, self.images = engine, Path(spill_dir), images
-        self.batch_size, self.flush_interval, self.max_buffer, self.max_backoff = batch_size, flush_interval, max_buffer, max_backoff
-        self._q: deque = deque()
+def _brief(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+# %% ../notebooks/lib/13_predlog.ipynb #d17e9f5d
+import base64
+import fcntl
+from concurrent.futures import Future
+
+def _json_default(v):
+    if isinstance(v, datetime): return {"$dt": v.isoformat()}
+    if isinstance(v, (bytes, bytearray, memoryview)): return {"$b64": base64.b64encode(bytes(v)).decode("ascii")}
+    if hasattr(v, "item") and callable(v.item): return v.item()     # numpy scalars
+    if hasattr(v, "tolist") and callable(v.tolist): return v.tolist()
+    raise TypeError(f"{type(v).__name__} values cannot be logged")
+
+def _json_hook(d: dict):
+    if len(d) == 1:
+        if "$dt" in d: return datetime.fromisoformat(d["$dt"])
+        if "$b64" in d: return base64.b64decode(d["$b64"])
+    return d
+
+def record_dumps(api: dict, prediction: dict | None = None, image: tuple | None = None, **extra) -> bytes:
+    "One log record as a JSON line (datetimes and bytes tagged, so they come back as they were)."
+    rec = {"api": api, "prediction": prediction, "image": list(image) if image else None, **extra}
+    return (json.dumps(rec, default=_json_default, separators=(",", ":")) + "\n").encode()
+
+def read_records(path) -> list[dict]:
+    "The records of a segment, spill or rejected file; a line cut short by a crash is skipped (it was never acknowledged)."
+    out = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f):
+            if not line.strip(): continue
+            try: d = json.loads(line, object_hook=_json_hook)
+            except ValueError:
+                log.warning("prediction log: %s line %d is incomplete (a write cut short by a crash); skipped", path, n + 1); continue
+            d["api"] = _decode_row(d["api"])
+            d["prediction"] = _decode_row(d["prediction"]) if d.get("prediction") else None
+            d["image"] = tuple(d["image"]) if d.get("image") else None
+            out.append(d)
+    return out
+
+def _write_all(fd: int, data: bytes):
+    view = memoryview(data)
+    while view: view = view[os.write(fd, view):]
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def _settle(fut: Future, result=None, error: BaseException | None = None):
+    if fut.done(): return
+    try: fut.set_exception(error) if error is not None else fut.set_result(result)
+    except Exception: pass   # settled meanwhile
+
+class WriteAheadLog:
+    "This process's segment files `wal-<owner>-<seq>.jsonl` in `folder`, written by one committer thread with group commit."
+    def __init__(self, folder, on_durable, on_disk_error=None, group_window: float = 0.0, group_max: int = 512,
+                 segment_bytes: int = 16 << 20, segment_age: float = 30.0):
+        self.folder, self.on_durable, self.on_disk_error = Path(folder), on_durable, on_disk_error
+        self.group_window, self.group_max, self.segment_bytes, self.segment_age = group_window, group_max, segment_bytes, segment_age
+        self.owner = f"{os.getpid()}x{uuid.uuid4().hex[:8]}"
         self._cv = threading.Condition()
+        self._io = threading.Lock()           # the current segment: committer appends, the writer may close it
+        self._counts_lock = threading.Lock()
+        self._pending: list = []
         self._stopping = False
-        self._thread = None
-        self.written = self.spilled = self.failures = 0
-        self.db_ok = True
-        self.last_error: str | None = None
+        self._thread = self._lock_fd = self._fd = None
+        self._seq, self._seg, self._size, self._opened = 0, None, 0, 0.0
+        self.segments: dict[str, list] = {}   # name -> [appended, done, dropped, closed]
+        self.commits = self.records = 0
+        self.disk_error: str | None = None
+        self.disk_error_at = 0.0
 
-    # -- the request path ------------------------------------------------------------------
-    def log(self, api_row: dict, prediction_row: dict | None = None, image: tuple | None = None):
-        "Queue one request's rows (and its image bytes + format, stored off the request path)."
-        with self._cv:
-            self._q.append((api_row, prediction_row, image))
-            if len(self._q) >= self.batch_size: self._cv.notify()
-
-    @property
-    def depth(self) -> int: return len(self._q)
-
-    # -- life cycle ------------------------------------------------------------------------
+    # -- life cycle -------------------------------------------------------------------------
     def start(self):
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = self.folder / f".owner-{self.owner}.lock.tmp"
+        fd = os.open(tmp, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)       # locked before anyone can see it under its real name
+        os.replace(tmp, self.folder / f"owner-{self.owner}.lock")
+        self._lock_fd = fd
+        self._thread = threading.Thread(target=self._run, name="prediction-log-wal", daemon=True)
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 30.0):
-        "Write everything queued; what the database does not take by `timeout` is spilled to disk."
+    def stop(self, timeout: float = 10.0):
+        "Commit what is pending, close the segment; completed segments are deleted, the others stay for a replay."
         with self._cv: self._stopping = True; self._cv.notify()
         if self._thread: self._thread.join(timeout)
-        if self._q: self._spill(len(self._q))
+        self.close_segment()
+        self._collect()
+
+    def release(self):
+        "Give up ownership (the process is done): leftover segments become replayable by any process."
+        if self._lock_fd is not None:
+            if not any(True for _ in self.folder.glob(f"wal-{self.owner}-*.jsonl")):
+                (self.folder / f"owner-{self.owner}.lock").unlink(missing_ok=True)
+            os.close(self._lock_fd); self._lock_fd = None
+
+    # -- appending --------------------------------------------------------------------------
+    def append(self, item) -> Future:
+        "Queue `item` = (api, prediction, image) for the next group commit; the future is set once it is on disk."
+        fut = Future()
+        with self._cv:
+            if self._stopping and not (self._thread and self._thread.is_alive()):
+                self._commit([(item, fut)]); return fut       # a straggler after stop(): committed in the caller's thread
+            self._pending.append((item, fut))
+            self._cv.notify()
+        return fut
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while not self._pending and not self._stopping: self._cv.wait(1.0)
+                if not self._pending: return
+            if self.group_window and len(self._pending) < self.group_max: time.sleep(self.group_window)
+            with self._cv: group, self._pending = self._pending, []
+            try: self._commit(group)
+            except BaseException as e:   # never leave a request waiting
+                log.exception("prediction log: WAL commit failed")
+                for _, fut in group: _settle(fut, error=e)
+
+    def _commit(self, group):
+        lines, ok = [], []
+        for item, fut in group:
+            try: lines.append(record_dumps(*item)); ok.append((item, fut))
+            except Exception as e: _settle(fut, error=e)
+        if not ok: return
+        data = b"".join(lines)
+        try:
+            with self._io:
+                seg = self._segment()
+                try:
+                    _write_all(self._fd, data); os.fdatasync(self._fd)
+                except OSError:
+                    try: os.ftruncate(self._fd, self._size)    # no torn record before the next good one
+                    except OSError: self._close_locked()
+                    raise
+                self._size += len(data)
+                with self._counts_lock: self.segments[seg][0] += len(ok)
+        except OSError as e:
+            self.disk_error, self.disk_error_at = _brief(e), time.monotonic()
+            if self.on_disk_error is None:
+                for _, fut in ok: _settle(fut, error=e)
+                return
+            self.on_disk_error(ok)    # e.g. straight to the database; it settles the futures
+            return
+        self.disk_error = None
+        self.commits += 1; self.records += len(ok)
+        self.on_durable([(*item, seg) for item, _ in ok])
+        for _, fut in ok: _settle(fut, seg)
+
+    def _segment(self) -> str:
+        "The open segment (a new one when there is none, or the current one is big or old enough)."
+        if self._fd is not None and (self._size >= self.segment_bytes or time.monotonic() - self._opened > self.segment_age):
+            self._close_locked()
+        if self._fd is None:
+            self._seq += 1
+            name = f"wal-{self.owner}-{self._seq:06d}.jsonl"
+            self._fd = os.open(self.folder / name, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600)
+            try: _fsync_dir(self.folder)
+            except OSError: os.close(self._fd); self._fd = None; (self.folder / name).unlink(missing_ok=True); raise
+            self._seg, self._size, self._opened = name, 0, time.monotonic()
+            with self._counts_lock: self.segments[name] = [0, 0, 0, False]
+        return self._seg
+
+    def _close_locked(self):
+        if self._fd is None: return
+        try: os.close(self._fd)
+        except OSError: pass
+        with self._counts_lock:
+            if self._seg in self.segments: self.segments[self._seg][3] = True
+        self._fd, self._seg = None, None
+
+    def close_segment(self):
+        with self._io: self._close_locked()
+
+    def probe(self) -> bool:
+        "Can the folder take a write now? (clears `disk_error` when it can)"
+        p = self.folder / f".probe-{self.owner}"
+        try:
+            fd = os.open(p, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            try: _write_all(fd, b"\0" * 4096); os.fdatasync(fd)
+            finally: os.close(fd); p.unlink(missing_ok=True)
+        except OSError as e:
+            self.disk_error, self.disk_error_at = _brief(e), time.monotonic(); return False
+        self.disk_error = None
+        return True
+
+    # -- bookkeeping: rows written, rows dropped from memory ------------------------------------
+    def done(self, segs):
+        "Rows of these segments (one entry per row) are in the database (or a rejected file)."
+        with self._counts_lock:
+            for s in segs:
+                if s in self.segments: self.segments[s][1] += 1
+        self._collect()
+
+    def dropped(self, segs):
+        "Rows of these segments were dropped from memory: the segment must be replayed from disk."
+        with self._counts_lock:
+            for s in segs:
+                if s in self.segments: self.segments[s][2] += 1
+
+    @property
+    def pending(self) -> int:
+        "Rows in this process's segments not yet in the database."
+        with self._counts_lock: return sum(max(0, a - d) for a, d, _, _ in self.segments.values())
+
+    def _collect(self):
+        "Delete closed segments whose rows are all in the database."
+        with self._counts_lock:
+            gone = [s for s, (a, d, x, closed) in self.segments.items() if closed and not x and d >= a]
+            for s in gone: del self.segments[s]
+        for s in gone: (self.folder / s).unlink(missing_ok=True)
+
+    def to_replay(self) -> list[str]:
+        "Own segments with rows dropped from memory (the current one is closed first)."
+        with self._counts_lock: need = [s for s, (a, d, x, _) in self.segments.items() if x]
+        if need and self._seg in need: self.close_segment()
+        return need
+
+    def replayed(self, seg: str):
+        with self._counts_lock: self.segments.pop(seg, None)
+        (self.folder / seg).unlink(missing_ok=True)
+
+    # -- dead owners ------------------------------------------------------------------------------
+    def claim_orphans(self):
+        "Yield (owner, its segment paths) for each dead owner, holding its lock meanwhile; its lock file goes once all are replayed."
+        owners = {p.name[len("wal-"):].rsplit("-", 1)[0] for p in self.folder.glob("wal-*.jsonl")}
+        owners |= {p.name[len("owner-"):-len(".lock")] for p in self.folder.glob("owner-*.lock")}
+        owners.discard(self.owner)
+        for owner in sorted(owners):
+            lock = self.folder / f"owner-{owner}.lock"
+            try: fd = os.open(lock, os.O_RDWR)
+            except FileNotFoundError: fd = None                     # segments without an owner file: nobody holds them
+            except OSError: continue
+            try:
+                if fd is not None:
+                    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError: continue               # alive
+                segs = sorted(self.folder.glob(f"wal-{owner}-*.jsonl"))
+                yield owner, segs
+                if not any(True for _ in self.folder.glob(f"wal-{owner}-*.jsonl")): lock.unlink(missing_ok=True)
+            finally:
+                if fd is not None: os.close(fd)
+
+# %% ../notebooks/lib/13_predlog.ipynb #5c5b4182
+class LogUnavailable(RuntimeError):
+    "Neither the disk nor the database can keep a row now: the request must not be acknowledged."
+
+def _row_bytes(item) -> int:
+    "What a queued row holds in memory, roughly: its image and binary values plus ~1 KB of the rest."
+    api, pred, image = item[0], item[1], item[2]
+    n = 1024 + (len(image[0]) if image else 0)
+    if pred:
+        for v in pred.values():
+            if isinstance(v, (bytes, bytearray)): n += len(v)
+    return n
+
+def _private_file(path, lines):
+    "Write `lines` to `path` whole, 0600 (temporary name, fsync, rename, fsync of the folder)."
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    try:
+        _write_all(fd, b"".join(lines)); os.fsync(fd)
+    except BaseException:
+        os.close(fd); tmp.unlink(missing_ok=True); raise
+    os.close(fd)
+    os.replace(tmp, path); _fsync_dir(path.parent)
+
+class PredictionLog:
+    "Batched writes of `api_log` and `predictions` rows; durable (a local write-ahead log first) or async (memory first)."
+    def __init__(self, engine, spill_dir, images: ImageStore | None = None, batch_size: int = 500,
+                 flush_interval: float = 0.2, max_buffer: int = 20_000, max_backoff: float = 5.0,
+                 durable: bool = False, max_buffer_bytes: int = 256 << 20, group_window: float = 0.0,
+                 orphan_interval: float = 2.0):
+        self.engine, self.spill_dir, self.images = engine, Path(spill_dir), images
+        self.batch_size, self.flush_interval, self.max_buffer, self.max_backoff = batch_size, flush_interval, max_buffer, max_backoff
+        self.durable, self.max_buffer_bytes, self.orphan_interval = durable, max_buffer_bytes, orphan_interval
+        self.wal = WriteAheadLog(self.spill_dir, self._enqueue, self._disk_full, group_window) if durable else None
+        self._q: deque = deque()      # (api, prediction, image, segment or None)
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = None
+        self._inflight = None
+        self._next_orphans = 0.0
+        self.written = self.spilled = self.failures = self.rejected = self.direct = 0
+        self.db_ok = True
+        self.last_error: str | None = None
+        self.db_error_at = 0.0
+        self.disk_error: str | None = None   # async mode: the last spill failed
+        self.disk_error_at = 0.0
+
+    # -- the request path ------------------------------------------------------------------
+    def log(self, api_row: dict, prediction_row: dict | None = None, image: tuple | None = None, durable: bool | None = None):
+        """Log one request's rows (and its image bytes + format, stored off the request path).
+        Durable: returns a `concurrent.futures.Future` set once the rows are on disk (or in the database),
+        whose exception is `LogUnavailable` when neither could take them. Async: queues them, returns None."""
+        if self.wal is not None and durable is not False: return self.wal.append((api_row, prediction_row, image))
+        self._enqueue([(api_row, prediction_row, image, None)])
+        return None
+
+    async def keep(self, api_row: dict, prediction_row: dict | None = None, image: tuple | None = None):
+        "`log`, awaited: in durable mode returns once the rows are kept; raises `LogUnavailable`."
+        import asyncio
+        fut = self.log(api_row, prediction_row, image)
+        if fut is not None: await asyncio.shield(asyncio.wrap_future(fut))   # a client that goes away does not cancel the commit
+
+    def unavailable(self, within: float = 1.0) -> str | None:
+        "Why no row can be kept now (disk and database both failed in the last `within` s), else None."
+        disk = self.wal.disk_error if self.wal is not None else self.disk_error
+        disk_at = self.wal.disk_error_at if self.wal is not None else self.disk_error_at
+        if self.wal is None and len(self._q) < self.max_buffer and self._bytes < self.max_buffer_bytes: return None
+        if disk and not self.db_ok and time.monotonic() - max(disk_at, self.db_error_at) < within:
+            return f"the prediction log cannot keep rows: disk ({disk}) and database ({self.last_error}) both failed"
+        return None
+
+    @property
+    def depth(self) -> int: return len(self._q)
+    @property
+    def pending_disk(self) -> int: return self.wal.pending if self.wal is not None else 0
+
+    def _enqueue(self, items):
+        with self._cv:
+            for it in items:
+                self._q.append(it); self._bytes += _row_bytes(it)
+            if len(self._q) >= self.batch_size: self._cv.notify()
+        if self.wal is not None and (len(self._q) > self.max_buffer or self._bytes > self.max_buffer_bytes):
+            self._shed()
+
+    def _disk_full(self, group):
+        "The WAL could not be written: write the rows to the database before answering, or refuse them."
+        items = [item for item, _ in group]
+        try:
+            if time.monotonic() - self.db_error_at < 1.0 and not self.db_ok: raise LogUnavailable("database down")
+            self._write(self._store_images([(*it, None) for it in items]))
+            self.direct += len(items)
+        except Exception as e:
+            if not isinstance(e, LogUnavailable): self._note_outage(e)
+            err = LogUnavailable(f"the prediction log cannot keep rows: disk ({self.wal.disk_error}) and database ({self.last_error}) both failed")
+            for _, fut in group: _settle(fut, error=err)
+            return
+        for _, fut in group: _settle(fut, None)
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self):
+        self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self.wal is not None: self.wal.start()
+        self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+        self._thread.start()
+        if self.wal is None:
+            import atexit
+            atexit.register(self._spill_on_exit)   # gunicorn's timeout (SIGABRT) exits without the app's shutdown
+        return self
+
+    def stop(self, timeout: float = 20.0):
+        "Write everything queued; by `timeout`, what the database has not taken stays on disk (the WAL, or spill files)."
+        t_end = time.monotonic() + timeout
+        if self.wal is not None: self.wal.stop(min(5.0, timeout / 2))
+        with self._cv: self._stopping = True; self._cv.notify()
+        if self._thread: self._thread.join(max(0.1, t_end - time.monotonic()))
+        if self.wal is not None:
+            self.wal.close_segment(); self.wal._collect(); self.wal.release()
+        else: self._spill_on_exit()
+
+    def _spill_on_exit(self):
+        "Async mode: the queue and the batch in the writer's hands go to a spill file (duplicates are ignored on write-back)."
+        if self.wal is not None: return
+        batch = list(self._inflight or [])
+        with self._cv: batch += list(self._q); self._q.clear(); self._bytes = 0
+        if not batch: return
+        try:
+            self._dump(self._store_images(batch), f"spill-{os.getpid()}-{time.time_ns()}.jsonl"); self.spilled += len(batch)
+        except Exception as e: log.error("prediction log: %d rows could not be spilled at exit (%s)", len(batch), _brief(e))
 
     # -- the writer thread -------------------------------------------------------------------
     def _take(self) -> list:
         with self._cv:
-            return [self._q.popleft() for _ in range(min(self.batch_size, len(self._q)))]
+            batch = [self._q.popleft() for _ in range(min(self.batch_size, len(self._q)))]
+            self._bytes -= sum(map(_row_bytes, batch))
+            return batch
 
     def _requeue(self, batch):
-        with self._cv: self._q.extendleft(reversed(batch))
+        with self._cv:
+            self._q.extendleft(reversed(batch)); self._bytes += sum(map(_row_bytes, batch))
 
     def _store_images(self, batch) -> list:
         rows = []
-        for api, pred, image in batch:
+        for api, pred, image, seg in batch:
             if pred is not None and image is not None and self.images is not None and not pred.get("image_path"):
                 try:
                     sha, rel = self.images.put(*image)
                     pred = {**pred, "image_sha256": sha, "image_path": rel}
                 except OSError as e: log.warning("could not store image of %s: %s", api.get("request_id"), e)
-            rows.append((api, pred, None))
+            rows.append((api, pred, None, seg))
         return rows
 
     def _write(self, batch):
         from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-        api_rows = [_text_safe(a) for a, _, _ in batch]; pred_rows = [_text_safe(p) for _, p, _ in batch if p is not None]
+        api_rows = [_text_safe(it[0]) for it in batch]; pred_rows = [_text_safe(it[1]) for it in batch if it[1] is not None]
         for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.05, max=0.5),
-                                retry=retry_if_exception_type(OUTAGE), reraise=True):
+                                retry=retry_if_exception_type(CONNECTION), reraise=True):
             with attempt:
                 with self.engine.begin() as conn:
                     _insert_ignoring_duplicates(conn, api_log, api_rows)
                     _insert_ignoring_duplicates(conn, predictions, pred_rows)
         self.written += len(batch)
+        self.db_ok = True
+        if self.wal is not None: self.wal.done([it[3] for it in batch if it[3] is not None])
+
+    def _note_outage(self, e):
+        self.failures += 1
+        self.db_ok, self.last_error, self.db_error_at = False, _brief(e), time.monotonic()
+
+    def _over(self) -> bool:
+        return len(self._q) > self.max_buffer or self._bytes > self.max_buffer_bytes
+
+    def _shed(self):
+        "Past the memory bound: durable, drop the oldest rows from memory (they are in the WAL); async, spill them to a file."
+        batch = []
+        with self._cv:
+            while self._q and (len(self._q) > self.max_buffer // 2 or self._bytes > self.max_buffer_bytes // 2):
+                it = self._q.popleft(); batch.append(it); self._bytes -= _row_bytes(it)
+        if not batch: return
+        if self.wal is not None:
+            self.wal.dropped([it[3] for it in batch if it[3] is not None])
+            self.spilled += len(batch)
+            return
+        try: self._spill_batch(batch)
+        except OSError as e:
+            self.disk_error, self.disk_error_at = _brief(e), time.monotonic()
+            log.error("prediction log: cannot spill %d rows (%s); they stay in memory", len(batch), self.disk_error)
+            self._requeue(batch)
 
     def _run(self):
-        backoff = 0.0
+        self._backoff = 0.0
         while True:
-            retry_at = time.monotonic() + backoff   # the database failed: wait before retrying, even with rows queued,
-            while backoff and not self._stopping and time.monotonic() < retry_at:   # and keep the queue within its bound
-                with self._cv: self._cv.wait_for(lambda: self._stopping, min(self.flush_interval, max(0.0, retry_at - time.monotonic())))
-                if len(self._q) > self.max_buffer: self._spill(len(self._q) - self.max_buffer // 2)
-            with self._cv:
-                if not backoff and not self._q and not self._stopping: self._cv.wait(self.flush_interval)
-                stopping = self._stopping
-            batch = self._take()
-            if not batch:
-                if stopping: return
-                if self._write_back_spilled(): backoff = 0.0
-                continue
-            batch = self._store_images(batch)
             try:
-                self._write(batch)
-                self.db_ok, backoff = True, 0.0
-                if len(self._q) < self.batch_size and not stopping: self._write_back_spilled()  # caught up: under steady traffic too
-            except OUTAGE as e:
-                self.failures += 1
-                self.db_ok, self.last_error = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                log.warning("prediction log: database unavailable (%s); %d rows kept", self.last_error, len(self._q) + len(batch))
-                self._requeue(batch)
-                if len(self._q) > self.max_buffer: self._spill(len(self._q) - self.max_buffer // 2)
-                if stopping: self._spill(len(self._q)); return
-                backoff = min(self.max_backoff, max(0.25, backoff * 2))
-            except Exception as e:   # the database refuses some row(s) for another reason: find them, keep them on disk
-                self.failures += 1
-                log.warning("prediction log: a batch was refused (%s: %s); writing its rows one by one", type(e).__name__, str(e)[:200])
-                self._isolate(batch)
+                if self._cycle(): return
+            except Exception as e:      # never die: log, back off, go on
+                log.exception("prediction log: writer error")
+                self.last_error = _brief(e)
+                self._backoff = min(self.max_backoff, max(0.25, self._backoff * 2))
+                with self._cv: self._cv.wait_for(lambda: self._stopping, self._backoff)
+                if self._stopping and not self._q: return
 
-    def _isolate(self, batch):
-        "Write rows one at a time; a row the database refuses goes to a `rejected-*.jsonl` file, the others are written."
+    def _cycle(self) -> bool:
+        "One round of the writer; True when it is done (stopping and nothing left it can write)."
+        backoff = self._backoff
+        retry_at = time.monotonic() + backoff   # the database failed: wait before retrying, even with rows queued,
+        while backoff and not self._stopping and time.monotonic() < retry_at:   # and keep the queue within its bound
+            with self._cv: self._cv.wait_for(lambda: self._stopping, min(self.flush_interval, max(0.0, retry_at - time.monotonic())))
+            if self._over(): self._shed()
+        with self._cv:
+            if not backoff and not self._q and not self._stopping: self._cv.wait(self.flush_interval)
+            stopping = self._stopping
+        batch = self._take()
+        if not batch:
+            if stopping: return True
+            if self._catch_up(): self._backoff = 0.0
+            elif not self.db_ok: self._probe_db()
+            return False
+        self._inflight = batch
+        try:
+            batch = self._store_images(batch)
+            self._inflight = batch
+            self._write(batch)
+            self._backoff = 0.0
+            if len(self._q) < self.batch_size and not stopping: self._catch_up()  # caught up: under steady traffic too
+        except OUTAGE as e:
+            self._note_outage(e)
+            log.warning("prediction log: database unavailable (%s); %d rows kept", self.last_error, len(self._q) + len(batch))
+            self._requeue(batch)
+            if self._over(): self._shed()
+            if stopping: return True    # durable: the rows are in the WAL; async: stop() spills them
+            self._backoff = min(self.max_backoff, max(0.25, self._backoff * 2))
+        except Exception as e:   # the database refuses some row(s): find them, keep them in a rejected file
+            log.warning("prediction log: a batch was refused (%s); writing its rows one by one", _brief(e))
+            rest = self._isolate(batch)
+            if rest:
+                self._requeue(rest)
+                self._backoff = min(self.max_backoff, max(0.25, self._backoff * 2))
+        finally:
+            self._inflight = None
+        return False
+
+    def _probe_db(self):
+        try:
+            with self.engine.connect() as c: c.execute(sa.text("SELECT 1"))
+            self.db_ok = True
+        except Exception as e:
+            self._note_outage(e)
+            self._backoff = min(self.max_backoff, max(0.25, self._backoff * 2))
+
+    def _isolate(self, batch) -> list:
+        "Write rows one at a time; refused rows go to one `rejected-*.jsonl` file; returns the rows left when an outage began."
+        refused, rest = [], []
         for i, row in enumerate(batch):
             try: self._write([row])
-            except OUTAGE:
-                self._requeue(batch[i:]); return
+            except OUTAGE as e:
+                self._note_outage(e); rest = batch[i:]; break
             except Exception as e:
-                self._dump([row], f"rejected-{os.getpid()}-{time.time_ns()}.jsonl")
-                log.error("prediction log: row %s refused (%s: %s); kept in %s", row[0].get("request_id"), type(e).__name__,
-                          str(e)[:200], self.spill_dir)
+                refused.append((row, _brief(e)))
+        if refused: self._reject(refused)
+        return rest
 
-    # -- spill files ---------------------------------------------------------------------------
+    def _reject(self, refused):
+        name = f"rejected-{os.getpid()}-{time.time_ns()}.jsonl"
+        try:
+            _private_file(self.spill_dir / name, [record_dumps(r[0], r[1], None, error=why) for r, why in refused])
+        except OSError as e:
+            log.error("prediction log: %d refused rows could not be written to %s (%s)", len(refused), name, _brief(e))
+            if self.wal is not None: self.wal.dropped([r[3] for r, _ in refused if r[3] is not None])  # they stay in the WAL
+            return
+        self.rejected += len(refused)
+        if self.wal is not None: self.wal.done([r[3] for r, _ in refused if r[3] is not None])
+        for r, why in refused:
+            log.error("prediction log: row %s refused (%s); kept in %s", r[0].get("request_id"), why, self.spill_dir / name)
+
+    # -- spill files, own dropped segments, dead owners' segments -----------------------------
     def _dump(self, batch, name: str):
-        "Write rows to `spill_dir/name` whole (temporary name, fsync, rename)."
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.spill_dir / f".{name}.tmp"
-        with open(tmp, "w") as f:
-            for api, pred, _ in batch:
-                f.write(json.dumps({"api": _encode_row(api), "prediction": _encode_row(pred) if pred else None}, default=str) + "\n")
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, self.spill_dir / name)
+        "Write rows to `spill_dir/name` whole (0600; temporary name, fsync, rename)."
+        self.spill_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_file(self.spill_dir / name, [record_dumps(it[0], it[1]) for it in batch])
+
+    def _spill_batch(self, batch):
+        batch = self._store_images(batch)
+        name = f"spill-{os.getpid()}-{time.time_ns()}.jsonl"
+        self._dump(batch, name)
+        self.spilled += len(batch); self.disk_error = None
+        log.warning("prediction log: %d rows spilled to %s", len(batch), self.spill_dir / name)
 
     def _spill(self, n: int):
         "Move the `n` oldest queued rows to a spill file (written whole, then renamed into place)."
         batch = []
         with self._cv:
-            for _ in range(min(n, len(self._q))): batch.append(self._q.popleft())
-        if not batch: return
-        batch = self._store_images(batch)
-        name = f"spill-{os.getpid()}-{time.time_ns()}"
-        self._dump(batch, f"{name}.jsonl")
-        self.spilled += len(batch)
-        log.warning("prediction log: %d rows spilled to %s", len(batch), self.spill_dir / f"{name}.jsonl")
+            for _ in range(min(n, len(self._q))):
+                it = self._q.popleft(); batch.append(it); self._bytes -= _row_bytes(it)
+        if batch: self._spill_batch(batch)
 
     def pending_spill_files(self) -> list[Path]:
         "Complete spill files nobody is writing back (including those of dead processes)."
@@ -342,22 +753,104 @@ class PredictionLog:
             if not _pid_alive(int(f.name.rsplit("-", 1)[1])): files.append(f)
         return files
 
+    def _replay_file(self, path):
+        "Write a file's records to the database (idempotent); refused rows go to a rejected file. Raises on an outage."
+        batch = [(r["api"], r["prediction"], r["image"], None) for r in read_records(path)]
+        for i in range(0, len(batch), self.batch_size):
+            part = self._store_images(batch[i:i + self.batch_size])
+            try: self._write(part)
+            except OUTAGE: raise
+            except Exception:
+                rest = self._isolate(part)
+                if rest: raise sa.exc.OperationalError("replay", {}, RuntimeError(self.last_error))
+        return len(batch)
+
     def _write_back_spilled(self) -> bool:
         "Write one spill file back to the database; True when one was written."
         for f in self.pending_spill_files():
             claimed = f.with_name(f"{f.name.split('.claimed-')[0]}.claimed-{os.getpid()}")
             try: os.rename(f, claimed)
             except FileNotFoundError: continue  # another process took it
-            try:
-                lines = [json.loads(l) for l in claimed.read_text().splitlines() if l.strip()]
-                batch = [(_decode_row(d["api"]), _decode_row(d["prediction"]) if d["prediction"] else None, None) for d in lines]
-                for i in range(0, len(batch), self.batch_size): self._write(batch[i:i + self.batch_size])
-            except OUTAGE:
+            try: self._replay_file(claimed)
+            except OUTAGE as e:
+                self._note_outage(e)
                 os.rename(claimed, f.with_name(claimed.name.split(".claimed-")[0]))
                 return False
-            except Exception as e:   # not an outage: retrying the whole file cannot help; rows one by one
-                log.warning("prediction log: %s refused as a whole (%s); writing its rows one by one", f.name, type(e).__name__)
-                self._isolate(batch)
             claimed.unlink()
             return True
         return False
+
+    def _replay_wal(self) -> bool:
+        "Replay own segments whose rows were dropped from memory, then dead owners' segments; True when any was."
+        did = False
+        if self.wal is not None and len(self._q) < self.batch_size:
+            for seg in self.wal.to_replay():
+                try: n = self._replay_file(self.spill_dir / seg)
+                except FileNotFoundError: n = 0
+                except OUTAGE as e: self._note_outage(e); return did
+                self.wal.replayed(seg); did = True
+                log.warning("prediction log: %d rows of %s replayed after an outage", n, seg)
+        if time.monotonic() >= self._next_orphans:
+            self._next_orphans = time.monotonic() + self.orphan_interval
+            did = self.replay_orphans() > 0 or did
+        return did
+
+    def replay_orphans(self) -> int:
+        "Replay the segments of dead processes (their lock is free); returns the rows replayed."
+        n = 0
+        for owner, segs in (self.wal or WriteAheadLog(self.spill_dir, None)).claim_orphans():
+            for seg in segs:
+                try: k = self._replay_file(seg)
+                except FileNotFoundError: continue
+                except OUTAGE as e: self._note_outage(e); return n
+                seg.unlink(missing_ok=True); n += k
+                log.warning("prediction log: %d rows of %s (a process that is gone) replayed", k, seg.name)
+        return n
+
+    def _catch_up(self) -> bool:
+        return self._write_back_spilled() or self._replay_wal()
+
+    def replay_all(self, rejected: bool = False) -> dict:
+        "Without the writer thread (the CLI): dead owners' WAL segments, spill files and, with `rejected`, rejected files."
+        out = {"wal_rows": self.replay_orphans(), "spill_files": 0, "rejected_written": 0, "rejected_left": 0}
+        while self._write_back_spilled(): out["spill_files"] += 1
+        if rejected:
+            for f in sorted(self.spill_dir.glob("rejected-*.jsonl")):
+                left = []
+                for r in read_records(f):
+                    item = (r["api"], r["prediction"], None, None)
+                    try: self._write([item]); out["rejected_written"] += 1
+                    except OUTAGE: raise
+                    except Exception as e: left.append(record_dumps(r["api"], r["prediction"], None, error=_brief(e)))
+                if left: _private_file(f, left)
+                else: f.unlink()
+                out["rejected_left"] += len(left)
+        return out
+
+# %% ../notebooks/lib/13_predlog.ipynb #973e4827
+def prune_log(engine, retention_days: float) -> dict:
+    "Delete `api_log` and `predictions` rows older than `retention_days` (0: keep all); returns the rows deleted per table."
+    from datetime import timedelta, timezone
+    if not retention_days: return {"api_log": 0, "predictions": 0}
+    cutoff = datetime.now(timezone.utc) - timedelta(days=retention_days)
+    with engine.begin() as c:
+        return {t.name: c.execute(t.delete().where(t.c.created_on < cutoff)).rowcount for t in (api_log, predictions)}
+
+def run_retention(lock_path, interval: float, engine, images: ImageStore | None, image_days: float, log_days: float,
+                  force: bool = False) -> dict | None:
+    """Image and row retention, at most once per `interval` s among the processes sharing `lock_path`
+    (an flock; the file's content says when it last ran). None when another process runs it or it is not due."""
+    lock_path = Path(lock_path); lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError: return None
+        try: last = json.loads(os.pread(fd, 4096, 0) or b"{}").get("at", 0)
+        except ValueError: last = 0
+        if not force and time.time() - last < interval: return None
+        out = {"images": images.prune(image_days) if images is not None else 0, **prune_log(engine, log_days)}
+        stamp = json.dumps({"at": time.time(), **out}).encode()
+        os.ftruncate(fd, 0); os.pwrite(fd, stamp, 0)
+        if any(out.values()): log.warning("retention: deleted %s", out)
+        return out
+    finally: os.close(fd)

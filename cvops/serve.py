@@ -18,7 +18,7 @@ __all__ = ['gunicorn_options', 'run_server', 'service_running', 'wait_healthy', 
 def gunicorn_options(s: ServiceSettings) -> dict:
     "gunicorn settings for the service."
     return {"bind": f"{s.host}:{s.port}", "workers": s.workers, "worker_class": "uvicorn_worker.UvicornWorker",
-            "timeout": 120, "graceful_timeout": 30, "keepalive": 5, "preload_app": False,
+            "timeout": 120, "graceful_timeout": int(s.log_flush_timeout) + 15, "keepalive": 5, "preload_app": False,
             "accesslog": None, "errorlog": "-", "loglevel": "warning", "proc_name": "cvops-service",
             "forwarded_allow_ips": s.forwarded_allow_ips}   # X-Forwarded-For is believed from these proxies only
 

@@ -60,6 +60,16 @@ class ServiceSettings(BaseSettings):
     reload_interval: float = Field(1.0, gt=0, validation_alias=_env("RELOAD_INTERVAL"), description="seconds between pointer checks")
     image_retention_days: float = Field(30, ge=0, validation_alias=_env("IMAGE_RETENTION_DAYS"), description="0 keeps images forever")
     log_max_buffer: int = Field(20_000, gt=0, validation_alias=_env("LOG_MAX_BUFFER"), description="rows kept in memory before spilling to disk")
+    log_max_buffer_bytes: int = Field(256_000_000, gt=0, validation_alias=_env("LOG_MAX_BUFFER_BYTES"),
+                                      description="bytes of queued rows (images included) a worker keeps in memory; past it or LOG_MAX_BUFFER rows they leave memory")
+    log_durability: Literal["durable", "async"] = Field("durable", validation_alias=_env("LOG_DURABILITY"),
+                                                        description="durable: a request's rows are fsynced to var/spill before it is answered; async: kept in memory")
+    log_group_commit_ms: float = Field(0.0, ge=0, le=100, validation_alias=_env("LOG_GROUP_COMMIT_MS"),
+                                       description="extra ms the WAL committer waits to gather a batch (0: what arrives during the previous fsync)")
+    log_flush_timeout: float = Field(15.0, gt=0, le=600, validation_alias=_env("LOG_FLUSH_TIMEOUT"),
+                                     description="seconds a stopping worker gives the database; gunicorn's graceful timeout is this + 15")
+    log_retention_days: float = Field(0, ge=0, validation_alias=_env("LOG_RETENTION_DAYS"), description="api_log and predictions rows older than this are deleted; 0 keeps all")
+    retention_interval: float = Field(3600, gt=0, validation_alias=_env("RETENTION_INTERVAL"), description="seconds between retention runs (one worker at a time)")
     tf_threads: int = Field(0, ge=0, validation_alias=_env("TF_THREADS"), description="TensorFlow threads per worker (0: cores / workers)")
 
     def path(self, p) -> Path: return resolve_path(p, self.root)
@@ -237,15 +247,34 @@ class WorkerState:
         self.engine = make_engine(s.database_url)
         if os.environ.get("CVOPS_SCHEMA_READY") != s.database_url: migrate(self.engine)
         self.plog = PredictionLog(self.engine, s.var / "spill", ImageStore(s.storage / "predictions" / "images"),
-                                  max_buffer=s.log_max_buffer).start()
+                                  max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
+                                  durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
         self.batcher = Batcher(lambda: self.serving, s.max_batch).start()
 
     def stop(self):
         if self.batcher: self.batcher.stop()
-        if self.plog: self.plog.stop()
+        if self.plog: self.plog.stop(self.settings.log_flush_timeout)
         if self.engine: self.engine.dispose()
         try: (self.settings.var / "workers" / f"{os.getpid()}.json").unlink()
         except FileNotFoundError: pass
+
+    async def retention(self):
+        "Image and row retention every `retention_interval` s, by one worker at a time (var/retention.lock)."
+        from cvops.predlog import run_retention
+        s = self.settings
+        if not (s.image_retention_days or s.log_retention_days): return
+        while True:
+            try: await asyncio.to_thread(run_retention, s.var / "retention.lock", s.retention_interval, self.engine,
+                                         self.plog.images, s.image_retention_days, s.log_retention_days)
+            except Exception: log.exception("retention failed")
+            await asyncio.sleep(min(60.0, s.retention_interval))
+
+    def log_problem(self) -> str | None:
+        "Why the prediction log cannot keep rows now (None when it can)."
+        p = self.plog
+        if p is None: return None
+        if p._thread is not None and not p._thread.is_alive() and not p._stopping: return "the prediction log writer is not running"
+        return p.unavailable()
 
 def _configure_tensorflow(s: ServiceSettings):
     "Quiet TensorFlow, sized to this worker's share of the cores (imported here, after the fork)."
@@ -283,8 +312,11 @@ def _metrics():
             spilled=Counter("cvops_prediction_log_rows_spilled_total", "Rows spilled to disk while the database was unavailable"),
             written=Counter("cvops_prediction_log_rows_written_total", "Rows written to the database"),
             db_up=Gauge("cvops_prediction_log_database_up", "1 when the last write succeeded", multiprocess_mode="livemin"),
+            rejected=Counter("cvops_prediction_log_rows_rejected_total", "Rows the database refused (kept in var/spill/rejected-*.jsonl; `cvops log replay`)"),
+            pending=Gauge("cvops_prediction_log_rows_on_disk", "Rows in the write-ahead log not yet in the database", multiprocess_mode="livesum"),
+            disk_up=Gauge("cvops_prediction_log_disk_up", "1 when the last write-ahead log or spill write succeeded", multiprocess_mode="livemin"),
         )
-        _METRICS["_seen"] = {"spilled": 0, "written": 0}
+        _METRICS["_seen"] = {"spilled": 0, "written": 0, "rejected": 0}
     return _METRICS
 
 def metrics_model_switched(old, new):
@@ -295,8 +327,9 @@ def metrics_model_switched(old, new):
 def metrics_log_state(plog):
     if plog is None: return
     m = _metrics(); seen = m["_seen"]
-    m["queue"].set(plog.depth); m["db_up"].set(1 if plog.db_ok else 0)
-    for k in ("spilled", "written"):
+    m["queue"].set(plog.depth); m["db_up"].set(1 if plog.db_ok else 0); m["pending"].set(plog.pending_disk)
+    m["disk_up"].set(0 if (plog.wal.disk_error if plog.wal is not None else plog.disk_error) else 1)
+    for k in ("spilled", "written", "rejected"):
         v = getattr(plog, k)
         if v > seen[k]: m[k].inc(v - seen[k]); seen[k] = v
 
@@ -354,6 +387,7 @@ class Readiness(BaseModel):
     ready: bool
     model_version: Optional[str] = None
     database: str
+    log: str = Field("ok", description="the prediction log: ok, or what it cannot write (disk, database)")
     reasons: list[str] = Field(default_factory=list)
 
 class FeedbackRequest(BaseModel):
@@ -392,7 +426,7 @@ REQUEST_ID = re.compile(r"[0-9a-f]{32}")   # what the service gives every reques
 def queued_prediction(plog, request_id: str) -> dict | None:
     "The prediction row of `request_id` if it still waits in this worker's log queue."
     if plog is None: return None
-    for _, pred, _ in list(plog._q):
+    for _, pred, *_ in list(plog._q):
         if pred is not None and pred.get("request_id") == request_id: return pred
     return None
 
@@ -440,8 +474,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         await state.sync_with_pointer()          # serve the pointer's version before reporting ready
         state.report()
         watcher = asyncio.create_task(state.watch())
+        retention = asyncio.create_task(state.retention())
         yield
-        watcher.cancel()
+        watcher.cancel(); retention.cancel()
         await asyncio.to_thread(state.stop)
 
     app = FastAPI(title="cvops prediction service", lifespan=lifespan,
@@ -459,6 +494,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             if too_big:
                 request.state.error = f"the request body is {int(declared):,} bytes, over the upload limit of {settings.max_upload_bytes:,}"
                 response = JSONResponse({"error": request.state.error, "request_id": request.state.request_id}, 413)
+            elif request.method == "POST" and request.url.path == "/predict" and (why := state.log_problem()):
+                request.state.error = why         # the rows of this prediction could not be kept: refuse it before the work
+                response = JSONResponse({"error": why, "request_id": request.state.request_id}, 503)
             else: response = await call_next(request)
         except Exception as e:
             log.exception("unhandled error")
@@ -467,7 +505,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         dt = time.perf_counter() - t0
         route = _route_of(request)
         response.headers["X-Request-ID"] = request.state.request_id
-        m = _metrics(); m["requests"].labels(route, request.method, str(response.status_code)).inc(); m["latency"].labels(route).observe(dt)
         if route not in ("/metrics", "/health") and state.plog is not None:
             api = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc), "method": request.method[:8],
                    "route": route[:64], "path": request.url.path[:512], "status_code": response.status_code,
@@ -475,7 +512,17 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                    "model_version": state.serving.version if state.serving else None, "error": request.state.error}
             pred = request.state.prediction
             if pred is not None: pred["latency_ms"] = api["latency_ms"]
-            state.plog.log(api, pred, request.state.image)
+            from cvops.predlog import LogUnavailable
+            try: await state.plog.keep(api, pred, request.state.image)   # durable: returns once the rows are on disk
+            except LogUnavailable as e:                                  # or in the database; async: at once
+                if response.status_code < 400:   # not acknowledged: the client learns it was not kept
+                    response = JSONResponse({"error": str(e), "request_id": request.state.request_id}, 503,
+                                            headers={"X-Request-ID": request.state.request_id})
+                state.plog.log({**api, "status_code": response.status_code, "error": str(e)}, None, None, durable=False)
+            except Exception:
+                log.exception("prediction log: rows of %s not kept", request.state.request_id)
+                state.plog.log(api, pred, request.state.image, durable=False)
+        m = _metrics(); m["requests"].labels(route, request.method, str(response.status_code)).inc(); m["latency"].labels(route).observe(dt)
         return response
 
     @app.exception_handler(ApiError)
@@ -542,7 +589,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             db = "ok"
         except Exception as e:
             db = "unreachable"; reasons.append(f"database unreachable: {type(e).__name__}")
-        body = Readiness(ready=not reasons, model_version=state.serving.version if state.serving else None, database=db, reasons=reasons)
+        plog, log_state = state.plog, "ok"
+        if plog is not None:
+            if plog.wal is not None and plog.wal.disk_error: await asyncio.to_thread(plog.wal.probe)
+            disk = plog.wal.disk_error if plog.wal is not None else plog.disk_error
+            if disk: log_state = f"disk: {disk}" + ("; rows go to the database before answering" if db == "ok" else "")
+            if disk and db != "ok": reasons.append(f"the prediction log can keep no row: disk ({disk}) and database unreachable")
+            problem = state.log_problem()
+            if problem and problem not in reasons and not disk: reasons.append(problem)
+        body = Readiness(ready=not reasons, model_version=state.serving.version if state.serving else None, database=db,
+                         log=log_state, reasons=reasons)
         return JSONResponse(body.model_dump(), 200 if not reasons else 503)
 
     @app.get("/models/current", response_model=ServingInfo, tags=["models"], summary="What this worker serves")

@@ -179,9 +179,9 @@ def test_database_outage_under_load_loses_no_row(pg, service_root, service_facto
 
 
 def test_database_outage_spills_to_disk_and_writes_back(pg, service_root, service_factory, images):
-    "With LOG_MAX_BUFFER=50 the outage spills rows to var/spill/*.jsonl; all are written back once it is over."
+    "Async mode with LOG_MAX_BUFFER=50: the outage spills rows to var/spill/*.jsonl; all are written back once it is over."
     root = service_root["root"]
-    svc = service_factory(root, workers=2, db_url=pg.url, env={"LOG_MAX_BUFFER": "50"})
+    svc = service_factory(root, workers=2, db_url=pg.url, env={"LOG_MAX_BUFFER": "50", "LOG_DURABILITY": "async"})
     svc.wait_workers_ready(service_root["a"])
     seen = _outage(pg, svc, root, images, expect_spill=True)
     assert seen["spill_files_max"] > 0 and seen["spilled_max"] > 0, "nothing was spilled to disk during the outage"
