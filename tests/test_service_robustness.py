@@ -1,0 +1,234 @@
+"""Deploys and overloads cannot take the prediction service down (issue 10, scope 4, 5 and 7), against the
+real service (`cvops serve`: gunicorn, 2 uvicorn workers) on a free port of 127.0.0.1:
+- a corrupt deployment pointer: the workers keep serving their version and /ready reports it; a worker started
+  while it is unreadable answers 503 with the reason and serves once it is fixed; the gunicorn master never halts;
+- deploy and prune run concurrently 20 times: the pointer always names an existing, loadable version;
+- concurrency 64 for 20 s against 2 workers with a small MAX_QUEUE: only 200 and 503 (with Retry-After) answers,
+  every 503 within 100 ms, the service ready afterwards;
+- a CMYK (and a YCCK) JPEG is classified like its RGB conversion."""
+import io
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from service_support import encode
+
+pytestmark = pytest.mark.service
+
+LOAD_S, CONCURRENCY, MAX_QUEUE, SHED_WITHIN_S = 20.0, 64, 4, 0.100
+
+
+def _worker_pids(svc, n: int = 2, timeout: float = 60) -> dict:
+    "pid -> /models/current answer of the workers, until `n` distinct ones answered."
+    seen, deadline = {}, time.time() + timeout
+    while time.time() < deadline:
+        d = requests.get(svc.url("/models/current"), timeout=5).json()
+        seen[d["worker_pid"]] = d
+        if len(seen) >= n: return seen
+    raise AssertionError(f"only saw workers {list(seen)} within {timeout} s")
+
+
+def _alive(pid: int) -> bool:
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+
+
+def _gunicorn_workers(master: int) -> set:
+    "The pids of the master's child processes (its workers), from /proc."
+    kids = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f: stat = f.read()
+            except OSError: continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == master: kids.add(int(d))
+    return kids
+
+
+# --- 4: a corrupt deployment pointer ---------------------------------------------------------------
+def test_corrupt_pointer_keeps_workers_serving_a_new_worker_answers_503_and_all_recover(service_root, service_factory, trained_models):
+    root, storage, a = service_root["root"], service_root["storage"], service_root["a"]
+    svc = service_factory(root)
+    svc.wait_workers_ready(a)
+    master = svc.proc.pid
+    image = encode(trained_models["a"][1][0], "PNG")
+    pointer = storage / "deployments" / "current.json"
+    good = pointer.read_bytes()
+
+    for corrupt, why in ((good[: len(good) // 3], "not JSON"), (b"", "empty"), (b"\x00\xff garbage", "is unreadable")):
+        pointer.write_bytes(corrupt)
+        time.sleep(2.0)    # both workers read it (RELOAD_INTERVAL 0.5 s)
+        for _ in range(10):   # both workers: still serving a, /ready 503 naming the pointer
+            p = svc.predict(image, heatmap=False)
+            assert p.status_code == 200 and p.json()["model_version"] == a and p.headers["X-Model-Version"] == a, p.text[:300]
+            r = requests.get(svc.url("/ready"), timeout=5)
+            assert r.status_code == 503 and r.json()["model_version"] == a, r.text
+            assert any("deployment pointer" in x and "is unreadable" in x and why in x for x in r.json()["reasons"]), r.json()
+            assert r.headers["X-Model-Version"] == a
+        assert svc.proc.poll() is None and _alive(master)
+
+    # SIGKILL one worker: gunicorn starts another, which finds the pointer unreadable, boots anyway and answers 503
+    pids = set(_worker_pids(svc))
+    victim = min(pids)
+    os.kill(victim, signal.SIGKILL)
+    deadline, new_503 = time.time() + 90, None
+    while time.time() < deadline and new_503 is None:
+        p = svc.predict(image, heatmap=False, timeout=10)
+        if p.status_code == 503: new_503 = p
+        else: assert p.status_code == 200 and p.json()["model_version"] == a, p.text[:300]
+        time.sleep(0.05)
+    assert new_503 is not None, f"no 503 from a new worker within 90 s\n{svc.read_log()}"
+    err = new_503.json()["error"]
+    assert "deployment pointer" in err and "is unreadable" in err, err
+    assert new_503.headers["X-Model-Version"] == ""
+    workers = _worker_pids(svc)
+    assert victim not in workers and len(workers) == 2, workers
+    fresh = [d for pid, d in workers.items() if pid not in pids]
+    assert fresh and fresh[0]["version"] is None and "is unreadable" in fresh[0]["pointer_error"], fresh
+    assert svc.proc.poll() is None and _alive(master), "the gunicorn master halted"
+    assert _gunicorn_workers(master) == set(workers), (_gunicorn_workers(master), workers)
+
+    # the pointer fixed: the new worker loads a by itself (it kept retrying), both are ready
+    pointer.write_bytes(good)
+    svc.wait_workers_ready(a, timeout=60)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        answers = [requests.get(svc.url("/ready"), timeout=5) for _ in range(8)]
+        if all(r.status_code == 200 for r in answers): break
+        time.sleep(0.3)
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    for _ in range(6):
+        p = svc.predict(image)
+        assert p.status_code == 200 and p.headers["X-Model-Version"] == a == p.json()["model_version"], p.text[:300]
+    assert svc.proc.poll() is None and _alive(master)
+
+
+# --- 4: deploy and prune at the same time ----------------------------------------------------------
+def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loadable_version(service_root, trained_models):
+    from cvops.deploy import DeployError, check_version, current_deployment, deploy, deployment_history, resolve_version
+    from cvops.publish import list_versions, prune_versions, version_dir
+    from service_support import publish
+    storage = service_root["storage"]
+    folder, _, _, acc = trained_models["a"]
+    outcomes = {"deployed": 0, "refused (pruned first)": 0, "pruned": 0}
+    for round_ in range(20):
+        older = publish(storage, folder, acc)      # two fresh versions: prune (keep 1) wants `older` gone,
+        time.sleep(0.002)                           # deploy wants to make it current
+        publish(storage, folder, acc)
+        barrier, errors = threading.Barrier(2), []
+
+        def do_deploy():
+            barrier.wait()
+            try:
+                deploy(storage, "fashion_small", older, by=f"race {round_}", loaded=True)   # the load check is not what races
+                outcomes["deployed"] += 1
+            except DeployError as e:
+                if e.status != 404: errors.append(e)
+                outcomes["refused (pruned first)"] += 1
+
+        def do_prune():
+            barrier.wait()
+            try: outcomes["pruned"] += len(prune_versions(storage, "fashion_small", 1))
+            except Exception as e: errors.append(e)
+
+        threads = [threading.Thread(target=do_deploy), threading.Thread(target=do_prune)]
+        for t in threads: t.start()
+        for t in threads: t.join(60)
+        assert not errors, errors
+        record = current_deployment(storage)
+        for v in filter(None, (record["version"], record["previous_version"])):
+            resolve_version(storage, "fashion_small", v)                 # published, complete (metadata.yaml)
+            assert (version_dir(storage, v) / "model.keras").is_file(), v
+        assert deployment_history(storage, 1)[0]["version"] == record["version"]
+    print(f"\n20 rounds of deploy + prune at once: {outcomes}")
+    assert outcomes["deployed"] >= 1 and outcomes["pruned"] >= 20, outcomes
+    check_version(version_dir(storage, current_deployment(storage)["version"]))   # loads as a worker would
+    assert len(list_versions(storage, "fashion_small")) <= 4
+
+
+# --- 5: load is shed, not queued --------------------------------------------------------------------
+def test_concurrency_64_for_20_s_answers_200_or_a_fast_503_and_the_service_stays_ready(service_root, service_factory, trained_models):
+    a = service_root["a"]
+    svc = service_factory(service_root["root"], env={"MAX_QUEUE": str(MAX_QUEUE)})
+    svc.wait_workers_ready(a)
+    images = [encode(x, "PNG") for x in trained_models["a"][1][:16]]
+    results, lock, stop = [], threading.Lock(), threading.Event()
+
+    def client(k):
+        s, i = requests.Session(), k
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = s.post(svc.url("/predict") + ("" if i % 2 else "?heatmap=false"),
+                           files={"file": ("x.png", images[i % len(images)], "image/png")}, timeout=30)
+                res = (r.status_code, time.perf_counter() - t0, r.headers.get("Retry-After"), r.headers.get("X-Model-Version"),
+                       r.text[:200] if r.status_code != 200 else "")
+            except requests.RequestException as e:
+                res = (None, time.perf_counter() - t0, None, None, f"{type(e).__name__}: {e}")
+            with lock: results.append(res)
+            i += CONCURRENCY
+
+    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(CONCURRENCY)]
+    for t in threads: t.start()
+    time.sleep(LOAD_S)
+    stop.set()
+    for t in threads: t.join(60)
+    load = os.getloadavg()
+    statuses = {}
+    for r in results: statuses[r[0]] = statuses.get(r[0], 0) + 1
+    shed = [r for r in results if r[0] == 503]
+    slow = sorted(r[1] for r in shed if r[1] > SHED_WITHIN_S)
+    ok = [r for r in results if r[0] == 200]
+    print(f"\n{len(results)} answers in {LOAD_S:g} s at concurrency {CONCURRENCY}: {statuses}; 200 p50 "
+          f"{np.median([r[1] for r in ok]) * 1000:.0f} ms; 503 max {max((r[1] for r in shed), default=0) * 1000:.1f} ms; "
+          f"load average {load[0]:.1f}")
+    assert set(statuses) <= {200, 503}, [r for r in results if r[0] not in (200, 503)][:5]
+    assert ok and shed, statuses                                      # served, and refused past MAX_QUEUE
+    assert all(r[3] == a for r in ok), {r[3] for r in ok}
+    assert all(r[2] == "1" and "MAX_QUEUE" in r[4] for r in shed), shed[:3]
+    assert not slow, (f"{len(slow)} of {len(shed)} 503 answers took over {SHED_WITHIN_S * 1000:.0f} ms "
+                      f"(slowest {slow[-5:]}; load average {load})")
+    answers = [requests.get(svc.url("/ready"), timeout=5) for _ in range(8)]
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers if r.status_code != 200]
+    assert svc.predict(images[0]).status_code == 200
+
+
+# --- 7: CMYK and YCCK JPEGs -------------------------------------------------------------------------
+def test_a_cmyk_and_a_ycck_jpeg_are_classified_like_their_rgb_conversion(service_root, service_factory, trained_models):
+    from PIL import Image
+    svc = service_factory(service_root["root"])
+    svc.wait_workers_ready(service_root["a"])
+    classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
+    xt, yt = trained_models["a"][1], trained_models["a"][2]
+
+    def probs(data, content_type="image/jpeg", heatmap=False):
+        r = svc.predict(data, "x.jpg", content_type, heatmap=heatmap)
+        assert r.status_code == 200, r.text[:500]
+        d = r.json()
+        if heatmap: assert d["overlay"] and d["heatmap"]
+        return np.array([d["probabilities"][c] for c in classes])
+
+    same = right = 0
+    for i in range(6):
+        rgb = np.stack([xt[i]] * 3, -1)
+        b = io.BytesIO(); Image.fromarray(rgb).convert("CMYK").save(b, "JPEG", quality=95); cmyk = b.getvalue()
+        assert Image.open(io.BytesIO(cmyk)).mode == "CMYK"
+        a = cmyk.index(b"Adobe")
+        ycck = cmyk[:a + 11] + b"\x02" + cmyk[a + 12:]                # the same file flagged YCCK (Adobe transform 2)
+        assert Image.open(io.BytesIO(ycck)).info["adobe_transform"] == 2
+        for name, data in (("CMYK", cmyk), ("YCCK", ycck)):
+            as_rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))   # PIL's conversion of the same file
+            got = probs(data, heatmap=bool(i % 2))
+            np.testing.assert_allclose(got, probs(encode(as_rgb, "PNG"), "image/png"), atol=1e-4, err_msg=name)
+            if name == "CMYK":
+                assert np.abs(as_rgb.astype(int) - rgb).max() <= 16   # the colours come out right (Adobe-inverted CMYK)
+                original = probs(encode(xt[i], "PNG"), "image/png")   # the greyscale image it was made from
+                same += got.argmax() == original.argmax()
+                right += got.argmax() == yt[i]
+    assert same >= 5 and right >= 3, f"CMYK: same top class as the original {same}/6, right {right}/6"
