@@ -370,6 +370,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cvops.service._route_of': ('service.html#_route_of', 'cvops/service.py'),
                                'cvops.service._version_multilabel': ('service.html#_version_multilabel', 'cvops/service.py'),
                                'cvops.service.create_app': ('service.html#create_app', 'cvops/service.py'),
+                               'cvops.service.freeze_heap': ('service.html#freeze_heap', 'cvops/service.py'),
                                'cvops.service.load_settings': ('service.html#load_settings', 'cvops/service.py'),
                                'cvops.service.lookup_prediction': ('service.html#lookup_prediction', 'cvops/service.py'),
                                'cvops.service.metrics_log_state': ('service.html#metrics_log_state', 'cvops/service.py'),

@@ -187,10 +187,12 @@ def _capped(img, max_side):
     return tf.cond(long > max_side, shrink, lambda: img)
 
 def warm_up(lv: LoadedVersion):
-    "Trace the display-drawing decode now rather than on the first request with a heatmap."
+    "Trace the display-drawing decode and import the overlay's libraries now, rather than on the first request with a heatmap."
     from PIL import Image
     png = io.BytesIO(); Image.new("L", (4, 4)).save(png, "PNG")
-    prepare_input(Upload(png.getvalue(), "PNG", (4, 4)), lv, 224)
+    up = Upload(png.getvalue(), "PNG", (4, 4))
+    prepare_input(up, lv, 224)
+    render_heatmap(np.zeros((2, 2), np.float32), up.display)
 
 def display_size(w: int, h: int, min_short: int = 224, max_side: int = 1024) -> tuple[int, int]:
     "Size to draw the overlay at: short side at least `min_short`, long side at most `max_side`."

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -30,10 +31,10 @@ from .inference import ImageError, check_upload
 
 # %% auto #0
 __all__ = ['log', 'LOAD_RETRY_MAX_S', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'UPLOAD_PAGE', 'ServiceSettings',
-           'load_settings', 'Batcher', 'NoModelError', 'WorkerState', 'workers_serving', 'metrics_model_switched',
-           'metrics_log_state', 'render_metrics', 'ErrorResponse', 'PredictionResponse', 'DeployRequest',
-           'DeploymentResponse', 'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest', 'FeedbackResponse',
-           'ApiError', 'queued_prediction', 'lookup_prediction', 'store_feedback', 'create_app']
+           'load_settings', 'Batcher', 'NoModelError', 'WorkerState', 'freeze_heap', 'workers_serving',
+           'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'ErrorResponse', 'PredictionResponse',
+           'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest',
+           'FeedbackResponse', 'ApiError', 'queued_prediction', 'lookup_prediction', 'store_feedback', 'create_app']
 
 # %% ../notebooks/lib/15_service.ipynb #fbceeee2
 def _env(*names): return AliasChoices(*names)
@@ -215,6 +216,7 @@ class WorkerState:
             self._failed.pop(want, None)
             self.swap(lv, record)
             self._note_skew(want)
+            await asyncio.to_thread(freeze_heap)
         await asyncio.to_thread(self.report)
 
     def _note_skew(self, want):
@@ -256,6 +258,11 @@ class WorkerState:
         if self.engine: self.engine.dispose()
         try: (self.settings.var / "workers" / f"{os.getpid()}.json").unlink()
         except FileNotFoundError: pass
+
+def freeze_heap():
+    """Collect once, then move every object alive (TensorFlow, the model) out of the collector's sight (`gc.freeze`): a full
+    collection over them takes 200-300 ms, a pause of the event loop that would hold every request, a 503 included."""
+    gc.unfreeze(); gc.collect(); gc.freeze()
 
 def _configure_tensorflow(s: ServiceSettings):
     "Quiet TensorFlow, sized to this worker's share of the cores (imported here, after the fork)."
@@ -445,6 +452,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         try: await state.sync_with_pointer()     # serve the pointer's version before reporting ready
         except Exception: log.exception("worker %d: the first pointer check failed; retrying", os.getpid())  # never fail the boot
         await asyncio.to_thread(state.report)
+        await asyncio.to_thread(freeze_heap)
         watcher = asyncio.create_task(state.watch())
         yield
         watcher.cancel()
@@ -594,6 +602,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 record = await asyncio.to_thread(deploy, settings.storage, body.model_name, version, who, body.reason, lv)
                 state.swap(lv, record); state._note_skew(version)
             await asyncio.to_thread(state.report)
+            await asyncio.to_thread(freeze_heap)
         except DeployError as e: raise ApiError(e.status, str(e))
         registry = await asyncio.to_thread(lambda: mirror_to_registry(version_metadata(folder)))
         workers = {}
