@@ -476,6 +476,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 request.state.error = f"the request body is {int(declared):,} bytes, over the upload limit of {settings.max_upload_bytes:,}"
                 response = JSONResponse({"error": request.state.error, "request_id": request.state.request_id}, 413)
             elif shed:
+                try:   # drained, never parsed: closing a connection with unread data resets it, and the client loses the answer
+                    async for _ in request.stream(): pass
+                except Exception: pass
                 request.state.error = (f"overloaded: this worker already holds {settings.max_queue} predictions (MAX_QUEUE); "
                                        "retry after the time in Retry-After")
                 response = JSONResponse({"error": request.state.error, "request_id": request.state.request_id}, 503,
