@@ -157,7 +157,7 @@ def _limit_worker(folder: str, images: list, threads: int, cmds, results):
             datas = [images[(k + i) % len(images)] for i in range(batch)]; k += batch
             ups = [check_upload(d, "image/png") for d in datas]
             b = time.perf_counter()
-            x = np.stack([prepare_input(u, lv) for u in ups])
+            x = np.stack([prepare_input(u, lv, 1024 if heatmap else None) for u in ups])   # the display copy only for heatmaps, as the service
             c = time.perf_counter()
             out = lv(x, heatmap=heatmap)
             d = time.perf_counter()

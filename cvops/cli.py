@@ -85,13 +85,15 @@ def cmd_deploy(args):
 def cmd_models(args):
     "List published models, their versions and which one is deployed."
     from cvops.config import central_storage_dir
-    from cvops.deploy import current_deployment, published_models, published_versions
+    from cvops.deploy import PointerError, current_deployment, published_models, published_versions
     storage = central_storage_dir(find_project_root())
-    cur = (current_deployment(storage) or {}).get("version")
+    try: cur, problem = (current_deployment(storage) or {}).get("version"), None
+    except PointerError as e: cur, problem = None, e      # the versions are listed, then the error (a deploy repairs it)
     for name in published_models(storage):
         print(name)
         for v in published_versions(storage, name): print(f"  {'*' if v == cur else ' '} {v}")
     if not published_models(storage): print(f"no published models in {storage}")
+    if problem: raise problem
 
 def cmd_monitor(args):
     "Run the drift monitor of the serving version once (a summary line per test), or every INTERVAL for ever."
@@ -184,8 +186,8 @@ def make_parser() -> argparse.ArgumentParser:
                        "/models/history, /metrics, PUT /models/current, an upload page at / and the API docs at /docs. "
                        "Settings come from the environment and .env: SERVICE_HOST, SERVICE_PORT, SERVICE_WORKERS, DB_URL "
                        "(default: SQLite under var/), ADMIN_TOKEN, MAX_UPLOAD_BYTES, MAX_IMAGE_PIXELS, OVERLAY_MAX_SIDE, "
-                       "MAX_BATCH, RELOAD_INTERVAL, IMAGE_RETENTION_DAYS, LOG_RETENTION_DAYS, RETENTION_INTERVAL, LOG_DURABILITY, "
-                       "LOG_MAX_BUFFER, LOG_MAX_BUFFER_BYTES, LOG_FLUSH_TIMEOUT, LOG_GROUP_COMMIT_MS, CVOPS_CENTRAL_STORAGE.")
+                       "MAX_BATCH, MAX_QUEUE, VERSION_SKEW_GRACE, RELOAD_INTERVAL, IMAGE_RETENTION_DAYS, LOG_RETENTION_DAYS, RETENTION_INTERVAL, "
+                       "LOG_DURABILITY, LOG_MAX_BUFFER, LOG_MAX_BUFFER_BYTES, LOG_FLUSH_TIMEOUT, LOG_GROUP_COMMIT_MS, CVOPS_CENTRAL_STORAGE.")
     v.add_argument("--host", help="address to bind (default: SERVICE_HOST or 127.0.0.1)")
     v.add_argument("--port", type=int, help="port (default: SERVICE_PORT or 8000)")
     v.add_argument("--workers", type=int, help="worker processes (default: SERVICE_WORKERS or 2)")

@@ -12,7 +12,8 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'SPLITS', 'AnnotationError', 'scan_split_folders', 'load_annotations', 'normalize_image_bytes',
-           'preprocess', 'to_model_input', 'read_image', 'split_rows', 'load_split', 'build_augmenter', 'make_dataset']
+           'decode_upright', 'to_input', 'preprocess', 'to_model_input', 'read_image', 'split_rows', 'load_split',
+           'build_augmenter', 'make_dataset']
 
 # %% ../notebooks/lib/03_data.ipynb #4835000c
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -59,11 +60,11 @@ def normalize_image_bytes(data) -> bytes:
     header is read) in the common case; bytes PIL cannot read are returned for TF to reject."""
     import io
     from PIL import Image, ImageOps, UnidentifiedImageError
-    data = bytes(data)
+    data = bytes(data.item() if isinstance(data, np.ndarray) else data)
     try:
         with Image.open(io.BytesIO(data)) as im:
             orientation = im.getexif().get(0x0112, 1) if im.format in _EXIF_FORMATS else 1
-            if im.format in _TF_FORMATS and orientation in (0, 1): return data
+            if im.format in _TF_FORMATS and orientation in (0, 1) and im.mode not in ("CMYK", "YCbCr"): return data
             im = ImageOps.exif_transpose(im)
             if im.mode not in ("L", "RGB", "RGBA", "LA", "I;16"): im = im.convert("RGBA" if "A" in im.mode else "RGB")
             out = io.BytesIO(); im.save(out, "PNG")
@@ -73,16 +74,70 @@ def normalize_image_bytes(data) -> bytes:
 _TF_FORMATS = {"JPEG", "PNG"}   # passed through; TF decodes BMP and GIF as 3/4 channels only, so they are re-encoded too
 _EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "MPO"}
 
+_NOT_MINE = np.zeros((0, 0, 1), np.uint8)
+
+def _to_8bit_array(im) -> np.ndarray:
+    "A PIL image -> uint8 `h x w x 1` (grey) or `h x w x 3` (colour): 16/32-bit grey scaled, alpha dropped, CMYK/YCCK/palette/... as RGB."
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8)
+    else:
+        if im.mode not in ("L", "RGB"): im = im.convert("L" if im.mode in ("1", "LA", "La") else "RGB")
+        a = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(a[..., None] if a.ndim == 2 else a)
+
+def _pil_pixels(data) -> np.ndarray:
+    """The upright pixels of an image TensorFlow would not decode as a person sees it (EXIF-rotated, CMYK or YCCK JPEG,
+    WebP, TIFF, BMP, GIF, ...), decoded once by PIL; an empty array for a plain JPEG or PNG (only its header is read:
+    TensorFlow decodes it) and for bytes PIL cannot identify (TensorFlow refuses them). Cut-short data raises."""
+    import io
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    data = data.item() if isinstance(data, np.ndarray) else data   # tf.numpy_function passes a 0-d object array
+    try: im = Image.open(io.BytesIO(bytes(data)))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError): return _NOT_MINE
+    with im:
+        orientation = im.getexif().get(0x0112, 1) if im.format in _EXIF_FORMATS else 1
+        if im.format in _TF_FORMATS and orientation in (0, 1) and im.mode not in ("CMYK", "YCbCr"): return _NOT_MINE
+        try: return _to_8bit_array(ImageOps.exif_transpose(im))
+        except (OSError, SyntaxError, EOFError) as e: raise ValueError(f"the image data is truncated or corrupt ({e})") from None
+
+def decode_upright(image_bytes):
+    """The one full-size decode: encoded bytes -> the upright uint8 image `h x w x c`, c = 1 (grey) or 3 (colour, alpha
+    dropped). TensorFlow decodes plain JPEGs and PNGs; PIL the rest (`_pil_pixels`)."""
+    import tensorflow as tf
+    data = tf.reshape(image_bytes, [])
+    px = tf.numpy_function(_pil_pixels, [data], tf.uint8, stateful=False)
+    px.set_shape([None, None, None])
+    def by_tf():
+        img = tf.io.decode_image(data, channels=0, expand_animations=False)
+        c = tf.shape(img)[-1]
+        return img[..., : tf.where(tf.equal(c % 2, 0), c - 1, c)]   # grey+alpha -> grey, RGBA -> RGB
+    img = tf.cond(tf.size(px) > 0, lambda: px, by_tf)
+    img.set_shape([None, None, None])
+    return img
+
+def to_input(img, size: tuple[int, int], channels: int):
+    """A decoded image (`decode_upright`) -> the model's uint8 input `h x w x channels` at `size=(w, h)`: colour to grey as
+    round(0.299 R + 0.587 G + 0.114 B), grey to colour by repeating it, then an antialiased bilinear resize."""
+    import tensorflow as tf
+    c = tf.shape(img)[-1]
+    x = tf.cast(img, tf.float32)
+    if channels == 1:
+        x = tf.cond(tf.equal(c, 1), lambda: x, lambda: tf.round(tf.reduce_sum(x[..., :3] * [0.299, 0.587, 0.114], -1, keepdims=True)))
+    elif channels == 3:
+        x = tf.cond(tf.equal(c, 1), lambda: tf.tile(x, [1, 1, 3]), lambda: x[..., :3])
+    x.set_shape([None, None, channels])
+    w, h = size
+    x = tf.image.resize(x, (h, w), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+
 def preprocess(image_bytes, size: tuple[int, int], channels: int):
     """Decode and resize to `size=(w, h)`; returns a uint8 `h x w x channels` tensor. The one
     path from encoded bytes to model input: training (inside tf.data), evaluation, validation
-    and the prediction service all call it."""
-    import tensorflow as tf
-    data = tf.numpy_function(normalize_image_bytes, [image_bytes], tf.string, stateful=False)
-    img = tf.io.decode_image(tf.reshape(data, []), channels=channels, expand_animations=False)
-    w, h = size
-    img = tf.image.resize(img, (h, w), method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+    and the prediction service all call it (the service through `decode_upright` + `to_input`, to draw
+    its overlay from the same decode)."""
+    return to_input(decode_upright(image_bytes), size, channels)
 
 def to_model_input(images):
     "uint8 images -> float32 in [0, 1] (the model's input scale)."

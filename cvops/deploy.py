@@ -9,7 +9,9 @@ import fcntl
 import getpass
 import json
 import os
+import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,10 +20,11 @@ import yaml
 from .publish import models_dir
 
 # %% auto #0
-__all__ = ['POINTER_FILE', 'HISTORY_FILE', 'PRODUCTION_ALIAS', 'DeployError', 'published_models', 'published_versions',
-           'resolve_version', 'version_metadata', 'current_deployment', 'deployment_history', 'move_pointer',
-           'same_test_split', 'gate_reasons', 'check_version', 'deployment_record', 'default_deployer', 'deploy',
-           'mirror_to_registry', 'pipeline_deploy', 'serving_accuracy_on']
+__all__ = ['POINTER_FILE', 'HISTORY_FILE', 'LOCK_FILE', 'PRODUCTION_ALIAS', 'DeployError', 'published_models',
+           'published_versions', 'resolve_version', 'version_metadata', 'PointerError', 'current_deployment',
+           'write_durably', 'deployment_history', 'move_pointer', 'deployment_lock', 'same_test_split', 'gate_reasons',
+           'check_version', 'deployment_record', 'default_deployer', 'deploy', 'mirror_to_registry', 'pipeline_deploy',
+           'serving_accuracy_on']
 
 # %% ../notebooks/lib/14_deploy.ipynb #92fed234
 POINTER_FILE = "deployments/current.json"
@@ -60,35 +63,84 @@ def version_metadata(folder) -> dict:
     return yaml.safe_load((Path(folder) / "metadata.yaml").read_text())
 
 # %% ../notebooks/lib/14_deploy.ipynb #19f3c19a
+LOCK_FILE = "deployments/.lock"
+
+class PointerError(DeployError):
+    "The deployment pointer exists but cannot be read (empty, cut short, not a deployment record)."
+    def __init__(self, message: str): super().__init__(message, 503)
+
 def current_deployment(storage) -> dict | None:
-    "The deployment record the pointer holds, or None when nothing was deployed."
+    "The deployment record the pointer holds, or None when nothing was deployed; `PointerError` when it is unreadable."
     p = Path(storage) / POINTER_FILE
-    try: return json.loads(p.read_text())
+    try: text = p.read_text()
     except FileNotFoundError: return None
+    except (OSError, UnicodeDecodeError) as e: raise PointerError(f"the deployment pointer {p} is unreadable: {type(e).__name__}: {e}") from None
+    try: record = json.loads(text)
+    except ValueError as e:
+        why = "it is empty" if not text.strip() else f"not JSON ({e})"
+        raise PointerError(f"the deployment pointer {p} is unreadable: {why}; deploy a version again (`cvops deploy <model_name> --version ...`)") from None
+    if not (isinstance(record, dict) and isinstance(record.get("model_name"), str) and isinstance(record.get("version"), str)):
+        raise PointerError(f"the deployment pointer {p} is unreadable: not a deployment record (no model_name and version)")
+    return record
+
+def _fsync_dir(d: Path):
+    fd = os.open(d, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def write_durably(path, text: str):
+    "Replace `path` with `text` atomically and durably: a temporary file fsynced, renamed over `path`, then the folder fsynced."
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(p.parent)
 
 def _append_history(storage, record: dict):
     p = Path(storage) / HISTORY_FILE
     p.parent.mkdir(parents=True, exist_ok=True)
+    new = not p.exists()
     with open(p, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         f.write(json.dumps(record) + "\n"); f.flush(); os.fsync(f.fileno())
         fcntl.flock(f, fcntl.LOCK_UN)
+    if new: _fsync_dir(p.parent)
 
 def deployment_history(storage, limit: int | None = None) -> list[dict]:
-    "Deployments, newest first."
+    "Deployments, newest first (a line cut short by a crash is skipped)."
     p = Path(storage) / HISTORY_FILE
     if not p.exists(): return []
-    rows = [json.loads(l) for l in p.read_text().splitlines() if l.strip()]
+    rows = []
+    for l in p.read_text().splitlines():
+        try: rows.append(json.loads(l))
+        except ValueError: continue
     return rows[::-1][:limit] if limit else rows[::-1]
 
 def move_pointer(storage, record: dict):
-    "Make `record` the current deployment (atomic rename) and append it to the history."
-    p = Path(storage) / POINTER_FILE
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, p)
+    "Make `record` the current deployment (fsynced file, atomic rename, fsynced folder) and append it to the history."
+    write_durably(Path(storage) / POINTER_FILE, json.dumps(record, indent=2))
     _append_history(storage, record)
+
+@contextmanager
+def deployment_lock(storage, timeout: float = 120):
+    "The one lock deploy, rollback and prune take (`flock` on `deployments/.lock`, across processes and threads)."
+    p = Path(storage) / LOCK_FILE
+    p.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(p, "a") as f:
+        while True:
+            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise DeployError(f"another deploy, rollback or prune holds {p} for over {timeout:g} s; try again", 409) from None
+                time.sleep(0.02)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../notebooks/lib/14_deploy.ipynb #042febad
 def same_test_split(a: dict, b: dict) -> bool:
@@ -113,8 +165,11 @@ def gate_reasons(new_accuracy: float, min_accuracy: float, serving_accuracy: flo
 # %% ../notebooks/lib/14_deploy.ipynb #2b26ae5b
 def check_version(folder):
     "Load a version as a worker would; raise `DeployError` (422) saying why it cannot serve."
-    from cvops.inference import load_version
-    try: return load_version(folder, version_metadata(folder))
+    from cvops.inference import load_version, warm_up
+    try:
+        lv = load_version(folder, version_metadata(folder))
+        warm_up(lv)
+        return lv
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DeployError(f"version {Path(folder).name} cannot be loaded: {type(e).__name__}: {msg}", 422) from None
@@ -138,8 +193,13 @@ def deploy(storage, name: str, version: str | None = None, by: str | None = None
     "Check and deploy a published version; returns the deployment record."
     version, folder = resolve_version(storage, name, version)
     if loaded is None: loaded = check_version(folder)
-    record = deployment_record(version_metadata(folder), current_deployment(storage), by or default_deployer(), reason, forced)
-    move_pointer(storage, record)
+    with deployment_lock(storage):
+        version, folder = resolve_version(storage, name, version)   # still published (a prune may have run meanwhile)
+        try: previous = current_deployment(storage)
+        except PointerError:                                         # this deploy repairs it; the history says what served
+            previous = next(iter(deployment_history(storage, 1)), None)
+        record = deployment_record(version_metadata(folder), previous, by or default_deployer(), reason, forced)
+        move_pointer(storage, record)
     return record
 
 # %% ../notebooks/lib/14_deploy.ipynb #bdf452ba

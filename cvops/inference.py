@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import preprocess, to_model_input
+from .data import decode_upright, preprocess, to_input, to_model_input
 from .model import LAST_CONV
 
 # %% auto #0
 __all__ = ['ACCEPTED_FORMATS', 'ACCEPTED_CONTENT_TYPES', 'HEADS_DIR', 'ImageError', 'Upload', 'check_upload', 'LoadedVersion',
-           'load_version', 'prepare_input', 'display_size', 'render_heatmap', 'class_probabilities']
+           'load_version', 'prepare_input', 'warm_up', 'display_size', 'render_heatmap', 'class_probabilities']
 
 # %% ../notebooks/lib/12_inference.ipynb #32dda3d8
 class ImageError(ValueError):
@@ -30,15 +30,16 @@ ACCEPTED_CONTENT_TYPES = ("image/", "application/octet-stream")
 
 @dataclass
 class Upload:
-    "A checked upload: its bytes, what PIL made of it, and the upright RGB image to draw on."
+    "A checked upload: its bytes, what its header says, and (once decoded for a heatmap) the upright image to draw on."
     data: bytes
     format: str
     size: tuple            # (w, h) as stored
-    display: object        # PIL RGB image, EXIF orientation applied
+    display: object = None # uint8 h x w x 1|3, EXIF orientation applied, long side at most OVERLAY_MAX_SIDE (`prepare_input`)
 
 def check_upload(data: bytes, content_type: str | None = None, max_bytes: int = 10_000_000,
                  max_pixels: int = 40_000_000) -> Upload:
-    "Validate an uploaded file; raise `ImageError` naming the problem."
+    """Validate an uploaded file from its header (type, size, pixel count; nothing is decoded here: the one full-size decode is
+    `prepare_input`'s, which refuses data cut short); raise `ImageError` naming the problem."""
     from PIL import Image, ImageOps, UnidentifiedImageError
     if content_type and not content_type.lower().startswith(ACCEPTED_CONTENT_TYPES):
         raise ImageError(f"unsupported content type '{content_type}': send an image (image/jpeg, image/png, ...)", 415)
@@ -54,14 +55,7 @@ def check_upload(data: bytes, content_type: str | None = None, max_bytes: int = 
     w, h = im.size
     if w * h > max_pixels:
         raise ImageError(f"the image is {w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,}", 413)
-    try:
-        im.load()
-        display = ImageOps.exif_transpose(im)
-        display = display.convert("RGBA").convert("RGB") if display.mode in ("P", "PA", "LA") else display
-        display = _to_8bit(display).convert("RGB")
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"the image data is truncated or corrupt ({e})", 400) from None
-    return Upload(data, im.format, (w, h), display)
+    return Upload(data, im.format, (w, h))
 
 def _to_8bit(im):
     "16/32-bit greyscale -> 8-bit by scaling (PIL's convert('L') would clip instead)."
@@ -155,10 +149,50 @@ def _read_metadata(folder: Path) -> dict:
     return yaml.safe_load(f.read_text()) if f.exists() else {}
 
 # %% ../notebooks/lib/12_inference.ipynb #bf3cf444
-def prepare_input(upload: Upload, lv: LoadedVersion) -> np.ndarray:
-    "The model's uint8 input grid for an upload: `cvops.data.preprocess`, as in training (compiled per version)."
-    if lv._prepare is None: return preprocess(upload.data, lv.size, lv.channels).numpy()
-    return lv._prepare(upload.data).numpy()
+def prepare_input(upload: Upload, lv: LoadedVersion, display_max_side: int | None = None) -> np.ndarray:
+    """The model's uint8 input grid for an upload: `cvops.data.preprocess`, as in training (compiled per version). With
+    `display_max_side` (a heatmap will be drawn) it also sets `upload.display`: the upright image from the same decode
+    (`decode_upright`, the only full-size one), its long side capped at `display_max_side`."""
+    if display_max_side is None:
+        if lv._prepare is None: return preprocess(upload.data, lv.size, lv.channels).numpy()
+        return lv._prepare(upload.data).numpy()
+    x, display = _prepare_with_display(lv.size, lv.channels)(upload.data, int(display_max_side))
+    upload.display = display.numpy()
+    return x.numpy()
+
+_WITH_DISPLAY = {}
+
+def _prepare_with_display(size, channels):
+    "`preprocess` and a display copy from one decode, compiled once per input size and channels."
+    import tensorflow as tf
+    key = (tuple(size), int(channels))
+    if key not in _WITH_DISPLAY:
+        @tf.function(input_signature=[tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
+        def fn(data, max_side):
+            img = decode_upright(data)
+            return to_input(img, size, channels), _capped(img, max_side)
+        _WITH_DISPLAY[key] = fn
+    return _WITH_DISPLAY[key]
+
+def _capped(img, max_side):
+    "The image with its long side shrunk to `max_side` (area averaging) when longer."
+    import tensorflow as tf
+    h, w = tf.shape(img)[0], tf.shape(img)[1]
+    long = tf.maximum(h, w)
+    def shrink():
+        scale = tf.cast(max_side, tf.float32) / tf.cast(long, tf.float32)
+        side = lambda n: tf.maximum(1, tf.cast(tf.round(tf.cast(n, tf.float32) * scale), tf.int32))
+        small = tf.image.resize(img, tf.stack([side(h), side(w)]), method="area")
+        return tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8)
+    return tf.cond(long > max_side, shrink, lambda: img)
+
+def warm_up(lv: LoadedVersion):
+    "Trace the display-drawing decode and import the overlay's libraries now, rather than on the first request with a heatmap."
+    from PIL import Image
+    png = io.BytesIO(); Image.new("L", (4, 4)).save(png, "PNG")
+    up = Upload(png.getvalue(), "PNG", (4, 4))
+    prepare_input(up, lv, 224)
+    render_heatmap(np.zeros((2, 2), np.float32), up.display)
 
 def display_size(w: int, h: int, min_short: int = 224, max_side: int = 1024) -> tuple[int, int]:
     "Size to draw the overlay at: short side at least `min_short`, long side at most `max_side`."
@@ -174,9 +208,10 @@ def _png_b64(bgr_or_grey) -> str:
 def render_heatmap(cam: np.ndarray, display, max_side: int = 1024, alpha: float = 0.45) -> tuple[str, str]:
     "(heatmap, overlay) as base64 PNG: the map coloured with JET, and blended over the image."
     import cv2
-    w, h = display_size(*display.size, max_side=max_side)
-    img = np.asarray(display.convert("RGB"))
-    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if (w, h) > display.size else cv2.INTER_AREA)
+    img = np.asarray(display.convert("RGB") if hasattr(display, "convert") else display, np.uint8)
+    img = np.repeat(img.reshape(*img.shape[:2], 1), 3, -1) if img.ndim == 2 or img.shape[-1] == 1 else img[..., :3]
+    w, h = display_size(img.shape[1], img.shape[0], max_side=max_side)
+    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR if (w, h) > (img.shape[1], img.shape[0]) else cv2.INTER_AREA)
     heat = cv2.applyColorMap(cv2.resize((cam * 255).astype(np.uint8), (w, h), interpolation=cv2.INTER_LINEAR), cv2.COLORMAP_JET)
     overlay = cv2.addWeighted(cv2.cvtColor(img, cv2.COLOR_RGB2BGR), 1 - alpha, heat, alpha, 0)
     return _png_b64(heat), _png_b64(overlay)

@@ -150,7 +150,7 @@ def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=
     """Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) + drift detectors and reference
     data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) as a new version, in one rename; prune old versions."""
     from cvops.config import DeployConfig, central_storage_dir
-    from cvops.publish import (NOTEBOOKS_DIR, check_quality_gate, deployed_version, detector_files, model_metadata, new_version,
+    from cvops.publish import (NOTEBOOKS_DIR, PublishError, check_quality_gate, detector_files, model_metadata, new_version,
                                prune_versions, publish_model)
     from cvops.train import read_model_info
     deploy = DeployConfig(**(deploy or {})) if isinstance(deploy, dict) or deploy is None else deploy
@@ -167,7 +167,8 @@ def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=
         files.update(detector_files(name, detectors))
         metadata["detectors"] = detector_records(version, name, detectors, monitor)
     meta = publish_model(model_dir, metadata, storage, files, version)
-    pruned = prune_versions(storage, name, deploy.keep_versions, protect={deployed_version(storage)})
+    try: pruned = prune_versions(storage, name, deploy.keep_versions)   # never the deployed version or the one before it
+    except PublishError as e: pruned = []; print(f"warning: {e}")
     if pruned: print(f"removed {len(pruned)} old version(s) of {name} (deploy.keep_versions: {deploy.keep_versions}): {', '.join(pruned)}")
     return meta
 

@@ -119,10 +119,9 @@ def detector_files(model_name: str, detectors: dict) -> dict:
 
 # %% ../notebooks/lib/09_publish.ipynb #c3c7d0dd
 def deployed_version(storage) -> str | None:
-    "The version named by the deployment pointer `deployments/current.json` (None when nothing is deployed)."
-    p = Path(storage) / DEPLOYMENT_POINTER
-    if not p.exists(): return None
-    return json.loads(p.read_text()).get("version")
+    "The version named by the deployment pointer `deployments/current.json` (None when nothing is deployed; `cvops.deploy.PointerError` when it is unreadable)."
+    from cvops.deploy import current_deployment
+    return (current_deployment(storage) or {}).get("version")
 
 def list_versions(storage, model_name) -> list[str]:
     "The published versions of `model_name`, oldest first."
@@ -130,15 +129,22 @@ def list_versions(storage, model_name) -> list[str]:
     return sorted(p.name for p in d.glob(f"{model_name}@*") if p.is_dir()) if d.is_dir() else []
 
 def prune_versions(storage, name, keep: int, protect=()) -> list[str]:
-    "Delete the oldest versions of model `name` beyond the newest `keep`, except those in `protect` and the current one; returns the deleted."
+    """Delete the oldest versions of model `name` beyond the newest `keep`, except those in `protect`, the deployed one and
+    the one it replaced (the pointer's `version` and `previous_version`) and the current one; returns the deleted. Runs under
+    the deployment lock (deploy and rollback wait); refuses (`PublishError`) while the deployment pointer is unreadable."""
+    from cvops.deploy import PointerError, current_deployment, deployment_lock
     if keep is None: return []
     if keep < 1: raise ValueError("keep must be at least 1")
-    spared = {v for v in protect if v} | {current_version(storage, name), _linked_version(metadata_path(storage, name))}
-    doomed = [v for v in list_versions(storage, name)[:-keep] if v not in spared]
-    for v in doomed:
-        trash = versions_dir(storage) / f".tmp-del-{uuid.uuid4().hex}"
-        os.rename(version_dir(storage, v), trash)
-        shutil.rmtree(trash)
+    with deployment_lock(storage):
+        try: record = current_deployment(storage) or {}
+        except PointerError as e: raise PublishError(f"old versions of {name} not pruned: {e}") from None
+        spared = ({v for v in protect if v} | {record.get("version"), record.get("previous_version")}
+                  | {current_version(storage, name), _linked_version(metadata_path(storage, name))})
+        doomed = [v for v in list_versions(storage, name)[:-keep] if v not in spared]
+        for v in doomed:
+            trash = versions_dir(storage) / f".tmp-del-{uuid.uuid4().hex}"
+            os.rename(version_dir(storage, v), trash)
+            shutil.rmtree(trash)
     return doomed
 
 # %% ../notebooks/lib/09_publish.ipynb #12c95e6c

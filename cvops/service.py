@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -29,12 +30,13 @@ from .config import find_project_root, resolve_path
 from .inference import ImageError, check_upload
 
 # %% auto #0
-__all__ = ['SAMPLE_SECRET', 'log', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'UPLOAD_PAGE', 'ServiceSettings', 'load_settings',
-           'InsecureSettings', 'credential_problem', 'production_problems', 'refuse_insecure', 'Batcher',
-           'NoModelError', 'WorkerState', 'workers_serving', 'metrics_model_switched', 'metrics_log_state',
-           'render_metrics', 'ErrorResponse', 'PredictionResponse', 'DeployRequest', 'DeploymentResponse',
-           'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest', 'FeedbackResponse', 'ApiError', 'check_bearer',
-           'queued_prediction', 'lookup_prediction', 'store_feedback', 'create_app']
+__all__ = ['SAMPLE_SECRET', 'log', 'LOAD_RETRY_MAX_S', 'NO_MODEL', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'UPLOAD_PAGE',
+           'ServiceSettings', 'load_settings', 'InsecureSettings', 'credential_problem', 'production_problems',
+           'refuse_insecure', 'Batcher', 'NoModelError', 'WorkerState', 'freeze_heap', 'workers_serving',
+           'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'ErrorResponse', 'PredictionResponse',
+           'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'Health', 'Readiness', 'FeedbackRequest',
+           'FeedbackResponse', 'ApiError', 'check_bearer', 'queued_prediction', 'lookup_prediction', 'store_feedback',
+           'create_app']
 
 # %% ../notebooks/lib/15_service.ipynb #fbceeee2
 def _env(*names): return AliasChoices(*names)
@@ -57,6 +59,10 @@ class ServiceSettings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, validation_alias=_env("MAX_IMAGE_PIXELS"))
     overlay_max_side: int = Field(1024, ge=224, validation_alias=_env("OVERLAY_MAX_SIDE"))
     max_batch: int = Field(16, ge=1, le=256, validation_alias=_env("MAX_BATCH"))
+    max_queue: int = Field(32, ge=1, le=10_000, validation_alias=_env("MAX_QUEUE"),
+                           description="/predict requests one worker holds at once (waiting for or in inference); past it 503 + Retry-After at once")
+    version_skew_grace: float = Field(30, gt=0, validation_alias=_env("VERSION_SKEW_GRACE"),
+                                      description="seconds a worker may serve another version than the pointer's before /ready says not ready")
     reload_interval: float = Field(1.0, gt=0, validation_alias=_env("RELOAD_INTERVAL"), description="seconds between pointer checks")
     image_retention_days: float = Field(30, ge=0, validation_alias=_env("IMAGE_RETENTION_DAYS"), description="0 keeps images forever")
     log_max_buffer: int = Field(20_000, gt=0, validation_alias=_env("LOG_MAX_BUFFER"), description="rows kept in memory before spilling to disk")
@@ -126,8 +132,8 @@ class _Job:
 
 class Batcher:
     "One inference thread: batches queued uploads into one call of the serving version."
-    def __init__(self, get_version, max_batch: int = 16):
-        self.get_version, self.max_batch = get_version, max_batch
+    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024):
+        self.get_version, self.max_batch, self.display_side = get_version, max_batch, display_side
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.batches = self.images = 0
@@ -168,9 +174,9 @@ class Batcher:
                 continue
             ready = []
             for j in jobs:
-                try: ready.append((j, prepare_input(j.upload, lv)))
+                try: ready.append((j, prepare_input(j.upload, lv, self.display_side if j.heatmap else None)))   # the one full-size decode
                 except Exception as e:
-                    self._settle(j, error=ImageError(f"the image could not be decoded ({type(e).__name__})", 400))
+                    self._settle(j, error=ImageError(f"the image data is truncated or corrupt: it could not be decoded ({type(e).__name__})", 400))
             for flag in (True, False):
                 group = [(j, x) for j, x in ready if j.heatmap == flag]
                 if not group: continue
@@ -187,6 +193,7 @@ class NoModelError(RuntimeError):
 
 # %% ../notebooks/lib/15_service.ipynb #74065eb9
 log = logging.getLogger("cvops.service")
+LOAD_RETRY_MAX_S = 60.0   # longest wait between two tries to load a version that failed
 
 class WorkerState:
     def __init__(self, settings: ServiceSettings):
@@ -195,7 +202,11 @@ class WorkerState:
         self.serving_record = None     # the deployment record it came from
         self.loaded_at = None
         self.load_error: str | None = None
-        self._failed_version: str | None = None
+        self.pointer_error: str | None = None   # the deployment pointer cannot be read (the serving version stays)
+        self.pointer_version: str | None = None # the version the pointer named when last read
+        self.skew_since: float | None = None    # monotonic time since which the pointer names another version
+        self._failed: dict = {}                 # version -> (failed loads, monotonic time of the next try)
+        self.inflight = 0                       # /predict requests held now (at most settings.max_queue)
         self._swap_lock = asyncio.Lock()
         self.plog = self.engine = self.batcher = None
 
@@ -204,32 +215,69 @@ class WorkerState:
         old = self.serving.version if self.serving else None
         self.serving, self.serving_record, self.loaded_at, self.load_error = lv, record, datetime.now(timezone.utc), None
         metrics_model_switched(old, lv.version)
-        self.report()
         log.warning("worker %d serves %s", os.getpid(), lv.version)
 
     def report(self):
         d = self.settings.var / "workers"; d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"pid": os.getpid(), "version": self.serving.version if self.serving else None,
-                                   "load_error": self.load_error, "at": time.time()}))
+                                   "load_error": self.load_error, "pointer_error": self.pointer_error, "at": time.time()}))
         os.replace(tmp, d / f"{os.getpid()}.json")
 
     async def sync_with_pointer(self):
-        "Load the pointer's version if it is not the one serving (and has not already failed)."
-        from cvops.deploy import DeployError, check_version, current_deployment, resolve_version
-        record = await asyncio.to_thread(current_deployment, self.settings.storage)
-        if record is None or (self.serving and self.serving.version == record["version"]) or record["version"] == self._failed_version:
+        """Load the pointer's version if it is not the one serving. An unreadable pointer changes nothing but is reported;
+        a version that failed to load is tried again with backoff (`reload_interval` doubling, at most LOAD_RETRY_MAX_S)."""
+        from cvops.deploy import PointerError, check_version, current_deployment, resolve_version
+        pid, storage = os.getpid(), self.settings.storage
+        try: record = await asyncio.to_thread(current_deployment, storage)
+        except PointerError as e:
+            if self.pointer_error != str(e):
+                self.pointer_error = str(e)
+                if self.serving is None: self.load_error = str(e)
+                log.error("worker %d keeps %s: %s", pid, self.serving.version if self.serving else "no model", e)
+                await asyncio.to_thread(self.report)
             return
+        if self.pointer_error is not None:
+            self.pointer_error = None
+            if self.serving is None: self.load_error = None
+            log.warning("worker %d: the deployment pointer is readable again", pid)
+            await asyncio.to_thread(self.report)
+        want = record["version"] if record else None
+        self._note_skew(want)
+        if want is None or (self.serving and self.serving.version == want): return
+        failures, next_try = self._failed.get(want, (0, 0.0))
+        if time.monotonic() < next_try: return
         async with self._swap_lock:
-            if self.serving and self.serving.version == record["version"]: return
+            if self.serving and self.serving.version == want: return
             try:
-                _, folder = resolve_version(self.settings.storage, record["model_name"], record["version"])
+                _, folder = await asyncio.to_thread(resolve_version, storage, record["model_name"], want)
                 lv = await asyncio.to_thread(check_version, folder)
-            except DeployError as e:
-                self._failed_version, self.load_error = record["version"], str(e)
-                log.error("worker %d keeps %s: %s", os.getpid(), self.serving.version if self.serving else "no model", e)
-                self.report(); return
+            except Exception as e:
+                delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
+                self._failed = {want: (failures + 1, time.monotonic() + delay)}
+                self.load_error = str(e) or type(e).__name__
+                log.error("worker %d keeps %s: %s (try %d; the next in %g s)", pid,
+                          self.serving.version if self.serving else "no model", e, failures + 1, delay)
+                await asyncio.to_thread(self.report); return
+            self._failed.pop(want, None)
             self.swap(lv, record)
+            self._note_skew(want)
+            await asyncio.to_thread(freeze_heap)
+        await asyncio.to_thread(self.report)
+
+    def _note_skew(self, want):
+        self.pointer_version = want
+        if want is None or (self.serving and self.serving.version == want): self.skew_since = None
+        elif self.skew_since is None: self.skew_since = time.monotonic()
+
+    def skew_reason(self) -> str | None:
+        "Why this worker is not ready although it serves: the pointer names another version for longer than the grace period."
+        if self.skew_since is None or self.serving is None: return None
+        age = time.monotonic() - self.skew_since
+        if age < self.settings.version_skew_grace: return None
+        why = f"; its load failed: {self.load_error}" if self.load_error else ""
+        return (f"version skew: this worker serves {self.serving.version} but the deployment pointer names {self.pointer_version} "
+                f"since {age:.0f} s (VERSION_SKEW_GRACE {self.settings.version_skew_grace:g} s){why}")
 
     async def watch(self):
         while True:
@@ -249,7 +297,7 @@ class WorkerState:
         self.plog = PredictionLog(self.engine, s.var / "spill", ImageStore(s.storage / "predictions" / "images"),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
-        self.batcher = Batcher(lambda: self.serving, s.max_batch).start()
+        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side).start()
 
     def stop(self):
         if self.batcher: self.batcher.stop()
@@ -275,6 +323,11 @@ class WorkerState:
         if p is None: return None
         if p._thread is not None and not p._thread.is_alive() and not p._stopping: return "the prediction log writer is not running"
         return p.unavailable()
+
+def freeze_heap():
+    """Collect once, then move every object alive (TensorFlow, the model) out of the collector's sight (`gc.freeze`): a full
+    collection over them takes 200-300 ms, a pause of the event loop that would hold every request, a 503 included."""
+    gc.unfreeze(); gc.collect(); gc.freeze()
 
 def _configure_tensorflow(s: ServiceSettings):
     "Quiet TensorFlow, sized to this worker's share of the cores (imported here, after the fork)."
@@ -376,6 +429,7 @@ class ServingInfo(BaseModel):
     classes: list[str] = Field(default_factory=list)
     loaded_at: Optional[str] = None
     load_error: Optional[str] = None
+    pointer_error: Optional[str] = Field(None, description="why the deployment pointer cannot be read (the serving version stays)")
     deployment: Optional[dict] = None
     worker_pid: int
 
@@ -471,8 +525,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         await asyncio.to_thread(state.start)
-        await state.sync_with_pointer()          # serve the pointer's version before reporting ready
-        state.report()
+        try: await state.sync_with_pointer()     # serve the pointer's version before reporting ready
+        except Exception: log.exception("worker %d: the first pointer check failed; retrying", os.getpid())  # never fail the boot
+        await asyncio.to_thread(state.report)
+        await asyncio.to_thread(freeze_heap)
         watcher = asyncio.create_task(state.watch())
         retention = asyncio.create_task(state.retention())
         yield
@@ -490,20 +546,34 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         t0 = time.perf_counter()
         declared = request.headers.get("content-length", "")
         too_big = declared.isdigit() and int(declared) > settings.max_upload_bytes + 65536   # refused before the body is read
+        predict = request.url.path == "/predict" and request.method == "POST"
+        shed = predict and not too_big and state.inflight >= settings.max_queue          # refused before the body is read too
         try:
             if too_big:
                 request.state.error = f"the request body is {int(declared):,} bytes, over the upload limit of {settings.max_upload_bytes:,}"
                 response = JSONResponse({"error": request.state.error, "request_id": request.state.request_id}, 413)
-            elif request.method == "POST" and request.url.path == "/predict" and (why := state.log_problem()):
-                request.state.error = why         # the rows of this prediction could not be kept: refuse it before the work
-                response = JSONResponse({"error": why, "request_id": request.state.request_id}, 503)
+            elif shed or (predict and (why := state.log_problem())):
+                try:   # drained, never parsed: closing a connection with unread data resets it, and the client loses the answer
+                    n = 0
+                    async for chunk in request.stream():
+                        n += len(chunk)
+                        if n > settings.max_upload_bytes + 65536: break   # a body without a length: not for ever
+                except Exception: pass
+                request.state.error = (f"overloaded: this worker already holds {settings.max_queue} predictions (MAX_QUEUE); "
+                                       "retry after the time in Retry-After") if shed else why   # else: its rows could not be kept
+                response = JSONResponse({"error": request.state.error, "request_id": request.state.request_id}, 503,
+                                        headers={"Retry-After": "1"})
+            elif predict:
+                state.inflight += 1
+                try: response = await call_next(request)
+                finally: state.inflight -= 1
             else: response = await call_next(request)
         except Exception as e:
             log.exception("unhandled error")
             request.state.error = f"{type(e).__name__}: {e}"
             response = JSONResponse({"error": "internal error", "request_id": request.state.request_id}, 500)
         dt = time.perf_counter() - t0
-        route = _route_of(request)
+        route = "/predict" if shed else _route_of(request)
         response.headers["X-Request-ID"] = request.state.request_id
         if route not in ("/metrics", "/health") and state.plog is not None:
             api = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc), "method": request.method[:8],
@@ -522,6 +592,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             except Exception:
                 log.exception("prediction log: rows of %s not kept", request.state.request_id)
                 state.plog.log(api, pred, request.state.image, durable=False)
+        served = (request.state.prediction or {}).get("model_version") or (state.serving.version if state.serving else None)
+        response.headers["X-Request-ID"] = request.state.request_id
+        response.headers["X-Model-Version"] = served or ""
         m = _metrics(); m["requests"].labels(route, request.method, str(response.status_code)).inc(); m["latency"].labels(route).observe(dt)
         return response
 
@@ -581,6 +654,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     async def ready():
         reasons = []
         if state.serving is None: reasons.append(state.load_error or NO_MODEL)
+        elif state.pointer_error: reasons.append(state.pointer_error)
+        if state.skew_reason(): reasons.append(state.skew_reason())
         try:
             import sqlalchemy as sa
             def ping():
@@ -603,11 +678,13 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/models/current", response_model=ServingInfo, tags=["models"], summary="What this worker serves")
     async def models_current():
-        from cvops.deploy import current_deployment
+        from cvops.deploy import PointerError, current_deployment
         lv = state.serving
+        try: deployment, pointer_error = await asyncio.to_thread(current_deployment, settings.storage), None
+        except PointerError as e: deployment, pointer_error = None, str(e)
         return ServingInfo(model_name=lv.name if lv else None, version=lv.version if lv else None, classes=lv.classes if lv else [],
                            loaded_at=state.loaded_at.isoformat() if state.loaded_at else None, load_error=state.load_error,
-                           deployment=await asyncio.to_thread(current_deployment, settings.storage), worker_pid=os.getpid())
+                           pointer_error=pointer_error, deployment=deployment, worker_pid=os.getpid())
 
     def require_admin(authorization: Optional[str] = Header(None, description="Bearer <ADMIN_TOKEN>")):
         if not settings.admin_token: raise ApiError(403, "deploying over HTTP is disabled: set ADMIN_TOKEN for the service")
@@ -627,12 +704,14 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 lv = await asyncio.to_thread(check_version, folder)
                 who = f"{x_deployed_by or 'api'} ({request.client.host if request.client else '?'})"
                 record = await asyncio.to_thread(deploy, settings.storage, body.model_name, version, who, body.reason, lv)
-                state.swap(lv, record)
+                state.swap(lv, record); state._note_skew(version)
+            await asyncio.to_thread(state.report)
+            await asyncio.to_thread(freeze_heap)
         except DeployError as e: raise ApiError(e.status, str(e))
-        registry = await asyncio.to_thread(mirror_to_registry, version_metadata(folder))
+        registry = await asyncio.to_thread(lambda: mirror_to_registry(version_metadata(folder)))
         workers = {}
         for _ in range(int(10 / 0.1)):                # until every worker on this host serves it (max 10 s)
-            workers = workers_serving(settings.var)
+            workers = await asyncio.to_thread(workers_serving, settings.var)
             if all(v == version for v in workers.values()): break
             await asyncio.sleep(0.1)
         return DeploymentResponse(**{k: record[k] for k in ("model_name", "version", "deployed_at", "deployed_by", "previous_version")},
