@@ -80,6 +80,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'cvops.dashboard.recent_errors': ('dashboard.html#recent_errors', 'cvops/dashboard.py'),
                                  'cvops.dashboard.reference_frame': ('dashboard.html#reference_frame', 'cvops/dashboard.py'),
                                  'cvops.dashboard.request_volume': ('dashboard.html#request_volume', 'cvops/dashboard.py'),
+                                 'cvops.dashboard.run_verdict': ('dashboard.html#run_verdict', 'cvops/dashboard.py'),
                                  'cvops.dashboard.serving_summary': ('dashboard.html#serving_summary', 'cvops/dashboard.py'),
                                  'cvops.dashboard.serving_version': ('dashboard.html#serving_version', 'cvops/dashboard.py'),
                                  'cvops.dashboard.show': ('dashboard.html#show', 'cvops/dashboard.py'),
