@@ -480,7 +480,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         features = pack_features({k: out[k] for k in lv.heads})
         request.state.prediction = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc),
                                     "model_name": lv.name, "model_version": lv.version, "top_class": top,
-                                    "probabilities": probs, "features": None, **features}
+                                    "probabilities": probs, **features}   # the JSON `features` column stays NULL
         request.state.image = (upload.data, upload.format)
         return PredictionResponse(request_id=request.state.request_id, model_name=lv.name, model_version=lv.version,
                                   top_class=top, probabilities=probs, time_ms=round((time.perf_counter() - t0) * 1000, 3),
