@@ -190,7 +190,7 @@ def main(argv=None):
         logged["ko"] = logged["none"]
         diff = {k: float(np.max(np.abs(logged[k].filter(regex="^(uae|bbsd)_").to_numpy() - inproc[k][logged[k].filter(regex="^(uae|bbsd)_").columns].to_numpy())))
                 for k in ids}
-        print(f"rows read back: {len(rows)} in {read_s:.2f} s; largest |logged - in-process| feature difference per pool: "
+        print(f"rows read back: {len(rows)} (window_frame: {read_s:.2f} s); largest |logged - in-process| feature difference per pool: "
               + ", ".join(f"{k} {d:.2g}" for k, d in diff.items()), flush=True)
         svc.stop(); svc = None
         # windows: the monitor's drift code on logged rows and on in-process rows, same indices and seeds
