@@ -89,10 +89,11 @@ test: setup ## run every test: notebook checks (nbval), integration and end-to-e
 test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
 
-bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends); monitoring run on 100k rows -> bench/results/
+bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); monitoring run on 100k rows -> bench/results/
 	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
 	$(BIN)/python bench/service_throughput.py
 	$(BIN)/python bench/drift_quality.py
+	$(BIN)/python bench/drift_e2e.py
 	$(BIN)/python bench/monitor_throughput.py
 
 mlflow: venv ## the MLflow UI on the local store

@@ -120,7 +120,8 @@ class MonitorConfig(Section):
     window_days: Optional[float] = Field(default=7, gt=0, description="predictions of the last N days (null: no limit)")
     window_rows: Optional[int] = Field(default=1000, gt=0, description="at most the latest N predictions (null: no limit)")
     min_rows: int = Field(default=20, ge=2, description="fewer rows: 'insufficient data', no verdict")
-    alpha: float = Field(default=0.05, gt=0, lt=1)
+    alpha: float = Field(default=0.05, gt=0, lt=1, description="run-level false-alarm rate: the feature tests are Holm-corrected jointly")
+    alert_after: int = Field(default=1, ge=1, description="alert only after this many consecutive drifting runs of the same version")
     backend: Literal["cvops", "alibi"] = "cvops"   # alibi-detect is BSL 1.1: production use needs a Seldon licence
     permutations: int = Field(default=500, ge=50, description="permutations of the MMD / classifier tests")
     max_test_rows: int = Field(default=1000, gt=0, description="rows sub-sampled for the permutation tests")

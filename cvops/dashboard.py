@@ -22,8 +22,8 @@ __all__ = ['TEST_COLUMNS', 'STATUS_COLOURS', 'Sources', 'open_sources', 'Serving
            'serving_summary', 'api_requests', 'time_bin', 'status_class', 'request_volume', 'status_counts',
            'latency_percentiles', 'latency_summary', 'recent_errors', 'deployments', 'prediction_rows',
            'prediction_counts', 'with_features', 'drift_history', 'monitor_settings', 'monitoring_window',
-           'class_distribution', 'latest_verdicts', 'live_accuracy_history', 'drift_contributors', 'gradcam_overlays',
-           'top_drift_inputs', 'plot_request_volume', 'plot_latency', 'plot_prediction_volume',
+           'class_distribution', 'latest_verdicts', 'run_verdict', 'live_accuracy_history', 'drift_contributors',
+           'gradcam_overlays', 'top_drift_inputs', 'plot_request_volume', 'plot_latency', 'plot_prediction_volume',
            'plot_class_distribution', 'plot_pvalue_history', 'plot_live_accuracy', 'plot_overlays', 'figure_png',
            'notice', 'show', 'table']
 
@@ -45,8 +45,9 @@ class Sources:
 
 def open_sources(settings=None) -> Sources:
     "The service's database and central storage (`load_settings()`: `CVOPS_ROOT`, `DB_URL`, `CVOPS_CENTRAL_STORAGE`)."
-    from cvops.service import load_settings
+    from cvops.service import load_settings, refuse_insecure
     s = settings or load_settings()
+    refuse_insecure(s, "the dashboards", ("database",))
     url, engine, problem = s.database_url, None, None
     db_file = url.split("///", 1)[-1] if url.startswith("sqlite") else None
     if db_file and db_file != ":memory:" and not Path(db_file).exists():
@@ -182,7 +183,7 @@ def deployments(storage, limit: int | None = 50) -> pd.DataFrame:
     return df[cols]
 
 # %% ../notebooks/lib/20_dashboard.ipynb #a7f3988e
-_PRED_COLS = ["created_on", "request_id", "model_version", "top_class", "image_path", "features"]
+_PRED_COLS = ["created_on", "request_id", "model_version", "top_class", "image_path", "features", "feature_blob", "feature_dims"]
 
 def prediction_rows(src: Sources, model_version: str | None = None, since=None, until=None, limit: int | None = None) -> pd.DataFrame:
     "Predictions (time, request id, version, top class, image path, features) of a version and period, oldest first; `limit`: the latest N."
@@ -206,12 +207,16 @@ def with_features(rows: pd.DataFrame, classes) -> pd.DataFrame:
     from cvops.detectors import feature_matrix
     from cvops.monitor import window_frame   # the monitor's parser of logged features, not a second one
     import json as _json
-    rows = rows[rows.features.notna()].reset_index(drop=True)
-    if rows.empty: return rows.drop(columns="features")
-    texts = [f if isinstance(f, str) else _json.dumps(f) for f in rows.features]
-    ff = window_frame(pd.DataFrame({"features": texts, "top_class": rows.top_class})).reset_index(drop=True)
+    raw = [c for c in ("features", "feature_blob", "feature_dims") if c in rows]
+    has = rows.features.notna() if "features" in rows else pd.Series(False, index=rows.index)
+    if "feature_blob" in rows: has = has | (rows.feature_blob.notna() & rows.feature_dims.notna())
+    rows = rows[has].reset_index(drop=True)
+    if rows.empty: return rows.drop(columns=raw)
+    texts = [f if f is None or isinstance(f, str) else _json.dumps(f) for f in rows.features] if "features" in rows else None
+    ff = window_frame(pd.DataFrame({"features": texts, "top_class": rows.top_class,
+                                    **{c: rows[c] for c in ("feature_blob", "feature_dims") if c in rows}})).reset_index(drop=True)
     if any(c.startswith("bbsd_") for c in ff): ff["predicted"] = np.asarray(classes)[feature_matrix(ff, "bbsd").argmax(1)]
-    return pd.concat([rows.drop(columns="features"), ff], axis=1)
+    return pd.concat([rows.drop(columns=raw), ff], axis=1)
 
 # %% ../notebooks/lib/20_dashboard.ipynb #b5d1da05
 def drift_history(src: Sources, model_version: str | None = None, since=None) -> pd.DataFrame:
@@ -261,12 +266,26 @@ def class_distribution(current: pd.DataFrame, reference: pd.DataFrame | None, cl
 TEST_COLUMNS = ["test", "features", "statistic", "p_value", "threshold", "verdict", "n_rows", "n_reference", "backend"]
 
 def latest_verdicts(history: pd.DataFrame) -> pd.DataFrame:
-    "The tests of the latest run (drift first), with its window."
+    "The tests of the latest run (the run-level verdict first, then drift first), with its window."
     tests = history[history.test != "live_accuracy"]
     if tests.empty: return pd.DataFrame(columns=TEST_COLUMNS)
     last = tests[tests.run_id == tests.loc[tests.created_on.idxmax(), "run_id"]]
-    order = last.verdict.map({"drift": 0, "no drift": 1}).fillna(2)
+    order = last.verdict.map({"drift": 1, "no drift": 2}).fillna(3).where(last.test != "run_alert", 0)
     return last.assign(_o=order).sort_values(["_o", "test"])[TEST_COLUMNS + ["created_on", "window_start", "window_end"]].reset_index(drop=True)
+
+def run_verdict(history: pd.DataFrame) -> str:
+    "One markdown line: the latest run's run-level verdict (feature tests Holm-corrected jointly; live accuracy beside it)."
+    runs = history[history.test == "run_alert"] if history is not None and len(history) else pd.DataFrame()
+    if runs.empty: return "No monitoring run with a run-level verdict yet: run `make monitor`."
+    last = runs.loc[runs.created_on.idxmax()]
+    d = last.details if isinstance(last.details, dict) else {}
+    acc = history[(history.run_id == last.run_id) & (history.test == "live_accuracy")]
+    words = {"drift": "**DRIFT**", "no drift": "**no drift**"}.get(last.verdict, f"**{last.verdict}**")
+    why = (f"drifting tests: {', '.join(d.get('drifting_tests') or []) or 'none'} (Holm over {d.get('tests')} tests, "
+           f"smallest adjusted p = {last.p_value:.3g}, alpha = {last.threshold:g})" if pd.notna(last.p_value) else (d.get("reason") or d.get("error") or ""))
+    if d.get("why"): why += f"; {d['why']}"
+    live = f" Live accuracy: {acc.verdict.iloc[0]}." if len(acc) else ""
+    return f"Latest run ({last.created_on:%Y-%m-%d %H:%M} UTC, {int(last.n_rows):,} predictions): {words}, {why}.{live}"
 
 def live_accuracy_history(history: pd.DataFrame) -> pd.DataFrame:
     "Live accuracy per monitoring run (test `live_accuracy`: statistic = accuracy on the window's predictions with feedback)."
@@ -302,7 +321,7 @@ def drift_contributors(current: pd.DataFrame, reference: pd.DataFrame, features=
     return out.head(top) if top else out
 
 # %% ../notebooks/lib/20_dashboard.ipynb #3c6372d9
-def gradcam_overlays(rows: pd.DataFrame, images_dir, lv) -> list[dict]:
+def gradcam_overlays(rows: pd.DataFrame, images_dir, lv, max_side: int = 1024) -> list[dict]:
     "For each row: its stored image's GradCAM overlay (PNG bytes) under the loaded version `lv`, or why there is none."
     from cvops.inference import ImageError, check_upload, prepare_input, render_heatmap
     items, ups, xs = [], [], []
@@ -313,8 +332,10 @@ def gradcam_overlays(rows: pd.DataFrame, images_dir, lv) -> list[dict]:
         try:
             if path is None or not path.exists(): raise FileNotFoundError("image no longer stored")
             up = check_upload(path.read_bytes())
-            ups.append((item, up)); xs.append(prepare_input(up, lv))
+            x = prepare_input(up, lv, display_max_side=max_side)   # the model input and the overlay's image from one decode
+            ups.append((item, up)); xs.append(x)
         except (OSError, ImageError) as e: item["problem"] = str(e) if isinstance(e, ImageError) else "image no longer stored"
+        except Exception as e: item["problem"] = f"the stored image could not be decoded ({type(e).__name__})"
         items.append(item)
     if xs:
         out = lv(np.stack(xs), heatmap=True)
@@ -413,7 +434,7 @@ def plot_pvalue_history(history: pd.DataFrame, ncols: int = 3):
     "One panel per test: p-values over time (log scale) with the test's threshold; drift in red; runs without a verdict marked at the bottom."
     tests = history[history.test != "live_accuracy"] if history is not None and len(history) else pd.DataFrame()
     if tests.empty: return None
-    names = sorted(tests.test.unique())
+    names = sorted(tests.test.unique(), key=lambda n: (n != "run_alert", n))   # the run-level verdict first
     nrows = -(-len(names) // ncols)
     fig, axes = _figure(w=10 if len(names) > 1 else 7, h=2.8 * nrows, ncols=min(ncols, len(names)), nrows=nrows, sharex=True, sharey=True)
     floor = 1e-6
@@ -432,7 +453,7 @@ def plot_pvalue_history(history: pd.DataFrame, ncols: int = 3):
         _time_axis(ax, maxticks=4)
     for ax in list(axes.flat)[len(names):]: ax.set_visible(False)
     axes.flat[0].legend(fontsize=7, loc="lower left")
-    fig.suptitle("p-value per test (drift where p <= threshold)")
+    fig.suptitle("raw p-value per test; verdicts Holm-corrected over the run's tests (run_alert: smallest adjusted p)", fontsize=10)
     return fig
 
 def plot_live_accuracy(acc: pd.DataFrame, test_accuracy: float | None = None):

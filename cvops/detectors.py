@@ -96,14 +96,23 @@ def label_names(rows: pd.DataFrame, classes, multilabel: bool = False) -> list:
     return list(np.asarray(classes)[y.argmax(1)])
 
 def make_reference(detectors: dict, annotations: pd.DataFrame, dataset_dir, classes, size, channels, monitor,
-                   multilabel: bool = False) -> pd.DataFrame:
-    "The reference data: features of every detector, `predicted`, `label` and `path` of the sampled images, row i = image i."
+                   multilabel: bool = False, model=None, batch_size: int = 256) -> pd.DataFrame:
+    """The reference data: features of every detector, `predicted`, `label` and `path` of the sampled images, row i = image i.
+    Computed as the service computes a logged row: each file's bytes through the compiled `prepare`, then the compiled
+    `predict` with the detectors as its heads (`cvops.inference.compile_calls`), float32 as produced."""
     from cvops.config import MonitorConfig
-    from cvops.data import read_image
+    from cvops.data import to_model_input
+    from cvops.inference import compile_calls
     cfg = MonitorConfig(**monitor) if isinstance(monitor, dict) else monitor
     rows = reference_rows(annotations, cfg.reference_split, cfg.reference_size, cfg.seed)
-    images = np.stack([read_image(Path(dataset_dir) / p, size, channels) for p in rows.path])
-    ref = reference_data(detectors, images, label_names(rows, classes, multilabel), classes)
+    body = model if model is not None else detectors.get("bbsd", next(iter(detectors.values())))
+    predict, _, prepare = compile_calls(body, detectors, size, channels, cam=False)
+    feats = {k: [] for k in detectors}
+    for i in range(0, len(rows), batch_size):
+        grid = np.stack([prepare((Path(dataset_dir) / p).read_bytes()).numpy() for p in rows.path[i:i + batch_size]])
+        out = predict(to_model_input(grid))
+        for k in detectors: feats[k].append(out[k].numpy())
+    ref = feature_frame({k: np.concatenate(v) for k, v in feats.items()}, label_names(rows, classes, multilabel), classes)
     ref["path"] = list(rows.path)
     return ref
 

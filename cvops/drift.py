@@ -16,8 +16,8 @@ from scipy import stats
 from .detectors import feature_matrix
 
 # %% auto #0
-__all__ = ['TESTS', 'FEATURES', 'drift_record', 'permutation_p_value', 'subsample', 'ks_bonferroni', 'sq_distances',
-           'mmd_permutation', 'chi2_homogeneity', 'c2st', 'run_drift_tests']
+__all__ = ['TESTS', 'FEATURES', 'RUN_ALERT', 'drift_record', 'permutation_p_value', 'subsample', 'ks_bonferroni', 'sq_distances',
+           'mmd_permutation', 'chi2_homogeneity', 'c2st', 'run_drift_tests', 'holm', 'run_alert_record', 'window_tests']
 
 # %% ../notebooks/lib/18_drift.ipynb #a9fce34d
 TESTS = ("ks_bbsd_bonferroni", "mmd_uae", "chi2_predicted", "c2st_uae_bbsd")
@@ -182,3 +182,40 @@ def _alibi_test(test: str, ref: dict, cur: dict, cfg, rng) -> tuple:
         out = det.predict((xc - mu) / sd)["data"]
         return float(out["distance"]), float(out["p_val"]), {"method": "ClassifierDrift (sklearn, KS on held-out probabilities)"}
     finally: quiet.__exit__(None, None, None); alibi_log.setLevel(level)
+
+# %% ../notebooks/lib/18_drift.ipynb #690019ac
+RUN_ALERT = "run_alert"
+
+def holm(p_values) -> np.ndarray:
+    "Holm-Bonferroni adjusted p-values (step-down, monotone, capped at 1), in the order given."
+    p = np.asarray(p_values, dtype=float); m = len(p)
+    if not m: return p
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m); out[order] = adj
+    return out
+
+def run_alert_record(records: list[dict], alpha: float, backend: str = "cvops") -> dict:
+    "The run-level record of Holm-corrected `records` (see `window_tests`)."
+    tested = [r for r in records if r["p_value"] is not None]
+    n = max((r["n_rows"] for r in records), default=0); n_ref = max((r["n_reference"] for r in records), default=0)
+    if not tested:
+        return drift_record(RUN_ALERT, backend, n, n_ref, alpha, details={"reason": "no test could run", "correction": "holm",
+                                                                          "tests": [r["test"] for r in records]})
+    p_holm = {r["test"]: r["details"]["p_holm"] for r in tested}
+    drifting = [t for t, p in p_holm.items() if p < alpha]
+    rec = drift_record(RUN_ALERT, backend, n, n_ref, alpha, statistic=len(drifting), p_value=min(p_holm.values()),
+                       details={"correction": "holm", "tests": len(tested), "p_holm_by_test": p_holm,
+                                "p_raw": {r["test"]: r["p_value"] for r in tested}, "drifting_tests": drifting, "drifting": bool(drifting)})
+    rec["features"] = "all"
+    return rec
+
+def window_tests(reference: pd.DataFrame, current: pd.DataFrame, classes: list, cfg, seed: int | None = None) -> list[dict]:
+    "The run-level record first, then one record per test, Holm-corrected jointly: what a monitoring run writes."
+    records = run_drift_tests(reference, current, classes, cfg, seed)
+    tested = [r for r in records if r["p_value"] is not None]
+    for r, p in zip(tested, holm([r["p_value"] for r in tested])):
+        raw = r["verdict"]
+        r["verdict"] = "drift" if p < r["threshold"] else "no drift"
+        r["details"] = {**r["details"], "p_holm": float(p), "raw_verdict": raw, "correction": f"holm over {len(tested)} tests"}
+    return [run_alert_record(records, cfg.alpha, getattr(cfg, "backend", "cvops"))] + records

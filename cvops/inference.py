@@ -17,7 +17,8 @@ from .model import LAST_CONV
 
 # %% auto #0
 __all__ = ['ACCEPTED_FORMATS', 'ACCEPTED_CONTENT_TYPES', 'HEADS_DIR', 'ImageError', 'Upload', 'check_upload', 'LoadedVersion',
-           'load_version', 'prepare_input', 'warm_up', 'display_size', 'render_heatmap', 'class_probabilities']
+           'compile_calls', 'load_version', 'prepare_input', 'warm_up', 'display_size', 'render_heatmap',
+           'class_probabilities']
 
 # %% ../notebooks/lib/12_inference.ipynb #32dda3d8
 class ImageError(ValueError):
@@ -96,10 +97,44 @@ def _extra_heads(folder: Path, model_name: str) -> dict:
     d = folder / HEADS_DIR
     return {head_name(p, model_name): keras.models.load_model(p, compile=False) for p in sorted(d.glob("*.keras"))} if d.is_dir() else {}
 
+def compile_calls(model, heads: dict, size, channels: int, classification_layer: str = "classifier", cam: bool = True) -> tuple:
+    """(predict, predict_cam, prepare): the compiled calls the service runs for `model` and its extra `heads`
+    (`{name: keras model}`); `cam=False` skips GradCAM (predict_cam None). Also what the reference data is computed with."""
+    import keras
+    import tensorflow as tf
+    spec = [tf.TensorSpec([None, size[1], size[0], channels], tf.float32)]
+
+    def _heads(x): return {k: h(x, training=False) for k, h in heads.items()}
+
+    @tf.function(input_signature=spec)
+    def predict(x): return {"probs": model(x, training=False), **_heads(x)}
+
+    predict_cam = None
+    if cam:
+        conv = model.get_layer(LAST_CONV).output
+        logits = model.get_layer(classification_layer).output
+        graph = keras.Model(model.inputs, [conv, logits, model.output])
+
+        @tf.function(input_signature=spec)
+        def predict_cam(x):
+            with tf.GradientTape() as tape:
+                conv_out, logit, probs = graph(x, training=False)
+                top = tf.argmax(probs, axis=-1, output_type=tf.int32)
+                score = tf.gather(logit, top, batch_dims=1)
+            grads = tape.gradient(score, conv_out)
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            cam = tf.nn.relu(tf.reduce_sum(weights * conv_out, axis=-1))
+            cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
+            return {"probs": probs, "cam": cam, **_heads(x)}
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
+    def prepare(data): return preprocess(data, size, channels)   # the training preprocessing, compiled once per version
+
+    return predict, predict_cam, prepare
+
 def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
     "Load a published version folder (model.keras, model_info.json, detectors/) and compile its calls."
     import keras
-    import tensorflow as tf
     from cvops.train import MODEL_FILE, read_model_info
     folder = Path(folder)
     info = read_model_info(folder)
@@ -107,30 +142,7 @@ def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
     model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     size, ch = (m["input_size"]["w"], m["input_size"]["h"]), m["channels"]
     heads = _extra_heads(folder, m["model_name"])
-    conv = model.get_layer(LAST_CONV).output
-    logits = model.get_layer(m.get("classification_layer", "classifier")).output
-    graph = keras.Model(model.inputs, [conv, logits, model.output])
-    spec = [tf.TensorSpec([None, size[1], size[0], ch], tf.float32)]
-
-    def _heads(x): return {k: h(x, training=False) for k, h in heads.items()}
-
-    @tf.function(input_signature=spec)
-    def predict(x): return {"probs": model(x, training=False), **_heads(x)}
-
-    @tf.function(input_signature=spec)
-    def predict_cam(x):
-        with tf.GradientTape() as tape:
-            conv_out, logit, probs = graph(x, training=False)
-            top = tf.argmax(probs, axis=-1, output_type=tf.int32)
-            score = tf.gather(logit, top, batch_dims=1)
-        grads = tape.gradient(score, conv_out)
-        weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-        cam = tf.nn.relu(tf.reduce_sum(weights * conv_out, axis=-1))
-        cam = cam / (tf.reduce_max(cam, axis=(1, 2), keepdims=True) + 1e-8)
-        return {"probs": probs, "cam": cam, **_heads(x)}
-
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string)])
-    def prepare(data): return preprocess(data, size, ch)   # the training preprocessing, compiled once per version
+    predict, predict_cam, prepare = compile_calls(model, heads, size, ch, m.get("classification_layer", "classifier"))
 
     meta = metadata if metadata is not None else _read_metadata(folder)
     lv = LoadedVersion(m["model_name"], meta.get("version", folder.name), list(info["classes"]), size, ch,

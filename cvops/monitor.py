@@ -27,8 +27,8 @@ from .config import ConfigError, MonitorConfig, find_project_root
 
 # %% auto #0
 __all__ = ['log', 'VERDICTS', 'MONITOR_PIPELINE', 'parse_interval', 'MonitorSettings', 'load_monitor_settings', 'read_window',
-           'window_frame', 'live_accuracy', 'new_run_id', 'MonitorRun', 'check_drift', 'webhook_payload', 'alert',
-           'monitor_section', 'build_monitor', 'report_lines', 'run_every']
+           'window_frame', 'live_accuracy', 'new_run_id', 'MonitorRun', 'check_drift', 'redact_url', 'webhook_payload',
+           'alert', 'monitor_section', 'build_monitor', 'report_lines', 'run_every']
 
 # %% ../notebooks/lib/19_monitor.ipynb #1b27aed9
 log = logging.getLogger("cvops.monitor")
@@ -89,23 +89,20 @@ def _utc(t):
 
 def read_window(engine, model_version: str, window_days: float | None = None, window_rows: int | None = None,
                 now: datetime | None = None) -> pd.DataFrame:
-    "Rows (newest first): request_id, created_on, top_class, features (JSON text), labels (JSON text or None)."
+    "Rows (newest first): request_id, created_on, top_class, features (JSON text, older rows), labels (JSON text or None), feature_blob, feature_dims."
     from cvops.predlog import feedback as f, predictions as p
     now = now or datetime.now(timezone.utc)
     q = (sa.select(p.c.request_id, p.c.created_on, p.c.top_class, sa.cast(p.c.features, sa.Text).label("features"),
-                   sa.cast(f.c.labels, sa.Text).label("labels"))
+                   sa.cast(f.c.labels, sa.Text).label("labels"), p.c.feature_blob, p.c.feature_dims)
          .select_from(p.outerjoin(f, f.c.request_id == p.c.request_id))
          .where(p.c.model_version == model_version).order_by(p.c.created_on.desc()))
     if window_days: q = q.where(p.c.created_on >= now - timedelta(days=window_days))
     if window_rows: q = q.limit(window_rows)
     with engine.connect() as c: rows = c.execute(q).all()
-    return pd.DataFrame(rows, columns=["request_id", "created_on", "top_class", "features", "labels"])
+    return pd.DataFrame(rows, columns=["request_id", "created_on", "top_class", "features", "labels", "feature_blob", "feature_dims"])
 
-def window_frame(rows: pd.DataFrame) -> pd.DataFrame:
-    "The rows' features as `cvops.detectors.feature_frame` makes them (uae_*, bbsd_*), `predicted` = the top class answered."
-    from cvops.detectors import feature_frame
-    has = rows["features"].notna() & (rows["features"] != "null")
-    texts = rows.loc[has, "features"]
+def _json_features(texts) -> dict:
+    "JSON `features` texts (rows of releases before migration 0003) -> `{head: (n, d) float32}`."
     parsed = _json_loads()("[" + ",".join(texts) + "]") if len(texts) else []
     feats = {}
     for name in sorted(parsed[0]) if parsed else []:
@@ -114,6 +111,28 @@ def window_frame(rows: pd.DataFrame) -> pd.DataFrame:
             raise ValueError(f"the logged features '{name}' differ in shape between predictions of this version")
         flat = np.fromiter(chain.from_iterable(d[name] for d in parsed), np.float32, count=len(parsed) * dim)
         feats[name] = flat.reshape(len(parsed), dim)
+    return feats
+
+def window_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows' features as `cvops.detectors.feature_frame` makes them (uae_*, bbsd_*), `predicted` = the top class answered.
+    Reads `feature_blob` + `feature_dims` (float32, lossless) and, for older rows, the JSON `features`."""
+    from cvops.detectors import feature_frame
+    from cvops.predlog import unpack_features
+    none = pd.Series([None] * len(rows), index=rows.index, dtype=object)
+    blob, dims, js = (rows[c] if c in rows else none for c in ("feature_blob", "feature_dims", "features"))
+    has_blob = (blob.notna() & dims.notna()).to_numpy()
+    has_json = ~has_blob & (js.notna() & (js != "null")).to_numpy()
+    has = has_blob | has_json
+    fb = unpack_features(blob[has_blob], dims[has_blob]) if has_blob.any() else {}
+    fj = _json_features(js[has_json]) if has_json.any() else {}
+    if fb and fj:
+        if {k: v.shape[1] for k, v in fb.items()} != {k: v.shape[1] for k, v in fj.items()}:
+            raise ValueError("the logged features differ in shape between predictions of this version (float32 and JSON rows)")
+        at_blob = has_blob[has]
+        feats = {}
+        for k in fb:
+            x = np.empty((int(has.sum()), fb[k].shape[1]), np.float32); x[at_blob] = fb[k]; x[~at_blob] = fj[k]; feats[k] = x
+    else: feats = fb or fj
     df = feature_frame(feats) if feats else pd.DataFrame(index=range(0))
     df["predicted"] = rows.loc[has, "top_class"].to_numpy()
     return df
@@ -177,6 +196,16 @@ class MonitorRun:
     @property
     def drift(self) -> list: return [r for r in self.rows if r["verdict"] == "drift"]
 
+    @property
+    def run_alert(self) -> Optional[dict]:
+        "The run-level row (`test = 'run_alert'`): the feature tests' joint verdict."
+        return next((r for r in self.rows if r["test"] == "run_alert"), None)
+
+    @property
+    def alerting(self) -> bool:
+        "Whether this run alerts: its run-level verdict says drift, or live accuracy (its own row) does."
+        return any(r["verdict"] == "drift" for r in self.rows if r["test"] in ("run_alert", "live_accuracy"))
+
     def table(self) -> pd.DataFrame:
         cols = ["test", "features", "n_rows", "n_reference", "statistic", "p_value", "threshold", "verdict", "backend"]
         return pd.DataFrame([{c: r.get(c) for c in cols} for r in self.rows], columns=cols)
@@ -186,8 +215,15 @@ class MonitorRun:
                 + (f" ({self.window_start:%Y-%m-%d %H:%M} .. {self.window_end:%Y-%m-%d %H:%M} UTC)" if self.window_start else "")
                 + (f": {self.message}" if self.message else ""))
         fmt = lambda v: "-" if v is None else f"{v:.4g}"
-        return [head] + [f"  {r['test']:<24} {r['features'] or '':<9} n={r['n_rows']:<6} stat={fmt(r['statistic']):<10} "
-                         f"p={fmt(r['p_value']):<10} alpha={fmt(r['threshold']):<6} {r['verdict']}" for r in self.rows]
+        holm = lambda r: f" (Holm p={fmt((r.get('details') or {}).get('p_holm'))})" if (r.get("details") or {}).get("p_holm") is not None else ""
+        ra = self.run_alert
+        verdict = [] if ra is None else [f"  RUN VERDICT: {ra['verdict'].upper()}" + (
+            f" (drifting: {', '.join((ra.get('details') or {}).get('drifting_tests') or []) or 'none'}; "
+            f"Holm over {(ra.get('details') or {}).get('tests')} tests, alpha={fmt(ra['threshold'])})" if ra["p_value"] is not None else
+            f" ({(ra.get('details') or {}).get('reason') or (ra.get('details') or {}).get('error') or ''})")
+            + (f"; {(ra.get('details') or {})['why']}" if (ra.get("details") or {}).get("why") else "")]
+        return [head] + verdict + [f"  {r['test']:<24} {r['features'] or '':<9} n={r['n_rows']:<6} stat={fmt(r['statistic']):<10} "
+                                   f"p={fmt(r['p_value']):<10} alpha={fmt(r['threshold']):<6} {r['verdict']}{holm(r)}" for r in self.rows]
 
     def to_dict(self) -> dict:
         return _jsonable({k: getattr(self, k) for k in ("run_id", "created_on", "model_name", "model_version", "window_start",
@@ -218,6 +254,26 @@ def _load_reference(folder: Path, model_name: str, current: pd.DataFrame) -> tup
     missing = sorted(set(c for c in current.columns if c != "predicted") - set(ref.columns))
     if missing: return None, f"logged features {missing[:4]} are not in the reference data {path.name} (a different detector?)"
     return ref, ""
+
+def _persistence(engine, rec: dict, model_version: str, now: datetime, k: int):
+    "`monitor.alert_after`: the run-level row says drift only on the `k`-th consecutive drifting run of the version."
+    d = rec.get("details") or {}
+    if not d.get("drifting"): return
+    prev = []
+    if k > 1:
+        from cvops.predlog import drift_reports as t
+        q = (sa.select(t.c.details).where(t.c.model_version == model_version, t.c.test == "run_alert", t.c.created_on < now)
+             .order_by(t.c.created_on.desc()).limit(k - 1))
+        with engine.connect() as c: prev = [r[0] for r in c.execute(q)]
+    streak = 1
+    for det in prev:
+        det = json.loads(det) if isinstance(det, str) else (det or {})
+        if not det.get("drifting"): break
+        streak += 1
+    d.update(consecutive_drifting_runs=streak, alert_after=k)
+    if streak < k:
+        rec["verdict"] = "no drift"
+        d["why"] = f"drifting run {streak} of the {k} consecutive ones monitor.alert_after asks for: no alert yet"
 
 def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str | None = None, engine=None,
                 storage=None, now: datetime | None = None, settings: MonitorSettings | None = None, notify: bool = True) -> MonitorRun:
@@ -264,14 +320,15 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
                 reference, why = None, "the logged predictions carry no detector features"
             if reference is not None:
                 if len(current) == 0: current = reference.iloc[:0].drop(columns=[c for c in ("label",) if c in reference.columns])
-                from cvops.drift import run_drift_tests
-                results = run_drift_tests(reference, current, classes, cfg)
+                from cvops.drift import window_tests
+                results = window_tests(reference, current, classes, cfg)         # run_alert first, then each test (Holm)
+                _persistence(engine, results[0], run.model_version, now, cfg.alert_after)
                 for r in results: r.setdefault("details", {}); r["details"] = {**(r["details"] or {}), "window": window,
                                                                                "n_without_features": int(len(rows) - len(current))}
         if not results:
             log.warning("monitor: %s", why)
             run.message = why
-            results = [dict(test="drift_tests", features=None, statistic=None, p_value=None, threshold=cfg.alpha,
+            results = [dict(test="run_alert", features="all", statistic=None, p_value=None, threshold=cfg.alpha,
                             verdict="insufficient data", backend=cfg.backend, n_rows=len(rows), n_reference=None,
                             details={"error": why, "window": window})]
         acc = live_accuracy(rows, expected, cfg.alpha); acc["details"]["window"] = window
@@ -285,19 +342,38 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
         with engine.begin() as c: c.execute(drift_reports.insert(), run.rows)
     finally:
         if own_engine: engine.dispose()
-    if run.drift and notify: alert(run, settings or load_monitor_settings(root))
+    if run.alerting and notify: alert(run, settings or load_monitor_settings(root))
     return run
 
 # %% ../notebooks/lib/19_monitor.ipynb #335a7117
+def redact_url(url: str, text: str | None = None) -> str:
+    """`scheme://host[:port]/…`: a webhook's path and query often carry its secret (Slack, Teams), so logs never show them.
+    With `text`, that text with the URL's path and query replaced instead."""
+    from urllib.parse import urlsplit
+    u = urlsplit(url or "")
+    safe = f"{u.scheme}://{u.hostname or ''}{f':{u.port}' if u.port else ''}/…" if u.scheme else "…"
+    if text is None: return safe
+    for secret in (url, u.path + (f"?{u.query}" if u.query else ""), u.path, u.query):
+        if secret and secret != "/": text = text.replace(secret, "/…" if secret.startswith("/") else "…")
+    return text
+
 def webhook_payload(run: MonitorRun) -> dict:
+    "The run-level verdict first (`alert`: feature tests, Holm-corrected; `live_accuracy`), then every test's row."
     keys = ("test", "features", "n_rows", "statistic", "p_value", "threshold", "verdict")
-    return _jsonable({"event": "drift", "run_id": run.run_id, "model_name": run.model_name, "model_version": run.model_version,
+    ra, acc = run.run_alert or {}, next((r for r in run.rows if r["test"] == "live_accuracy"), {})
+    d = ra.get("details") or {}
+    head = {"verdict": ra.get("verdict"), "p_value": ra.get("p_value"), "alpha": ra.get("threshold"), "correction": d.get("correction"),
+            "drifting_tests": d.get("drifting_tests") or [], "p_holm": d.get("p_holm_by_test") or {},
+            "consecutive_drifting_runs": d.get("consecutive_drifting_runs"), "alert_after": d.get("alert_after"),
+            "live_accuracy": acc.get("verdict")}
+    return _jsonable({"event": "drift", "alert": head, "run_id": run.run_id, "model_name": run.model_name, "model_version": run.model_version,
                       "window_start": run.window_start, "window_end": run.window_end, "n_rows": run.n_rows,
                       "drift": [r["test"] for r in run.drift], "tests": [{k: r[k] for k in keys} for r in run.rows]})
 
 def alert(run: MonitorRun, settings: MonitorSettings) -> bool:
     "Log a warning for the drifting tests; POST the summary to the webhook if one is set. True when the webhook took it."
-    log.warning("drift in %s over %d predictions: %s", run.model_version, run.n_rows,
+    ra = run.run_alert or {}
+    log.warning("drift in %s over %d predictions: run verdict %s; %s", run.model_version, run.n_rows, ra.get("verdict"),
                 ", ".join(f"{r['test']} (p={r['p_value']:.3g} < {r['threshold']})" if r["p_value"] is not None else r["test"]
                           for r in run.drift))
     if not settings.webhook_url: return False
@@ -307,7 +383,8 @@ def alert(run: MonitorRun, settings: MonitorSettings) -> bool:
         resp.raise_for_status()
         return True
     except requests.RequestException as e:
-        log.warning("monitor webhook %s failed: %s", settings.webhook_url, f"{type(e).__name__}: {str(e)[:200]}")
+        log.warning("monitor webhook %s failed: %s", redact_url(settings.webhook_url),
+                    f"{type(e).__name__}: {redact_url(settings.webhook_url, str(e))[:200]}")
         return False
 
 # %% ../notebooks/lib/19_monitor.ipynb #a50e090d

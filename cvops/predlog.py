@@ -21,8 +21,9 @@ import sqlalchemy as sa
 
 # %% auto #0
 __all__ = ['log', 'metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'KEEP_AS_IS', 'CONNECTION',
-           'OUTAGE', 'migrate', 'make_engine', 'default_db_url', 'ImageStore', 'record_dumps', 'read_records',
-           'WriteAheadLog', 'LogUnavailable', 'PredictionLog', 'prune_log', 'run_retention']
+           'OUTAGE', 'pack_features', 'unpack_features', 'migrate', 'make_engine', 'default_db_url', 'ImageStore',
+           'record_dumps', 'read_records', 'WriteAheadLog', 'LogUnavailable', 'PredictionLog', 'prune_log',
+           'run_retention']
 
 # %% ../notebooks/lib/13_predlog.ipynb #153f9264
 log = logging.getLogger("cvops.predlog")
@@ -55,9 +56,39 @@ def _predictions_columns():
             sa.Column("features", sa.JSON),
             sa.Column("latency_ms", sa.Float)]
 
+def _feature_columns():
+    "Added by migration 0003: the detectors' float32 features without loss, and their layout."
+    return [sa.Column("feature_blob", sa.LargeBinary),      # float32 little-endian, every head's values, concatenated
+            sa.Column("feature_dims", sa.String(256))]      # their layout, JSON in the same order: {"bbsd": 10, "uae": 32}
+
 api_log = sa.Table("api_log", metadata, *_api_log_columns())
-predictions = sa.Table("predictions", metadata, *_predictions_columns(),
+predictions = sa.Table("predictions", metadata, *_predictions_columns(), *_feature_columns(),
                        sa.Index("ix_predictions_version_time", "model_version", "created_on"))
+
+# %% ../notebooks/lib/13_predlog.ipynb #c30907bd
+def pack_features(features: dict | None) -> dict:
+    "`{head: array}` -> a predictions row's `feature_blob` (float32 little-endian, heads in this order) and `feature_dims`."
+    import numpy as np
+    if not features: return {"feature_blob": None, "feature_dims": None}
+    arrs = {str(k): np.ascontiguousarray(v, dtype="<f4").ravel() for k, v in features.items()}
+    return {"feature_blob": b"".join(a.tobytes() for a in arrs.values()),
+            "feature_dims": json.dumps({k: int(a.size) for k, a in arrs.items()}, separators=(",", ":"))}
+
+def unpack_features(blobs, dims) -> dict:
+    "Rows' `feature_blob`s and `feature_dims` (one layout) -> `{head: (n, d) float32 array}`; `ValueError` when they differ."
+    import numpy as np
+    blobs, dims = list(blobs), list(dims)
+    if not blobs: return {}
+    layouts = set(dims)
+    if len(layouts) > 1:
+        raise ValueError(f"the logged features differ in shape between predictions of this version ({sorted(layouts)[:3]})")
+    layout = json.loads(dims[0]); width = sum(layout.values())
+    if any(len(b) != 4 * width for b in blobs):
+        raise ValueError(f"the logged features differ in shape between predictions of this version (a blob is not {width} float32)")
+    x = np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), width)
+    out, j = {}, 0
+    for k, d in layout.items(): out[k] = x[:, j:j + d]; j += d
+    return out
 
 # %% ../notebooks/lib/13_predlog.ipynb #67ef7ec1
 def _feedback_columns():
@@ -99,7 +130,10 @@ def _m0002_monitoring(op):
     op.create_table("feedback", *_feedback_columns())
     op.create_table("drift_reports", *_drift_reports_columns())   # its index=True columns get their indexes here
 
-MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_monitoring", _m0002_monitoring)]
+def _m0003_feature_blob(op):
+    for col in _feature_columns(): op.add_column("predictions", col)   # nullable: older rows keep their JSON `features`
+
+MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_monitoring", _m0002_monitoring), ("0003_feature_blob", _m0003_feature_blob)]
 _version_table = sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), primary_key=True))
 
 def migrate(engine) -> list[str]:
@@ -178,10 +212,8 @@ class ImageStore:
 CONNECTION = (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.DisconnectionError, sa.exc.TimeoutError)
 OUTAGE = CONNECTION + (sa.exc.ProgrammingError, sa.exc.InternalError, sa.exc.NotSupportedError)  # every row would fail: keep, retry
 
-def _encode_row(row: dict) -> dict:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
-
 def _decode_row(row: dict) -> dict:
+    "Times of spill files written before records were tagged (`record_dumps`) come back as datetimes."
     return {k: (datetime.fromisoformat(v) if k == "created_on" and isinstance(v, str) else v) for k, v in row.items()}
 
 def _text_safe(row: dict) -> dict:

@@ -122,7 +122,7 @@ def production_problems(s: ServiceSettings, uses=("database", "admin", "feedback
 def refuse_insecure(s: ServiceSettings, who: str = "the service", uses=("database", "admin", "feedback")):
     "Raise `InsecureSettings` naming every credential that production mode cannot start with."
     problems = production_problems(s, uses)
-    if problems: raise InsecureSettings(f"{who} refuses to start with CVOPS_ENV=production: {'; '.join(problems)} "
+    if problems: raise InsecureSettings(f"{who} cannot start with CVOPS_ENV=production: {'; '.join(problems)} "
                                         "(set real values in the environment or .env)")
 
 # %% ../notebooks/lib/15_service.ipynb #02d8db6f
@@ -637,10 +637,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         top = max(probs, key=probs.get)
         heat = over = None
         if heatmap: heat, over = await asyncio.to_thread(render_heatmap, out["cam"], upload.display, settings.overlay_max_side)
-        features = {k: [round(float(v), 6) for v in out[k].ravel()] for k in lv.heads}
+        from cvops.predlog import pack_features   # the heads' float32 values as computed, without rounding (monitor: window_frame)
+        features = pack_features({k: out[k] for k in lv.heads})
         request.state.prediction = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc),
                                     "model_name": lv.name, "model_version": lv.version, "top_class": top,
-                                    "probabilities": probs, "features": features or None}
+                                    "probabilities": probs, **features}   # the JSON `features` column stays NULL
         request.state.image = (upload.data, upload.format)
         return PredictionResponse(request_id=request.state.request_id, model_name=lv.name, model_version=lv.version,
                                   top_class=top, probabilities=probs, time_ms=round((time.perf_counter() - t0) * 1000, 3),

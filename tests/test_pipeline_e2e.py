@@ -175,7 +175,7 @@ def _check_service_features(project, meta, dataset_dir):
     import keras
     import sqlalchemy as sa
     from cvops.data import preprocess, to_model_input
-    from cvops.predlog import default_db_url, make_engine
+    from cvops.predlog import default_db_url, make_engine, unpack_features
     name, folder = meta["model_name"], project.path / "central_storage" / "models" / meta["model_dir"]
     ref = pd.read_parquet(folder / "ref_data" / f"{name}_ref_data.parquet")
     data = (dataset_dir / ref.path[0]).read_bytes()
@@ -190,10 +190,10 @@ def _check_service_features(project, meta, dataset_dir):
         svc.stop()   # flushes the prediction log
     engine = make_engine(default_db_url(project.path))   # var/cvops.db of the project
     with engine.connect() as c:
-        row = c.execute(sa.text("SELECT features, model_version FROM predictions WHERE request_id = :r"),
+        row = c.execute(sa.text("SELECT feature_blob, feature_dims, model_version FROM predictions WHERE request_id = :r"),
                         {"r": body["request_id"]}).one()
-    features = json.loads(row[0]) if isinstance(row[0], str) else row[0]
-    assert row[1] == meta["version"] and sorted(features) == ["bbsd", "uae"]
+    features = {k: v[0] for k, v in unpack_features([row[0]], [row[1]]).items()}   # float32, as the model produced them
+    assert row[2] == meta["version"] and sorted(features) == ["bbsd", "uae"]
     assert len(features["uae"]) == 32 and len(features["bbsd"]) == len(meta["model"]["classes"])
     np.testing.assert_allclose(features["bbsd"], [body["probabilities"][c] for c in meta["model"]["classes"]], atol=2e-6)
     uae = keras.models.load_model(folder / "detectors" / f"{name}_uae.keras", compile=False)

@@ -36,8 +36,13 @@ def test_production_refuses_sample_credentials(tmp_path):
     monitor = _run(["monitor"], tmp_path, SAMPLE_ENV)
     assert monitor.returncode != 0 and "the password in DB_URL still has a sample value" in monitor.stderr, monitor.stderr
     assert "ADMIN_TOKEN" not in monitor.stderr          # the monitor is refused for what it uses, not the service's tokens
+    env = {**os.environ, "CVOPS_ROOT": str(tmp_path), **SAMPLE_ENV}
+    dashboards = subprocess.run([str(BIN / "python"), "-c", "from cvops.dashboard import open_sources; open_sources()"],
+                                cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
+    assert dashboards.returncode != 0 and "the dashboards cannot start" in dashboards.stderr, dashboards.stderr
+    assert "the password in DB_URL still has a sample value" in dashboards.stderr
     ok = _run(["serve", "--port", "1"], tmp_path, {**SAMPLE_ENV, "CVOPS_ENV": "development"}, timeout=60)
-    assert "refuses to start" not in ok.stderr          # development mode does not check (the port then fails instead)
+    assert "cannot start with CVOPS_ENV" not in ok.stderr          # development mode does not check (the port then fails instead)
 
 
 @pytest.fixture(scope="module")
