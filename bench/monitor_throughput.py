@@ -140,7 +140,7 @@ def main():
                     frame = h7_reader[1](rows); t5 = time.perf_counter()
                     rec.update(cvops_monitor_read=t5 - t3, cvops_monitor_sql=t4 - t3, cvops_monitor_frame=t5 - t4, cvops_monitor_rows=len(frame))
                     t3 = time.perf_counter(); rows = h7_reader[0](eng, VERSION_JSON, days, nrows); t4 = time.perf_counter()
-                    frame_j = h7_reader[1](rows); t5 = time.perf_counter()
+                    h7_reader[1](rows); t5 = time.perf_counter()
                     rec.update(cvops_monitor_read_json=t5 - t3, cvops_monitor_sql_json=t4 - t3, cvops_monitor_frame_json=t5 - t4)
                 runs[w].append(rec)
                 print(f"  round {rnd} {w}: {len(cur)} rows, read {tr['read_total']:.2f} s (sql {tr['sql_fetch']:.2f}, json {tr['json_parse']:.2f}, "

@@ -117,6 +117,13 @@ def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
             "architecture": info["model"].get("architecture"), "classes": len(info["classes"])}
 
 
+def request_bodies(n: int):
+    "n test images, each as a multipart body of one file, and their Content-Type."
+    images = test_images(n)
+    boundary = uuid.uuid4().hex
+    return images, [multipart(d, boundary) for d in images], f"multipart/form-data; boundary={boundary}"
+
+
 def test_images(n: int) -> list:
     "The first `n` Fashion-MNIST test images, PNG-encoded (as a client would upload them)."
     import io
@@ -486,10 +493,7 @@ def main(argv=None):
     if args.only_durability: return bench_durability_only(args, project, concurrencies)
     try:
         model = prepare_storage(project, work, resolve_path(args.config, project))
-        images = test_images(args.images)
-        boundary = uuid.uuid4().hex
-        bodies = [multipart(d, boundary) for d in images]
-        ctype = f"multipart/form-data; boundary={boundary}"
+        images, bodies, ctype = request_bodies(args.images)
         limit = InProcessLimit(model["folder"], images, args.workers, threads)
         model["parameters"] = limit.wait_ready()
         svc = Service(work, args.workers).start(model["version"])
@@ -642,10 +646,7 @@ def bench_durability_only(args, project: Path, concurrencies) -> dict:
     svc = None
     try:
         model = prepare_storage(project, work, resolve_path(args.config, project))
-        images = test_images(args.images)
-        boundary = uuid.uuid4().hex
-        bodies = [multipart(d, boundary) for d in images]
-        ctype = f"multipart/form-data; boundary={boundary}"
+        images, bodies, ctype = request_bodies(args.images)
         svc = Service(work, args.workers, "durable").start(model["version"])
         raw = {}
         d = bench_durability(svc, work, args, bodies, ctype, concurrencies, raw)

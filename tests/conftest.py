@@ -145,3 +145,16 @@ def service_factory():
     yield make
     for svc in started:
         svc.stop()
+
+
+@pytest.fixture
+def pg(tmp_path):
+    "A throw-away PostgreSQL cluster (initdb + pg_ctl on a free port), stopped and removed when the test ends, pass or fail."
+    from service_support import postgres_bindir, start_postgres
+    if postgres_bindir() is None:
+        msg = "PostgreSQL server programs (initdb, pg_ctl) not found: apt-get install postgresql"
+        if os.environ.get("CI") == "true": pytest.fail(msg)
+        pytest.skip(msg)
+    cluster = start_postgres(tmp_path / "pg")
+    yield cluster
+    cluster.remove()

@@ -113,6 +113,15 @@ def train_small_model(root: Path, seed: int = 0, n_train: int = 3000, epochs: in
     return folder, xt, yt, acc
 
 
+def monitor_env(root: Path, webhook_url: str) -> dict:
+    "The environment `cvops monitor` runs in for a test project: its root, a webhook, no settings of the caller's machine."
+    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_WEBHOOK_URL": webhook_url, "PLOOMBER_STATS_ENABLED": "false",
+           "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI", "MONITOR_INTERVAL"):
+        env.pop(var, None)
+    return env
+
+
 def publish(storage: Path, folder: Path, accuracy: float, name: str = "fashion_small") -> str:
     from cvops.publish import publish_model
     meta = {"model_name": name, "model": {"model_name": name}, "metrics": {"accuracy": accuracy, "n_images": 500}, "lineage": {}}

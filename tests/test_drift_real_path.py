@@ -21,17 +21,15 @@ window alerts with probability at most 1% (3 windows: at most 3%); the draw is s
 (training, images, permutations), so the outcome repeats run after run. Before the fix, (b)
 failed on every window (KS on BBSD p ~ 1e-100: logged tails rounded to zero).
 """
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import requests
 import yaml
 
-from service_support import Service, encode, train_small_model
+from service_support import Service, encode, monitor_env, train_small_model
 from test_monitor_e2e import Webhook, _monitor, _wait_rows
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
@@ -95,10 +93,7 @@ def served(tmp_path_factory):
     version = publish_model(folder, meta, root / "central_storage", files)["version"]
     deploy(root / "central_storage", name, version, by="tests")
     hook = Webhook()
-    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_WEBHOOK_URL": hook.url, "PLOOMBER_STATS_ENABLED": "false",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI", "MONITOR_INTERVAL"):
-        env.pop(var, None)
+    env = monitor_env(root, hook.url)
     svc = Service(root, workers=2)
     try:
         svc.start()

@@ -33,7 +33,7 @@ import requests
 import sqlalchemy as sa
 import yaml
 
-from service_support import BIN, Service, encode, train_small_model
+from service_support import BIN, Service, encode, monitor_env, train_small_model
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
@@ -158,10 +158,7 @@ def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gi
     v = _monitored_version(tmp_path / "build", root / "central_storage")
     classes, images, labels = v["classes"], v["images"], v["labels"]
     hook = Webhook()
-    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_WEBHOOK_URL": hook.url, "PLOOMBER_STATS_ENABLED": "false",
-           "TF_CPP_MIN_LOG_LEVEL": "3"}
-    for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI", "MONITOR_INTERVAL"):
-        env.pop(var, None)
+    env = monitor_env(root, hook.url)
     svc = Service(root, workers=2)
     try:
         svc.start()

@@ -15,21 +15,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import BIN, encode, postgres_bindir, start_postgres
+from service_support import BIN, encode
 
 pytestmark = pytest.mark.service
 IN_CI = os.environ.get("CI") == "true"
-
-
-@pytest.fixture
-def pg(tmp_path):
-    if postgres_bindir() is None:
-        msg = "PostgreSQL server programs (initdb, pg_ctl) not found: apt-get install postgresql"
-        if IN_CI: pytest.fail(msg)
-        pytest.skip(msg)
-    cluster = start_postgres(tmp_path / "pg")
-    yield cluster
-    cluster.remove()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 initdb + pg_ctl on a free port, never the machine's own) is stopped under load and started again.
 Predictions keep succeeding, /ready and /metrics tell the truth, and afterwards every successful
 prediction has exactly one row in the database (from memory, or written back from spill files)."""
-import os
 import threading
 import time
 
@@ -10,25 +9,12 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import encode, postgres_bindir, start_postgres
+from service_support import encode
 
 pytestmark = pytest.mark.service
 
-IN_CI = os.environ.get("CI") == "true"
 WARMUP_S, OUTAGE_S, RECOVERY_S = 3.0, 5.0, 6.0
 N_THREADS = 3
-
-
-@pytest.fixture
-def pg(tmp_path):
-    "A throw-away PostgreSQL cluster, stopped and removed when the test ends, pass or fail."
-    if postgres_bindir() is None:
-        msg = "PostgreSQL server programs (initdb, pg_ctl) not found: apt-get install postgresql"
-        if IN_CI: pytest.fail(msg)
-        pytest.skip(msg)
-    cluster = start_postgres(tmp_path / "pg")
-    yield cluster
-    cluster.remove()
 
 
 def _counts(url) -> dict:

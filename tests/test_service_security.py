@@ -5,7 +5,6 @@ import os
 import subprocess
 import time
 
-import numpy as np
 import pytest
 import requests
 import sqlalchemy as sa
