@@ -25,8 +25,8 @@ the decoded images) -- the in-process table. Per cell the two detection rates ar
 (Holm over all cells); when bench/results/drift_quality.json exists its per-test rates are compared the same way.
 
 No-shift false-alarm rates: against the published reference (conditional on it: what a production team sees; the
-headline and the target), against other candidate references (--ref-seeds of the same size; the whole reference
-split), and against a fresh random reference per window (marginal over reference draws).
+headline and the target), against other candidate references (--ref-seeds of --other-reference-size images; the
+whole reference split), and against a fresh random reference per window (marginal over reference draws).
 
     python bench/drift_e2e.py [--draws 50] [--sizes 50,200,1000] [--permutations 100] [--out bench/results/drift_e2e.json]
 """
@@ -160,8 +160,9 @@ def main(argv=None):
     ap.add_argument("--none-draws", type=int, default=200, help="no-shift windows per n for the false-alarm rates (each reference)")
     ap.add_argument("--pool", type=int, default=2000, help="images per shifted pool (drawn from the no-shift pool)")
     ap.add_argument("--t10k-pool", type=int, default=8000, help="t10k images in no split added to the no-shift pool (at most; if homogeneous; 0: none)")
-    ap.add_argument("--ref-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[1, 2, 3, 4, 5],
-                    help="seeds of other candidate references of the published reference's size (the reference lottery)")
+    ap.add_argument("--ref-seeds", type=lambda s: [int(x) for x in s.split(",") if x], default=[0, 1, 2, 3],
+                    help="seeds of other candidate references (the reference lottery), of --other-reference-size images")
+    ap.add_argument("--other-reference-size", type=int, default=1000, help="their size (0: the published reference's); 1000 = the old default")
     ap.add_argument("--permutations", type=int, default=100, help="as bench/drift_quality.py (MMD p resolution 1/101)")
     ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--epochs", type=int, default=2)
@@ -348,8 +349,9 @@ def main(argv=None):
         met = all(fa[str(n)][RUN_ALERT]["rate"] <= mcfg.alpha for n in sizes)
         print("  no-shift windows against the published reference: " + ", ".join(f"n={n} {fa[n][RUN_ALERT]['rate']:.3f}" for n in fa), flush=True)
         others = {}
-        cands = [(f"seed {s_}, {len(ref)} images", reference_rows(ann, mon.reference_split, len(ref), s_).path) for s_ in a.ref_seeds]
-        cands.append((f"all {len(vrows)} {mon.reference_split} images", vrows.path))
+        m_alt = a.other_reference_size or len(ref)
+        cands = [(f"seed {s_}, {m_alt} images", reference_rows(ann, mon.reference_split, m_alt, s_).path) for s_ in a.ref_seeds]
+        if len(vrows) != len(ref): cands.append((f"all {len(vrows)} {mon.reference_split} images", vrows.path))
         for label, paths in cands:
             t_o = time.time()
             others[label] = dict(n_reference=len(paths), rates=fixed_rates(lvalid.loc[list(paths)].reset_index(drop=True)))
