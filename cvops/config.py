@@ -114,7 +114,7 @@ class MonitorConfig(Section):
     "Drift detectors built with each model, and the scheduled drift check of the serving version."
     encoding_dim: int = Field(default=32, gt=0, description="UAE encoding size")
     bbsd_layer: str = Field(default="probabilities", description="layer whose output the BBSD detector reads (softmax)")
-    reference_size: int = Field(default=1000, gt=0, description="images in the reference data (n images, not batches)")
+    reference_size: int = Field(default=3000, gt=0, description="images in the reference data (n images, not batches; all of the split when it has fewer)")
     reference_split: Literal["valid", "test"] = "valid"   # never 'train': the model has memorised those
     seed: int = 0
     window_days: Optional[float] = Field(default=7, gt=0, description="predictions of the last N days (null: no limit)")
