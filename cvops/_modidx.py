@@ -101,7 +101,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'cvops.data.load_annotations': ('data.html#load_annotations', 'cvops/data.py'),
                             'cvops.data.load_split': ('data.html#load_split', 'cvops/data.py'),
                             'cvops.data.make_dataset': ('data.html#make_dataset', 'cvops/data.py'),
-                            'cvops.data.normalize_image_bytes': ('data.html#normalize_image_bytes', 'cvops/data.py'),
                             'cvops.data.preprocess': ('data.html#preprocess', 'cvops/data.py'),
                             'cvops.data.read_image': ('data.html#read_image', 'cvops/data.py'),
                             'cvops.data.scan_split_folders': ('data.html#scan_split_folders', 'cvops/data.py'),

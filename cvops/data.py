@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['IMAGE_EXTENSIONS', 'SPLITS', 'AnnotationError', 'scan_split_folders', 'load_annotations', 'normalize_image_bytes',
-           'decode_upright', 'to_input', 'preprocess', 'to_model_input', 'read_image', 'split_rows', 'load_split',
-           'build_augmenter', 'make_dataset']
+__all__ = ['IMAGE_EXTENSIONS', 'SPLITS', 'AnnotationError', 'scan_split_folders', 'load_annotations', 'decode_upright',
+           'to_input', 'preprocess', 'to_model_input', 'read_image', 'split_rows', 'load_split', 'build_augmenter',
+           'make_dataset']
 
 # %% ../notebooks/lib/03_data.ipynb #4835000c
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -54,23 +54,6 @@ def load_annotations(dataset_dir, annotation_file="annotation_df.csv", classes=N
     return df.reset_index(drop=True), found
 
 # %% ../notebooks/lib/03_data.ipynb #82e8b987
-def normalize_image_bytes(data) -> bytes:
-    """Encoded bytes that TensorFlow decodes as the image a person sees: EXIF orientation applied,
-    formats TF cannot decode (WebP, TIFF; BMP and GIF as one channel) re-encoded as PNG. Unchanged (and cheap: only the
-    header is read) in the common case; bytes PIL cannot read are returned for TF to reject."""
-    import io
-    from PIL import Image, ImageOps, UnidentifiedImageError
-    data = bytes(data.item() if isinstance(data, np.ndarray) else data)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            orientation = im.getexif().get(0x0112, 1) if im.format in _EXIF_FORMATS else 1
-            if im.format in _TF_FORMATS and orientation in (0, 1) and im.mode not in ("CMYK", "YCbCr"): return data
-            im = ImageOps.exif_transpose(im)
-            if im.mode not in ("L", "RGB", "RGBA", "LA", "I;16"): im = im.convert("RGBA" if "A" in im.mode else "RGB")
-            out = io.BytesIO(); im.save(out, "PNG")
-            return out.getvalue()
-    except (UnidentifiedImageError, OSError, ValueError): return data
-
 _TF_FORMATS = {"JPEG", "PNG"}   # passed through; TF decodes BMP and GIF as 3/4 channels only, so they are re-encoded too
 _EXIF_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "MPO"}
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,6 +112,54 @@ def train_small_model(root: Path, seed: int = 0, n_train: int = 3000, epochs: in
     acc = float((np.asarray(model(xt[..., None].astype("float32") / 255)).argmax(1) == yt).mean())
     folder = save_trained_model(model, root / f"trained-{seed}", cfg, src.classes)
     return folder, xt, yt, acc
+
+
+class PredictionLoad:
+    """Predictions from `n` threads until stopped: (start time, status or None for a cut connection, request id or the
+    error) per request. `heatmap`: True, False or "alternate"."""
+
+    def __init__(self, svc, images, n=4, heatmap=False):
+        self.svc, self.images, self.n, self.heatmap = svc, images, n, heatmap
+        self.results, self._stop, self._lock = [], threading.Event(), threading.Lock()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(n)]
+
+    def _run(self, k):
+        i = k
+        while not self._stop.is_set():
+            t = time.monotonic()
+            heatmap = bool(i % 2) if self.heatmap == "alternate" else self.heatmap
+            try:
+                r = self.svc.predict(self.images[i % len(self.images)], heatmap=heatmap, timeout=20)
+                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+                res = (t, r.status_code, body.get("request_id") if r.status_code == 200 else body.get("error", r.text[:300]))
+            except Exception as e:   # a refused or reset connection (a killed worker): not acknowledged
+                res = (t, None, f"{type(e).__name__}: {e}")
+            with self._lock: self.results.append(res)
+            i += self.n
+
+    def ok_ids(self) -> set:
+        return {r[2] for r in self.results if r[1] == 200}
+
+    def __enter__(self):
+        for t in self.threads: t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self.threads: t.join(30)
+
+
+def monitor_project(root: Path, monitor: dict) -> Path:
+    "A project folder with the monitoring pipeline and a config whose `monitor` section is `monitor`."
+    import yaml
+    repo = Path(__file__).resolve().parents[1]
+    (root / "central_storage" / "models").mkdir(parents=True)
+    (root / "pipeline.yaml").write_text("tasks: []\n")
+    shutil.copy(repo / "pipeline.monitor.yaml", root / "pipeline.monitor.yaml")
+    shutil.copytree(repo / "notebooks" / "monitor", root / "notebooks" / "monitor")
+    (root / "configs").mkdir()
+    (root / "configs" / "config.yaml").write_text(yaml.safe_dump({"monitor": monitor}))
+    return root
 
 
 def monitor_env(root: Path, webhook_url: str) -> dict:

@@ -27,28 +27,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from service_support import Service, encode, monitor_env, train_small_model
+from service_support import Service, encode, monitor_env, monitor_project, train_small_model
 from test_monitor_e2e import Webhook, _monitor, _wait_rows
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
-REPO = Path(__file__).resolve().parents[1]
 N_REF, N_WINDOW, N_POST_REF = 1000, 200, 300
 MONITOR = {"window_days": 1, "window_rows": N_WINDOW, "min_rows": 30, "alpha": 0.01, "permutations": 500,
            "max_test_rows": 1000, "reference_size": N_REF, "reference_split": "valid", "seed": 0}
-
-
-def _project(root: Path) -> Path:
-    import shutil
-    (root / "central_storage" / "models").mkdir(parents=True)
-    (root / "pipeline.yaml").write_text("tasks: []\n")
-    shutil.copy(REPO / "pipeline.monitor.yaml", root / "pipeline.monitor.yaml")
-    shutil.copytree(REPO / "notebooks" / "monitor", root / "notebooks" / "monitor")
-    (root / "configs").mkdir()
-    (root / "configs" / "config.yaml").write_text(yaml.safe_dump({"monitor": MONITOR}))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ def served(tmp_path_factory):
     from cvops.detectors import build_detectors, detector_path, make_reference, ref_data_path, save_detectors
     from cvops.publish import publish_model
     base = tmp_path_factory.mktemp("drift-real-path")
-    root = _project(base / "project")
+    root = monitor_project(base / "project", MONITOR)
     keras.utils.set_random_seed(0)
     folder, _, _, _ = train_small_model(base, seed=0, n_train=30000, epochs=6)
     model = keras.models.load_model(folder / "model.keras", compile=False)

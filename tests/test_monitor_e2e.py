@@ -19,7 +19,6 @@ chi-square and the classifier test give p-values below 1e-20 and MMD the smalles
 """
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -31,13 +30,11 @@ import numpy as np
 import pytest
 import requests
 import sqlalchemy as sa
-import yaml
 
-from service_support import BIN, Service, encode, monitor_env, train_small_model
+from service_support import BIN, Service, encode, monitor_env, monitor_project, train_small_model
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "fashion_small"
 N_WINDOW = 200
 ALPHA = 0.005
@@ -72,17 +69,6 @@ def _monitored_version(base: Path, storage: Path) -> dict:
     version = publish_model(folder, meta, storage, files)["version"]
     deploy(storage, MODEL, version, by="tests")
     return {"version": version, "classes": classes, "accuracy": acc, "images": src.test[0], "labels": src.test[1]}
-
-
-def _project(root: Path) -> Path:
-    "A project folder with the monitoring pipeline and a config whose `monitor` section suits this test."
-    (root / "central_storage" / "models").mkdir(parents=True)
-    (root / "pipeline.yaml").write_text("tasks: []\n")
-    shutil.copy(REPO / "pipeline.monitor.yaml", root / "pipeline.monitor.yaml")
-    shutil.copytree(REPO / "notebooks" / "monitor", root / "notebooks" / "monitor")
-    (root / "configs").mkdir()
-    (root / "configs" / "config.yaml").write_text(yaml.safe_dump({"monitor": MONITOR}))
-    return root
 
 
 class Webhook:
@@ -154,7 +140,7 @@ def _monitor(root: Path, env: dict) -> tuple[str, list]:
 
 def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gives_live_accuracy(tmp_path):
     from cvops.predlog import default_db_url
-    root = _project(tmp_path / "project")
+    root = monitor_project(tmp_path / "project", MONITOR)
     v = _monitored_version(tmp_path / "build", root / "central_storage")
     classes, images, labels = v["classes"], v["images"], v["labels"]
     hook = Webhook()
@@ -210,7 +196,7 @@ def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gi
 def test_monitor_every_interval_from_env_keeps_running_until_sigterm(tmp_path):
     "`cvops monitor --every` (MONITOR_INTERVAL from the environment): one run per interval, each with its own record; SIGTERM stops it."
     import signal
-    root = _project(tmp_path / "project")
+    root = monitor_project(tmp_path / "project", MONITOR)
     env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_INTERVAL": "1s", "PLOOMBER_STATS_ENABLED": "false"}
     for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MONITOR_WEBHOOK_URL"):
         env.pop(var, None)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import BIN, encode
+from service_support import BIN, PredictionLoad, encode
 
 pytestmark = pytest.mark.service
 IN_CI = os.environ.get("CI") == "true"
@@ -25,39 +24,6 @@ IN_CI = os.environ.get("CI") == "true"
 def images(trained_models):
     _, xt, _, _ = trained_models["a"]
     return [encode(xt[i], "PNG") for i in range(60)]
-
-
-class Load:
-    "Predictions from `n` threads until stopped: (time, status, request id or error text) per request."
-
-    def __init__(self, svc, images, n=4, heatmap=False):
-        self.svc, self.images, self.n, self.heatmap = svc, images, n, heatmap
-        self.results, self._stop, self._lock = [], threading.Event(), threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(n)]
-
-    def _run(self, k):
-        i = k
-        while not self._stop.is_set():
-            t = time.monotonic()
-            try:
-                r = self.svc.predict(self.images[i % len(self.images)], heatmap=self.heatmap, timeout=20)
-                body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
-                res = (t, r.status_code, body.get("request_id") if r.status_code == 200 else body.get("error", r.text[:300]))
-            except Exception as e:   # a connection reset by the killed worker: not acknowledged, so not counted
-                res = (t, None, f"{type(e).__name__}: {e}")
-            with self._lock: self.results.append(res)
-            i += self.n
-
-    def ok_ids(self) -> set:
-        return {r[2] for r in self.results if r[1] == 200}
-
-    def __enter__(self):
-        for t in self.threads: t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self.threads: t.join(30)
 
 
 def _ids(url, table: str) -> set:
@@ -100,7 +66,7 @@ def _sigkill_under_load(service_root, service_factory, images, mode: str):
     root = service_root["root"]
     svc = service_factory(root, workers=2, env={"LOG_DURABILITY": mode})
     svc.wait_workers_ready(service_root["a"])
-    with Load(svc, images, n=4) as load:
+    with PredictionLoad(svc, images, n=4) as load:
         time.sleep(3.0)
         pids = _worker_pids(root)
         assert len(pids) == 2, pids
@@ -172,7 +138,7 @@ def test_database_down_and_disk_full_answers_503_then_recovers(pg, service_root,
         svc = service_factory(root, workers=2, db_url=pg.url)
         svc.wait_workers_ready(service_root["a"])
         seen = {"ready_down": [], "503": [], "ready_after": None}
-        with Load(svc, images, n=3) as load:
+        with PredictionLoad(svc, images, n=3) as load:
             time.sleep(2.0)
             filler = _fill(spill)
             assert os.statvfs(spill).f_bavail == 0

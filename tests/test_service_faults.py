@@ -2,14 +2,13 @@
 initdb + pg_ctl on a free port, never the machine's own) is stopped under load and started again.
 Predictions keep succeeding, /ready and /metrics tell the truth, and afterwards every successful
 prediction has exactly one row in the database (from memory, or written back from spill files)."""
-import threading
 import time
 
 import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import encode
+from service_support import PredictionLoad, encode
 
 pytestmark = pytest.mark.service
 
@@ -41,40 +40,11 @@ def _spill_files(root) -> list:
     return sorted(p.name for p in d.glob("spill-*.jsonl*")) if d.exists() else []
 
 
-class Load:
-    "Predictions from a few threads until stopped; every response (or exception) is recorded with its time."
-
-    def __init__(self, svc, images):
-        self.svc, self.images, self.results, self._stop = svc, images, [], threading.Event()
-        self._lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(N_THREADS)]
-
-    def _run(self, k):
-        i = k
-        while not self._stop.is_set():
-            t = time.monotonic()
-            try:
-                r = self.svc.predict(self.images[i % len(self.images)], heatmap=bool(i % 2), timeout=20)
-                res = (t, r.status_code, r.json().get("request_id") if r.status_code == 200 else r.text[:300])
-            except Exception as e:  # a refused/reset connection is a failure too
-                res = (t, None, f"{type(e).__name__}: {e}")
-            with self._lock: self.results.append(res)
-            i += N_THREADS
-
-    def __enter__(self):
-        for t in self.threads: t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self.threads: t.join(30)
-
-
 def _outage(pg, svc, root, images, *, expect_spill: bool):
     "Load, stop the database for OUTAGE_S, start it, load on; returns what was observed."
     seen = {"ready_down": [], "ready_after": None, "queue_max": 0.0, "spilled_max": 0.0, "db_up_min": 1.0,
             "spill_files_max": 0, "spill_files_left_under_load": None}
-    with Load(svc, images) as load:
+    with PredictionLoad(svc, images, n=N_THREADS, heatmap="alternate") as load:
         time.sleep(WARMUP_S)
         pg.stop("fast")
         t_down = time.monotonic()
