@@ -4,12 +4,12 @@ the monitor's own drift code on windows of those rows; beside the in-process tab
 The model: the default config's deployed version with its detectors and reference data (copied into a temp central
 storage, so the bench writes nothing into the project's log); when none is deployed (or it has no detectors), the
 config's model section trained briefly here (--train-images, --epochs; the output says so), its detectors built by
-`cvops.detectors.build_detectors` and its reference data by `cvops.detectors.make_reference` (the pipeline's own code:
+`cvops.monitoring.drift_detectors.build_detectors` and its reference data by `cvops.monitoring.drift_detectors.make_reference` (the pipeline's own code:
 files' bytes through the service's compiled prepare + predict), published and deployed in the temp storage.
 
 The real service (`cvops serve`, 2 workers) on a free port; pools POSTed once over HTTP (heatmap=false):
   none      new images from the population, independent of the reference: Fashion-MNIST images that are in no split of
-            the dataset (`cvops.dataset.sample_splits`' picks reproduced and excluded): the train file's ~2,000 left-over
+            the dataset (`cvops.data.dataset.sample_splits`' picks reproduced and excluded): the train file's ~2,000 left-over
             images (the reference's own distribution) plus --t10k-pool of the t10k file's ~8,000 left-over ones when a
             two-sample check (window_tests, train-file left-overs vs t10k left-overs) finds no difference; JPEG-encoded
             as the dataset's files are (greyscale, quality 95). (Not the reference split's complement: the split is
@@ -17,8 +17,8 @@ The real service (`cvops serve`, 2 workers) on a free port; pools POSTed once ov
   gn1/gn10/gn100, brightness, rotation, blur   --pool images of the `none` pool shifted as bench/drift_quality.py does (PNG)
   ko        windows drawn from the `none` pool without one class (a random class per draw)
   valid     the whole reference split (its files' bytes): the rows of other candidate references (other seeds, all of it)
-The rows are read back with the monitor's reader (`cvops.monitor.read_window` + `window_frame`), and every window
-(n in --sizes, --draws per cell, sampled from the logged rows) goes through `cvops.drift.window_tests`, the function
+The rows are read back with the monitor's reader (`cvops.monitoring.check_drift.read_window` + `window_frame`), and every window
+(n in --sizes, --draws per cell, sampled from the logged rows) goes through `cvops.monitoring.drift.window_tests`, the function
 `check_drift` runs: the four tests, Holm over them, the run-level verdict. The same windows (same image indices, same
 seeds) are also run on features computed in-process as bench/drift_quality.py computes them (the detectors called on
 the decoded images) -- the in-process table. Per cell the two detection rates are compared with Fisher's exact test
@@ -59,7 +59,7 @@ def png(a: np.ndarray) -> bytes:
 
 
 def jpeg(a: np.ndarray) -> bytes:
-    "Encoded as the dataset's files are (cvops.dataset.write_split_layout: greyscale JPEG, quality 95)."
+    "Encoded as the dataset's files are (cvops.data.dataset.write_split_layout: greyscale JPEG, quality 95)."
     from PIL import Image
     b = io.BytesIO(); Image.fromarray(np.asarray(a, np.uint8), "L").save(b, "JPEG", quality=95); return b.getvalue()
 
@@ -68,7 +68,7 @@ def split_source_indices(src, seed: int = 0) -> dict:
     """`sample_splits`' picks reproduced (the default dataset's build: default quotas, seed 0): the source indices of each
     split in dataset-file order (file images/<split>/<class>/<i>.jpg is position i of the concatenation), and the images of
     each source file that are in no split (`unused_train`: train file, `unused_t10k`: t10k file)."""
-    from cvops.dataset import ImageSource, sample_splits
+    from cvops.data.dataset import ImageSource, sample_splits
     (_, ytr), (_, yte) = src.train, src.test
     ids, _, splits = sample_splits(ImageSource(src.name, src.classes, (np.arange(len(ytr)), ytr), (np.arange(len(yte)), yte)), seed=seed)
     out = {k: ids[splits == k] for k in ("train", "valid", "test")}
@@ -82,8 +82,8 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
     "A temp project whose central storage holds one deployed version with detectors + reference data."
     import keras
     from cvops.config import load_config
-    from cvops.deploy import current_deployment, resolve_version
-    from cvops.detectors import detector_path, ref_data_path
+    from cvops.registry.deploy import current_deployment, resolve_version
+    from cvops.monitoring.drift_detectors import detector_path, ref_data_path
     cfg = load_config(config_path)
     rec = current_deployment(ROOT / "central_storage") if (ROOT / "central_storage").exists() else None
     if rec is not None:
@@ -95,13 +95,13 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
         why = f"the deployed version {rec['version']} has no detectors/reference data"
     else: why = "nothing is deployed in central_storage/"
     # train the config's model briefly, then the pipeline's own detector + reference code, publish, deploy
-    from cvops.data import load_annotations
-    from cvops.dataset import load_default_source
-    from cvops.deploy import deploy
-    from cvops.detectors import build_detectors, make_reference, save_detectors
-    from cvops.model import build_model, compile_model
-    from cvops.publish import publish_model
-    from cvops.train import save_trained_model
+    from cvops.data.preprocess import load_annotations
+    from cvops.data.dataset import load_default_source
+    from cvops.registry.deploy import deploy
+    from cvops.monitoring.drift_detectors import build_detectors, make_reference, save_detectors
+    from cvops.training.model import build_model, compile_model
+    from cvops.registry.publish import publish_model
+    from cvops.training.train import save_trained_model
     print(f"{why}: training the default config's model ({cfg.model.model_name}) briefly here: "
           f"{train_images} training images, {epochs} epochs (not the full pipeline's training)", flush=True)
     keras.utils.set_random_seed(0)
@@ -130,7 +130,7 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
     _, vfolder = resolve_version(storage, cfg.model.model_name, version)
     return dict(cfg=cfg, version=version, name=cfg.model.model_name, folder=vfolder,
                 source=f"{why}: the config's model trained here ({train_images} images, {epochs} epochs; "
-                       f"accuracy {acc:.3f} on 2000 test images), detectors + reference by cvops.detectors")
+                       f"accuracy {acc:.3f} on 2000 test images), detectors + reference by cvops.monitoring.drift_detectors")
 
 
 def post_all(port: int, payloads: list, threads: int = 8) -> list:
@@ -174,11 +174,11 @@ def main(argv=None):
     import keras
     import pandas as pd
     from scipy.stats import beta
-    from cvops.data import load_annotations, read_image
-    from cvops.detectors import detector_path, ref_data_path, reference_data
-    from cvops.drift import RUN_ALERT, TESTS, holm, window_tests
-    from cvops.monitor import read_window, window_frame
-    from cvops.predlog import default_db_url, make_engine
+    from cvops.data.preprocess import load_annotations, read_image
+    from cvops.monitoring.drift_detectors import detector_path, ref_data_path, reference_data
+    from cvops.monitoring.drift import RUN_ALERT, TESTS, holm, window_tests
+    from cvops.monitoring.check_drift import read_window, window_frame
+    from cvops.predlog.log import default_db_url, make_engine
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-drift-e2e-"))
     svc = None
     try:
@@ -192,8 +192,8 @@ def main(argv=None):
         mon = cfg.monitor
         size, ch = (cfg.model.input_size.w, cfg.model.input_size.h), cfg.model.channels
         # the no-shift pool: images in no split of the dataset (independent of the reference); checked against the dataset
-        from cvops.dataset import load_default_source
-        from cvops.detectors import reference_rows
+        from cvops.data.dataset import load_default_source
+        from cvops.monitoring.drift_detectors import reference_rows
         src = load_default_source()
         si = split_source_indices(src)
         vrows = ann[ann.split == mon.reference_split]

@@ -12,11 +12,11 @@ monitor.reference_split, which the model was not fitted on). Shifts (applied to 
   blur          gaussian blur, sigma 1 pixel
 n in {10, 20, 50, 100, 200, 500, 1000}, --draws random windows per cell (default 50). The features of every shifted
 test image are computed once; each draw samples rows of those feature arrays, so a check costs only the tests.
-Every draw runs cvops.drift.run_drift_tests with backend cvops and, unless --no-alibi, alibi on the same window;
+Every draw runs cvops.monitoring.drift.run_drift_tests with backend cvops and, unless --no-alibi, alibi on the same window;
 decisions are compared draw by draw.
 
 The model: the deployed version (central_storage/deployments/current.json) with its detectors/ and ref_data/ when
-it has them; a deployed version without them gets UAE/BBSD built here by cvops.detectors (monitor section of the
+it has them; a deployed version without them gets UAE/BBSD built here by cvops.monitoring.drift_detectors (monitor section of the
 config) and a reference drawn as the pipeline draws it; with nothing deployed, the config's model trained briefly
 (as tests/service_support.train_small_model does). The source is recorded in the results.
 
@@ -63,9 +63,9 @@ def load_setup(config_path: Path, storage: Path) -> dict:
     import keras
     import pandas as pd
     from cvops.config import load_config
-    from cvops.data import load_annotations, load_split
-    from cvops.deploy import current_deployment, resolve_version, version_metadata
-    from cvops.detectors import build_bbsd, build_uae, detector_path, reference_data, ref_data_path
+    from cvops.data.preprocess import load_annotations, load_split
+    from cvops.registry.deploy import current_deployment, resolve_version, version_metadata
+    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, reference_data, ref_data_path
     cfg = load_config(config_path)
     mon = cfg.monitor
     rec = current_deployment(storage) if storage.exists() else None
@@ -87,7 +87,7 @@ def load_setup(config_path: Path, storage: Path) -> dict:
         dets = {"uae": build_uae((size[1], size[0], ch), mon.encoding_dim, mon.seed), "bbsd": build_bbsd(model, mon.bbsd_layer)}
         xr, yr = load_split(df, ds_dir, mon.reference_split, classes, size, ch, max_images=mon.reference_size, seed=mon.seed)
         ref = reference_data(dets, xr, np.asarray(classes)[yr.argmax(1)], classes)
-        source = ("deployed version (no published detectors/reference data): UAE/BBSD built here by cvops.detectors, "
+        source = ("deployed version (no published detectors/reference data): UAE/BBSD built here by cvops.monitoring.drift_detectors, "
                   f"reference = {len(ref)} {mon.reference_split} images")
     return dict(cfg=cfg, classes=classes, dets=dets, ref=ref, x_test=xt, y_test=yt.argmax(1), source=source,
                 model=dict(name=name, version=version, accuracy=meta.get("metrics", {}).get("accuracy")))
@@ -95,9 +95,9 @@ def load_setup(config_path: Path, storage: Path) -> dict:
 
 def trained_setup(cfg) -> dict:
     "Nothing deployed: the config's model trained briefly on Fashion-MNIST arrays."
-    from cvops.dataset import load_default_source
-    from cvops.detectors import build_bbsd, build_uae, reference_data
-    from cvops.model import build_model, compile_model
+    from cvops.data.dataset import load_default_source
+    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
+    from cvops.training.model import build_model, compile_model
     src = load_default_source(); k = len(src.classes)
     x, y = src.train[0][:5000, ..., None], src.train[1][:5000]
     model = compile_model(build_model(cfg.model, k, seed=0), cfg.model, "adam", 2e-3)
@@ -113,7 +113,7 @@ def trained_setup(cfg) -> dict:
 
 def shifted_features(setup: dict, seed: int) -> dict:
     "Features of every test image under every shift (computed once)."
-    from cvops.detectors import reference_data
+    from cvops.monitoring.drift_detectors import reference_data
     out = {}
     for k, kind in enumerate(SHIFTS):
         x = setup["x_test"] if kind in ("none", "ko") else shift_images(setup["x_test"], kind, np.random.default_rng(seed + k))
@@ -136,7 +136,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench/results/drift_quality.json"))
     ap.add_argument("--no-notebook", action="store_true", help="skip rendering notebooks/bench/drift_quality.ipynb")
     a = ap.parse_args()
-    from cvops.drift import TESTS, run_drift_tests
+    from cvops.monitoring.drift import TESTS, run_drift_tests
     t_start = time.time()
     setup = load_setup(Path(a.config), Path(a.storage))
     sizes = [int(s) for s in a.sizes.split(",")]

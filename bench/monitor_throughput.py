@@ -2,17 +2,17 @@
 
 100,000 prediction rows (api_log + predictions, each with realistic detector features: `uae` 32 floats,
 `bbsd` 10 softmax probabilities, as the service logs them: float32 `feature_blob` + `feature_dims`) are written through
-cvops.predlog.PredictionLog into a SQLite database in a temp folder (their created_on spread over the last 6 days),
+cvops.predlog.log.PredictionLog into a SQLite database in a temp folder (their created_on spread over the last 6 days),
 and the same features again as rows of releases before migration 0003 (6-decimal JSON `features`), another version. Then, per round, timed:
 
   read   the window from the public tables (SELECT created_on, top_class, features FROM predictions of the version,
          newest first, within monitor.window_days, LIMIT window_rows): the SQL fetch, the JSON parse of the features,
-         the arrays/frame (as cvops.detectors.feature_frame makes it)
-  tests  cvops.drift.run_drift_tests against a 1,000-row reference: KS (Bonferroni) on BBSD and chi-square on the
+         the arrays/frame (as cvops.monitoring.drift_detectors.feature_frame makes it)
+  tests  cvops.monitoring.drift.run_drift_tests against a 1,000-row reference: KS (Bonferroni) on BBSD and chi-square on the
          predicted class over every row of the window; MMD (permutation test, monitor.permutations) and the
          classifier two-sample test on a monitor.max_test_rows = 1,000-row subsample
 
-for two windows: all 100,000 rows (window_rows: null) and the default config's latest 1,000. When cvops.monitor
+for two windows: all 100,000 rows (window_rows: null) and the default config's latest 1,000. When cvops.monitoring.check_drift
 (read_window + window_frame) is importable, its reader is timed on the same database too. Target: the 100,000-row
 run (read + tests) < 15 s on 2 cores. Medians over --rounds; results to --out (JSON) and a table on stdout.
 
@@ -49,7 +49,7 @@ def fake_features(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_rows(url: str, n: int, rng, spill: Path, version: str = VERSION, blob: bool = True) -> dict:
-    from cvops.predlog import PredictionLog, make_engine, migrate, pack_features
+    from cvops.predlog.log import PredictionLog, make_engine, migrate, pack_features
     eng = make_engine(url); migrate(eng)
     uae, bbsd = fake_features(n, rng)
     now = datetime.now(timezone.utc); span = timedelta(days=6).total_seconds()
@@ -74,8 +74,8 @@ def write_rows(url: str, n: int, rng, spill: Path, version: str = VERSION, blob:
 def read_window(eng, window_days, window_rows) -> tuple:
     "The bench's own reader on the public tables: (frame, timings)."
     import sqlalchemy as sa
-    from cvops.detectors import feature_frame
-    from cvops.predlog import predictions as p
+    from cvops.monitoring.drift_detectors import feature_frame
+    from cvops.predlog.log import predictions as p
     try:
         import orjson; loads = orjson.loads
     except ImportError: loads = json.loads
@@ -102,21 +102,21 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "bench/results/monitor_throughput.json"))
     a = ap.parse_args()
     from cvops.config import load_config
-    from cvops.detectors import feature_frame
-    from cvops.drift import run_drift_tests
-    from cvops.predlog import make_engine
+    from cvops.monitoring.drift_detectors import feature_frame
+    from cvops.monitoring.drift import run_drift_tests
+    from cvops.predlog.log import make_engine
     mon = load_config(a.config).monitor
     rng = np.random.default_rng(0)
     ru, rb = fake_features(mon.reference_size, np.random.default_rng(1))
     ref = feature_frame({"uae": ru, "bbsd": rb}, classes=CLASSES)
     try:
-        from cvops import monitor as h7
+        from cvops.monitoring import check_drift as h7
         h7_reader = (h7.read_window, h7.window_frame)
     except Exception as e:  # noqa: BLE001  (the monitor module is optional here)
-        h7_reader = None; print(f"cvops.monitor reader not timed: {type(e).__name__}: {e}")
+        h7_reader = None; print(f"cvops.monitoring.check_drift reader not timed: {type(e).__name__}: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
-        print(f"writing {a.rows} prediction rows through cvops.predlog ...", flush=True)
+        print(f"writing {a.rows} prediction rows through cvops.predlog.log ...", flush=True)
         written = write_rows(url, a.rows, rng, Path(tmp) / "spill")
         print(f"  {written}", flush=True)
         print(f"writing the same {a.rows} rows as older releases logged them (JSON features) ...", flush=True)
@@ -145,7 +145,7 @@ def main():
                 runs[w].append(rec)
                 print(f"  round {rnd} {w}: {len(cur)} rows, read {tr['read_total']:.2f} s (sql {tr['sql_fetch']:.2f}, json {tr['json_parse']:.2f}, "
                       f"frame {tr['frame']:.2f}), tests {t2 - t1:.2f} s, total {t2 - t0:.2f} s"
-                      + (f"; cvops.monitor reader: float32 blobs {rec['cvops_monitor_read']:.2f} s (sql {rec['cvops_monitor_sql']:.2f}, "
+                      + (f"; cvops.monitoring.check_drift reader: float32 blobs {rec['cvops_monitor_read']:.2f} s (sql {rec['cvops_monitor_sql']:.2f}, "
                          f"frame {rec['cvops_monitor_frame']:.2f}), JSON rows {rec['cvops_monitor_read_json']:.2f} s (sql "
                          f"{rec['cvops_monitor_sql_json']:.2f}, frame {rec['cvops_monitor_frame_json']:.2f})" if h7_reader else ""), flush=True)
     med = {w: {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0] if isinstance(rs[0][k], (int, float)) and rs[0][k] is not None}
@@ -161,7 +161,7 @@ def main():
         print(f"{w:16} {int(m['n_rows']):7d} {m['sql_fetch']:6.2f} {m['json_parse']:6.2f} {m['frame']:6.2f} {m['tests_total']:6.2f} {m['total']:6.2f}")
     if "cvops_monitor_read" in med["all_rows"]:
         for w, m in med.items():
-            print(f"cvops.monitor reader, {w}: float32 blob rows {m['cvops_monitor_read']:.2f} s, JSON rows {m['cvops_monitor_read_json']:.2f} s")
+            print(f"cvops.monitoring.check_drift reader, {w}: float32 blob rows {m['cvops_monitor_read']:.2f} s, JSON rows {m['cvops_monitor_read_json']:.2f} s")
     print(f"target: all {a.rows} rows < {TARGET_S} s -> {'met' if result['met'] else 'MISSED'}; wrote {out}")
 
 

@@ -13,7 +13,7 @@
              loop (batch 1), which is how the issue words the limit.
    Service and in-process cells alternate (never run at the same time: they would share the cores), for
    `--rounds` rounds; the figures reported are medians over the rounds.
-3. predlog   rows/s that cvops.predlog.PredictionLog writes (one row = one request: its api_log row and its
+3. predlog   rows/s that cvops.predlog.log.PredictionLog writes (one row = one request: its api_log row and its
              predictions row with 10 class probabilities and a 40-float feature head), queued up front and
              timed until the writer thread has written them all, to SQLite (a file in a temp folder) and
              PostgreSQL (127.0.0.1:5432, user postgres, a temp database created and dropped; "unavailable" and
@@ -63,11 +63,11 @@ def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epoch
     import numpy as np
     import yaml
     from cvops.config import ModelConfig
-    from cvops.dataset import load_default_source
-    from cvops.deploy import deploy
-    from cvops.model import build_model, compile_model
-    from cvops.publish import publish_model
-    from cvops.train import save_trained_model
+    from cvops.data.dataset import load_default_source
+    from cvops.registry.deploy import deploy
+    from cvops.training.model import build_model, compile_model
+    from cvops.registry.publish import publish_model
+    from cvops.training.train import save_trained_model
     src = load_default_source()
     cfg = ModelConfig.model_validate(yaml.safe_load(Path(config_path).read_text())["model"])
     k = len(src.classes)
@@ -90,7 +90,7 @@ def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epoch
 
 def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
     "A temp project folder for the service whose central storage holds one deployed version; returns what it is."
-    from cvops.deploy import current_deployment, resolve_version
+    from cvops.registry.deploy import current_deployment, resolve_version
     storage = work / "central_storage"
     (storage / "models" / ".versions").mkdir(parents=True)
     (work / "pipeline.yaml").write_text("tasks: []\n")
@@ -128,7 +128,7 @@ def test_images(n: int) -> list:
     "The first `n` Fashion-MNIST test images, PNG-encoded (as a client would upload them)."
     import io
     from PIL import Image
-    from cvops.dataset import load_default_source
+    from cvops.data.dataset import load_default_source
     out = []
     for a in load_default_source().test[0][:n]:
         b = io.BytesIO(); Image.fromarray(a).save(b, "PNG"); out.append(b.getvalue())
@@ -144,8 +144,8 @@ def _limit_worker(folder: str, images: list, threads: int, cmds, results):
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     import numpy as np
     import keras
-    from cvops.deploy import check_version
-    from cvops.inference import check_upload, class_probabilities, prepare_input, render_heatmap
+    from cvops.registry.deploy import check_version
+    from cvops.serving.inference import check_upload, class_probabilities, prepare_input, render_heatmap
     lv = check_version(folder)
     params = keras.models.load_model(Path(folder) / "model.keras", compile=False).count_params()
     results.put(("ready", os.getpid(), params))
@@ -395,7 +395,7 @@ def log_rows(n: int, images: list, classes: list) -> list:
 
 
 def predlog_rate(url: str, rows: list, work: Path, with_images: bool, timeout: float = 120) -> dict:
-    from cvops.predlog import ImageStore, PredictionLog, make_engine, migrate
+    from cvops.predlog.log import ImageStore, PredictionLog, make_engine, migrate
     import sqlalchemy as sa
     eng = make_engine(url)
     try:
@@ -547,7 +547,7 @@ def main(argv=None):
                               "in-process workers (from /proc/stat); above ~0.2 cores the figures are disturbed"}
 
         t_log = time.perf_counter()
-        from cvops.dataset import load_default_source
+        from cvops.data.dataset import load_default_source
         classes = load_default_source().classes if model["classes"] == 10 else [f"c{i}" for i in range(model["classes"])]
         predlog = bench_predlog(images, classes, args.log_rows, work, args.postgres)
         for db in ("sqlite", "postgresql"):

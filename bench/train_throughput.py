@@ -2,7 +2,7 @@
 
 Same model (from the config), same images, same batch size, one process, side by side:
   bare      `model.fit(x, y)` on the train split already decoded into memory
-  pipeline  what the train task runs (`cvops.data.make_dataset`): read the dataset's JPEGs,
+  pipeline  what the train task runs (`cvops.data.preprocess.make_dataset`): read the dataset's JPEGs,
             decode, cache, shuffle, batch, imgaug augmentation from the config, prefetch
 Epochs are timed by a callback (fit's return can lag behind the last epoch). The first
 epoch of each fit is reported apart (graph tracing; the pipeline also decodes the JPEGs then).
@@ -32,11 +32,11 @@ def main(argv=None):
 
     import keras
     from cvops.config import find_project_root, resolve_path
-    from cvops.data import build_augmenter, load_annotations, load_split, make_dataset, split_rows
-    from cvops.model import build_model, compile_model
-    from cvops.pipeline import load_checked_config
-    from cvops.train import make_callbacks
-    from cvops.versioning import checkout_dataset
+    from cvops.data.preprocess import build_augmenter, load_annotations, load_split, make_dataset, split_rows
+    from cvops.training.model import build_model, compile_model
+    from cvops.pipeline.build import load_checked_config
+    from cvops.training.train import make_callbacks
+    from cvops.data.versioning import checkout_dataset
 
     root = find_project_root()
     cfg = load_checked_config(resolve_path(args.config, root), root)

@@ -93,7 +93,7 @@ def project(tmp_path) -> Project:
 @pytest.fixture(scope="session")
 def tiny_fashion_repo(tmp_path_factory) -> Path:
     "A tiny Fashion-MNIST dataset repo (git + DVC, tags v1.0.0 / v2.0.0), built once per session."
-    from cvops.dataset import build_dataset_repo
+    from cvops.data.dataset import build_dataset_repo
     base = tmp_path_factory.mktemp("fm")
     build_dataset_repo(base / "fm", base / "remote", n_train=400, n_valid=100, n_test=200, progress=False)
     return base / "fm"
@@ -129,7 +129,7 @@ def service_root(tmp_path, trained_models):
     (corrupt / "model.keras").write_bytes(b"this is not a keras file")
     time.sleep(0.01)
     vc = publish(storage, corrupt, acc_b)
-    from cvops.deploy import deploy
+    from cvops.registry.deploy import deploy
     deploy(storage, "fashion_small", va, by="tests")
     return {"root": root, "storage": storage, "a": va, "b": vb, "corrupt": vc}
 

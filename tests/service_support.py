@@ -98,9 +98,9 @@ class Service:
 def train_small_model(root: Path, seed: int = 0, n_train: int = 3000, epochs: int = 2):
     "A small CNN trained on Fashion-MNIST arrays, saved as training saves it; returns (folder, test images, test labels, accuracy)."
     from cvops.config import ModelConfig
-    from cvops.dataset import load_default_source
-    from cvops.model import build_model, compile_model
-    from cvops.train import save_trained_model
+    from cvops.data.dataset import load_default_source
+    from cvops.training.model import build_model, compile_model
+    from cvops.training.train import save_trained_model
     src = load_default_source()
     cfg = ModelConfig(model_name="fashion_small", input_size=dict(w=28, h=28), channels=1,
                       architecture=dict(conv_filters=[16, 32], dense_units=[64], batch_norm=False, dropout=0.0, pooling="flatten"))
@@ -172,7 +172,7 @@ def monitor_env(root: Path, webhook_url: str) -> dict:
 
 
 def publish(storage: Path, folder: Path, accuracy: float, name: str = "fashion_small") -> str:
-    from cvops.publish import publish_model
+    from cvops.registry.publish import publish_model
     meta = {"model_name": name, "model": {"model_name": name}, "metrics": {"accuracy": accuracy, "n_images": 500}, "lineage": {}}
     return publish_model(folder, meta, storage)["version"]
 

@@ -37,12 +37,12 @@ def fill_project(root: Path, base: Path) -> dict:
     with UAE/BBSD detectors and reference data, deployed after the first), 240 logged predictions
     over three days (the latest 30 noisy), api_log rows, and three monitoring runs."""
     import keras
-    from cvops.deploy import deploy
-    from cvops.detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
-    from cvops.inference import load_version
-    from cvops.predlog import ImageStore, api_log, drift_reports, feedback, make_engine, migrate, predictions
-    from cvops.publish import publish_model
-    from cvops.train import MODEL_FILE, read_model_info
+    from cvops.registry.deploy import deploy
+    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
+    from cvops.serving.inference import load_version
+    from cvops.predlog.log import ImageStore, api_log, drift_reports, feedback, make_engine, migrate, predictions
+    from cvops.registry.publish import publish_model
+    from cvops.training.train import MODEL_FILE, read_model_info
 
     root.mkdir(parents=True)
     (root / "pipeline.yaml").write_text("tasks: []\n")

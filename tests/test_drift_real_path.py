@@ -42,10 +42,10 @@ MONITOR = {"window_days": 1, "window_rows": N_WINDOW, "min_rows": 30, "alpha": 0
 def served(tmp_path_factory):
     "The confident model published with detectors + reference data by the real code path, deployed, served."
     import keras
-    from cvops.dataset import load_default_source
-    from cvops.deploy import deploy
-    from cvops.detectors import build_detectors, detector_path, make_reference, ref_data_path, save_detectors
-    from cvops.publish import publish_model
+    from cvops.data.dataset import load_default_source
+    from cvops.registry.deploy import deploy
+    from cvops.monitoring.drift_detectors import build_detectors, detector_path, make_reference, ref_data_path, save_detectors
+    from cvops.registry.publish import publish_model
     base = tmp_path_factory.mktemp("drift-real-path")
     root = monitor_project(base / "project", MONITOR)
     keras.utils.set_random_seed(0)
@@ -101,15 +101,15 @@ def _post(s, payloads: list, heatmap_every: int = 0) -> list:
     with ThreadPoolExecutor(4) as ex:
         ids = list(ex.map(one, range(len(payloads))))
     s["posted"][0] += len(payloads)
-    from cvops.predlog import default_db_url
+    from cvops.predlog.log import default_db_url
     _wait_rows(default_db_url(s["root"]), s["posted"][0])
     return ids
 
 
 def _logged_frame(s, request_ids: list) -> pd.DataFrame:
     "The logged rows of these requests through the monitor's own reader, in the order of `request_ids`."
-    from cvops.monitor import read_window, window_frame
-    from cvops.predlog import default_db_url, make_engine
+    from cvops.monitoring.check_drift import read_window, window_frame
+    from cvops.predlog.log import default_db_url, make_engine
     eng = make_engine(default_db_url(s["root"]))
     try: rows = read_window(eng, s["version"])
     finally: eng.dispose()
@@ -119,7 +119,7 @@ def _logged_frame(s, request_ids: list) -> pd.DataFrame:
 
 
 def test_a_reference_images_through_the_service_log_their_reference_rows(served):
-    from cvops.detectors import feature_matrix
+    from cvops.monitoring.drift_detectors import feature_matrix
     s = served
     assert s["stats"]["median_max_prob"] >= 0.99 and s["stats"]["median_min_prob"] <= 1e-8, s["stats"]   # as confident as the default
     ref = s["ref"]
@@ -138,8 +138,8 @@ def test_a_reference_images_through_the_service_log_their_reference_rows(served)
 
 def test_b_unshifted_held_out_windows_raise_no_run_level_alert(served):
     from cvops.config import MonitorConfig
-    from cvops.monitor import MonitorSettings, check_drift
-    from cvops.predlog import default_db_url, make_engine
+    from cvops.monitoring.check_drift import MonitorSettings, check_drift
+    from cvops.predlog.log import default_db_url, make_engine
     s = served
     for k in range(3):
         sl = slice(N_REF + 500 + k * N_WINDOW, N_REF + 500 + (k + 1) * N_WINDOW)    # not in the reference, never trained on

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import base_config
-from cvops.dataset import make_synthetic_dataset
+from cvops.data.dataset import make_synthetic_dataset
 from service_support import Service
 
 pytestmark = pytest.mark.e2e
@@ -110,7 +110,7 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     # the drift detectors and the reference data are part of the version (the same rename)
     _check_detectors(project, meta, tiny_fashion_repo)
     # the service on this project's central storage (the deploy task deployed this version)
-    # logs, for an image of the reference split, the features that cvops.detectors computes
+    # logs, for an image of the reference split, the features that cvops.monitoring.drift_detectors computes
     _check_service_features(project, meta, tiny_fashion_repo)
 
     client, run = _mlflow_run(project, lineage["mlflow"]["run_id"])
@@ -163,7 +163,7 @@ def _check_detectors(project, meta, dataset_dir):
     # the same as the pipeline's product, and as a fresh sample with the same seed would be
     products = project.products(name) / "drift_detectors"
     assert (products / "ref_data" / f"{name}_ref_data.parquet").read_bytes() == (folder / "ref_data" / f"{name}_ref_data.parquet").read_bytes()
-    from cvops.detectors import reference_rows
+    from cvops.monitoring.drift_detectors import reference_rows
     assert list(ref.path) == list(reference_rows(ann.reset_index(), "valid", n_ref, 0).path)
     nb = json.loads((products / "drift_detectors.ipynb").read_text())
     assert any("image/png" in o.get("data", {}) for c in nb["cells"] for o in c.get("outputs", []))
@@ -171,11 +171,11 @@ def _check_detectors(project, meta, dataset_dir):
 
 
 def _check_service_features(project, meta, dataset_dir):
-    "The real service, one image of the reference split: the logged features are what cvops.detectors computes for its bytes."
+    "The real service, one image of the reference split: the logged features are what cvops.monitoring.drift_detectors computes for its bytes."
     import keras
     import sqlalchemy as sa
-    from cvops.data import preprocess, to_model_input
-    from cvops.predlog import default_db_url, make_engine, unpack_features
+    from cvops.data.preprocess import preprocess, to_model_input
+    from cvops.predlog.log import default_db_url, make_engine, unpack_features
     name, folder = meta["model_name"], project.path / "central_storage" / "models" / meta["model_dir"]
     ref = pd.read_parquet(folder / "ref_data" / f"{name}_ref_data.parquet")
     data = (dataset_dir / ref.path[0]).read_bytes()
@@ -205,7 +205,7 @@ def _check_service_features(project, meta, dataset_dir):
 def test_two_model_names_keep_their_own_products(project, tiny_fashion_repo):
     """Config B (another model_name) neither overwrites config A's records nor makes A rerun; a dataset
     moved under A's feet stops A's next training with one line."""
-    from cvops.versioning import checkout_dataset
+    from cvops.data.versioning import checkout_dataset
     a = base_config(dataset={"path": str(tiny_fashion_repo)})
     b = base_config(dataset={"path": str(tiny_fashion_repo)}, model={"model_name": "other_model"},
                     deploy={"force": True})  # whichever way the deploy gates see B, this test is about A

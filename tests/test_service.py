@@ -52,7 +52,7 @@ def _postgres_admin():
 def db(request, service_root):
     "The service's database: its default SQLite file, or a fresh uniquely named PostgreSQL database (dropped afterwards)."
     if request.param == "sqlite":
-        from cvops.predlog import default_db_url
+        from cvops.predlog.log import default_db_url
         yield DB("sqlite", None, default_db_url(service_root["root"]))
         return
     conn = _postgres_admin()
@@ -67,7 +67,7 @@ def db(request, service_root):
 
 
 def _rows(db_url, table, where=None):
-    from cvops import predlog
+    from cvops.predlog.log import log
     t = getattr(predlog, table)
     eng = sa.create_engine(db_url)
     try:
@@ -79,7 +79,7 @@ def _rows(db_url, table, where=None):
 
 
 def _count(db_url, table) -> int:
-    from cvops import predlog
+    from cvops.predlog.log import log
     eng = sa.create_engine(db_url)
     try:
         with eng.connect() as c: return c.execute(sa.select(sa.func.count()).select_from(getattr(predlog, table))).scalar()
@@ -128,9 +128,9 @@ def _good_png(trained_models, i=0) -> bytes:
 
 
 def test_round_trip_classes_right_and_same_preprocessing_as_training(service_root, service_factory, trained_models):
-    "Real test images over HTTP: mostly right, and the probabilities equal the model on cvops.data.preprocess."
+    "Real test images over HTTP: mostly right, and the probabilities equal the model on cvops.data.preprocess.preprocess."
     import keras
-    from cvops.data import preprocess, to_model_input
+    from cvops.data.preprocess import preprocess, to_model_input
     svc = service_factory(service_root["root"])
     svc.wait_workers_ready(service_root["a"])
     folder, xt, yt, acc = trained_models["a"]

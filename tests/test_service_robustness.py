@@ -158,8 +158,8 @@ def test_corrupt_pointer_keeps_workers_serving_a_new_worker_answers_503_and_all_
 
 # --- 4: deploy and prune at the same time ----------------------------------------------------------
 def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loadable_version(service_root, trained_models):
-    from cvops.deploy import DeployError, check_version, current_deployment, deploy, deployment_history, resolve_version
-    from cvops.publish import list_versions, prune_versions, version_dir
+    from cvops.registry.deploy import DeployError, check_version, current_deployment, deploy, deployment_history, resolve_version
+    from cvops.registry.publish import list_versions, prune_versions, version_dir
     from service_support import publish
     storage = service_root["storage"]
     folder, _, _, acc = trained_models["a"]
@@ -232,7 +232,7 @@ def test_concurrency_64_for_20_s_answers_200_or_a_fast_503_and_the_service_stays
           f"load average {load[0]:.1f}")
     svc.stop()
     import sqlalchemy as sa
-    from cvops.predlog import api_log, default_db_url
+    from cvops.predlog.log import api_log, default_db_url
     eng = sa.create_engine(default_db_url(service_root["root"]))
     with eng.connect() as c:   # the time each worker itself spent on a 503 (the rest is the network stack and the client)
         server_ms = c.execute(sa.select(sa.func.max(api_log.c.latency_ms)).where(api_log.c.status_code == 503)).scalar()

@@ -36,7 +36,7 @@ def test_production_refuses_sample_credentials(tmp_path):
     assert monitor.returncode != 0 and "the password in DB_URL still has a sample value" in monitor.stderr, monitor.stderr
     assert "ADMIN_TOKEN" not in monitor.stderr          # the monitor is refused for what it uses, not the service's tokens
     env = {**os.environ, "CVOPS_ROOT": str(tmp_path), **SAMPLE_ENV}
-    dashboards = subprocess.run([str(BIN / "python"), "-c", "from cvops.dashboard import open_sources; open_sources()"],
+    dashboards = subprocess.run([str(BIN / "python"), "-c", "from cvops.monitoring.dashboard import open_sources; open_sources()"],
                                 cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
     assert dashboards.returncode != 0 and "the dashboards cannot start" in dashboards.stderr, dashboards.stderr
     assert "the password in DB_URL still has a sample value" in dashboards.stderr
@@ -49,13 +49,13 @@ def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure")
     folder, xt, yt, acc = train_small_model(root, epochs=1, n_train=1500)
     version = publish(root / "central_storage", folder, acc)
-    from cvops.deploy import deploy
+    from cvops.registry.deploy import deploy
     deploy(root / "central_storage", "fashion_small", version)
     return root, xt
 
 
 def _client_of(root, request_id):
-    from cvops.predlog import api_log, default_db_url, make_engine
+    from cvops.predlog.log import api_log, default_db_url, make_engine
     eng = make_engine(default_db_url(root))
     try:
         for _ in range(50):
