@@ -178,7 +178,7 @@ def main(argv=None):
     from cvops.monitoring.drift_detectors import detector_path, ref_data_path, reference_data
     from cvops.monitoring.drift import RUN_ALERT, TESTS, holm, window_tests
     from cvops.monitoring.check_drift import read_window, window_frame
-    from cvops.predlog.log import default_db_url, make_engine
+    from cvops.predlog.schema import default_db_url, make_engine
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-drift-e2e-"))
     svc = None
     try:

@@ -2,7 +2,7 @@
 
 100,000 prediction rows (api_log + predictions, each with realistic detector features: `uae` 32 floats,
 `bbsd` 10 softmax probabilities, as the service logs them: float32 `feature_blob` + `feature_dims`) are written through
-cvops.predlog.log.PredictionLog into a SQLite database in a temp folder (their created_on spread over the last 6 days),
+cvops.predlog.writer.PredictionLog into a SQLite database in a temp folder (their created_on spread over the last 6 days),
 and the same features again as rows of releases before migration 0003 (6-decimal JSON `features`), another version. Then, per round, timed:
 
   read   the window from the public tables (SELECT created_on, top_class, features FROM predictions of the version,
@@ -49,7 +49,8 @@ def fake_features(n: int, rng) -> tuple[np.ndarray, np.ndarray]:
 
 
 def write_rows(url: str, n: int, rng, spill: Path, version: str = VERSION, blob: bool = True) -> dict:
-    from cvops.predlog.log import PredictionLog, make_engine, migrate, pack_features
+    from cvops.predlog.writer import PredictionLog
+    from cvops.predlog.schema import make_engine, migrate, pack_features
     eng = make_engine(url); migrate(eng)
     uae, bbsd = fake_features(n, rng)
     now = datetime.now(timezone.utc); span = timedelta(days=6).total_seconds()
@@ -75,7 +76,7 @@ def read_window(eng, window_days, window_rows) -> tuple:
     "The bench's own reader on the public tables: (frame, timings)."
     import sqlalchemy as sa
     from cvops.monitoring.drift_detectors import feature_frame
-    from cvops.predlog.log import predictions as p
+    from cvops.predlog.schema import predictions as p
     try:
         import orjson; loads = orjson.loads
     except ImportError: loads = json.loads
@@ -104,7 +105,7 @@ def main():
     from cvops.config import load_config
     from cvops.monitoring.drift_detectors import feature_frame
     from cvops.monitoring.drift import run_drift_tests
-    from cvops.predlog.log import make_engine
+    from cvops.predlog.schema import make_engine
     mon = load_config(a.config).monitor
     rng = np.random.default_rng(0)
     ru, rb = fake_features(mon.reference_size, np.random.default_rng(1))
@@ -116,7 +117,7 @@ def main():
         h7_reader = None; print(f"cvops.monitoring.check_drift reader not timed: {type(e).__name__}: {e}")
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/bench.db"
-        print(f"writing {a.rows} prediction rows through cvops.predlog.log ...", flush=True)
+        print(f"writing {a.rows} prediction rows through cvops.predlog.writer ...", flush=True)
         written = write_rows(url, a.rows, rng, Path(tmp) / "spill")
         print(f"  {written}", flush=True)
         print(f"writing the same {a.rows} rows as older releases logged them (JSON features) ...", flush=True)

@@ -13,7 +13,7 @@
              loop (batch 1), which is how the issue words the limit.
    Service and in-process cells alternate (never run at the same time: they would share the cores), for
    `--rounds` rounds; the figures reported are medians over the rounds.
-3. predlog   rows/s that cvops.predlog.log.PredictionLog writes (one row = one request: its api_log row and its
+3. predlog   rows/s that cvops.predlog.writer.PredictionLog writes (one row = one request: its api_log row and its
              predictions row with 10 class probabilities and a 40-float feature head), queued up front and
              timed until the writer thread has written them all, to SQLite (a file in a temp folder) and
              PostgreSQL (127.0.0.1:5432, user postgres, a temp database created and dropped; "unavailable" and
@@ -395,7 +395,9 @@ def log_rows(n: int, images: list, classes: list) -> list:
 
 
 def predlog_rate(url: str, rows: list, work: Path, with_images: bool, timeout: float = 120) -> dict:
-    from cvops.predlog.log import ImageStore, PredictionLog, make_engine, migrate
+    from cvops.predlog.images import ImageStore
+    from cvops.predlog.writer import PredictionLog
+    from cvops.predlog.schema import make_engine, migrate
     import sqlalchemy as sa
     eng = make_engine(url)
     try:

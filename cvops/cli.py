@@ -126,7 +126,8 @@ def cmd_monitor(args):
 
 # %% ../notebooks/lib/90_cli.ipynb #ea885146
 def _log_parts():
-    from cvops.predlog.log import ImageStore, make_engine, migrate
+    from cvops.predlog.images import ImageStore
+    from cvops.predlog.schema import make_engine, migrate
     from cvops.serving.app import load_settings
     s = load_settings()
     eng = make_engine(s.database_url); migrate(eng)
@@ -134,7 +135,7 @@ def _log_parts():
 
 def cmd_log_replay(args):
     "Write what waits on disk to the database: dead workers' WAL segments, spill files and (unless --no-rejected) refused rows."
-    from cvops.predlog.log import OUTAGE, PredictionLog
+    from cvops.predlog.writer import OUTAGE, PredictionLog
     s, eng, images = _log_parts()
     try: out = PredictionLog(eng, s.var / "spill", images).replay_all(rejected=not args.no_rejected)
     except OUTAGE as e: raise ConfigError(f"the database cannot take rows now ({type(e).__name__}: {str(e).splitlines()[0][:200]}); nothing lost, try again") from None
@@ -145,7 +146,7 @@ def cmd_log_replay(args):
 
 def cmd_log_prune(args):
     "Apply IMAGE_RETENTION_DAYS and LOG_RETENTION_DAYS now (or the given days)."
-    from cvops.predlog.log import run_retention
+    from cvops.predlog.writer import run_retention
     s, eng, images = _log_parts()
     img = s.image_retention_days if args.image_days is None else args.image_days
     rows = s.log_retention_days if args.log_days is None else args.log_days

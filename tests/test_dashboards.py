@@ -40,7 +40,8 @@ def fill_project(root: Path, base: Path) -> dict:
     from cvops.registry.deploy import deploy
     from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
     from cvops.serving.inference import load_version
-    from cvops.predlog.log import ImageStore, api_log, drift_reports, feedback, make_engine, migrate, predictions
+    from cvops.predlog.images import ImageStore
+    from cvops.predlog.schema import api_log, drift_reports, feedback, make_engine, migrate, predictions
     from cvops.registry.publish import publish_model
     from cvops.training.train import MODEL_FILE, read_model_info
 

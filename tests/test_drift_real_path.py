@@ -101,7 +101,7 @@ def _post(s, payloads: list, heatmap_every: int = 0) -> list:
     with ThreadPoolExecutor(4) as ex:
         ids = list(ex.map(one, range(len(payloads))))
     s["posted"][0] += len(payloads)
-    from cvops.predlog.log import default_db_url
+    from cvops.predlog.schema import default_db_url
     _wait_rows(default_db_url(s["root"]), s["posted"][0])
     return ids
 
@@ -109,7 +109,7 @@ def _post(s, payloads: list, heatmap_every: int = 0) -> list:
 def _logged_frame(s, request_ids: list) -> pd.DataFrame:
     "The logged rows of these requests through the monitor's own reader, in the order of `request_ids`."
     from cvops.monitoring.check_drift import read_window, window_frame
-    from cvops.predlog.log import default_db_url, make_engine
+    from cvops.predlog.schema import default_db_url, make_engine
     eng = make_engine(default_db_url(s["root"]))
     try: rows = read_window(eng, s["version"])
     finally: eng.dispose()
@@ -139,7 +139,7 @@ def test_a_reference_images_through_the_service_log_their_reference_rows(served)
 def test_b_unshifted_held_out_windows_raise_no_run_level_alert(served):
     from cvops.config import MonitorConfig
     from cvops.monitoring.check_drift import MonitorSettings, check_drift
-    from cvops.predlog.log import default_db_url, make_engine
+    from cvops.predlog.schema import default_db_url, make_engine
     s = served
     for k in range(3):
         sl = slice(N_REF + 500 + k * N_WINDOW, N_REF + 500 + (k + 1) * N_WINDOW)    # not in the reference, never trained on

@@ -107,7 +107,7 @@ def _send(svc: Service, images: np.ndarray, labels: np.ndarray, classes: list, f
 
 
 def _wait_rows(db_url: str, n: int, timeout: float = 30):
-    from cvops.predlog.log import predictions
+    from cvops.predlog.schema import predictions
     eng = sa.create_engine(db_url)
     try:
         deadline = time.time() + timeout
@@ -122,7 +122,7 @@ def _wait_rows(db_url: str, n: int, timeout: float = 30):
 
 def _monitor(root: Path, env: dict) -> tuple[str, list]:
     "`cvops monitor` in the project folder; returns its output and the drift_reports rows of its run."
-    from cvops.predlog.log import default_db_url, drift_reports
+    from cvops.predlog.schema import default_db_url, drift_reports
     proc = subprocess.run([str(BIN / "cvops"), "monitor"], cwd=root, env=env, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"cvops monitor exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -139,7 +139,7 @@ def _monitor(root: Path, env: dict) -> tuple[str, list]:
 
 
 def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gives_live_accuracy(tmp_path):
-    from cvops.predlog.log import default_db_url
+    from cvops.predlog.schema import default_db_url
     root = monitor_project(tmp_path / "project", MONITOR)
     v = _monitored_version(tmp_path / "build", root / "central_storage")
     classes, images, labels = v["classes"], v["images"], v["labels"]

@@ -218,7 +218,8 @@ def test_refused_rows_counted_and_replayed(pg, service_root, service_factory, im
 
 def test_retention_runs_on_a_schedule(service_root, service_factory, images):
     "LOG_RETENTION_DAYS / IMAGE_RETENTION_DAYS with RETENTION_INTERVAL=1: old rows and images go, recent ones stay; `cvops log prune` too."
-    from cvops.predlog.log import ImageStore, api_log, make_engine, migrate, predictions
+    from cvops.predlog.images import ImageStore
+    from cvops.predlog.schema import api_log, make_engine, migrate, predictions
     root = service_root["root"]
     url = _sqlite_url(root)
     eng = make_engine(url); migrate(eng)

@@ -52,7 +52,7 @@ def _postgres_admin():
 def db(request, service_root):
     "The service's database: its default SQLite file, or a fresh uniquely named PostgreSQL database (dropped afterwards)."
     if request.param == "sqlite":
-        from cvops.predlog.log import default_db_url
+        from cvops.predlog.schema import default_db_url
         yield DB("sqlite", None, default_db_url(service_root["root"]))
         return
     conn = _postgres_admin()
@@ -67,7 +67,7 @@ def db(request, service_root):
 
 
 def _rows(db_url, table, where=None):
-    from cvops.predlog.log import log
+    from cvops.predlog import schema as predlog
     t = getattr(predlog, table)
     eng = sa.create_engine(db_url)
     try:
@@ -79,7 +79,7 @@ def _rows(db_url, table, where=None):
 
 
 def _count(db_url, table) -> int:
-    from cvops.predlog.log import log
+    from cvops.predlog import schema as predlog
     eng = sa.create_engine(db_url)
     try:
         with eng.connect() as c: return c.execute(sa.select(sa.func.count()).select_from(getattr(predlog, table))).scalar()

@@ -17,7 +17,7 @@ N_THREADS = 3
 
 
 def _counts(url) -> dict:
-    from cvops.predlog.log import api_log, predictions
+    from cvops.predlog.schema import api_log, predictions
     eng = sa.create_engine(url)
     try:
         with eng.connect() as c:

@@ -55,7 +55,7 @@ def published(tmp_path_factory):
 
 
 def _client_of(root, request_id):
-    from cvops.predlog.log import api_log, default_db_url, make_engine
+    from cvops.predlog.schema import api_log, default_db_url, make_engine
     eng = make_engine(default_db_url(root))
     try:
         for _ in range(50):

@@ -64,7 +64,7 @@ def test_upload_page_classifies_an_image_and_shows_the_overlay(browser, service_
     # the page's upload was logged like the API calls: the last two predictions are of the same image
     svc.stop()
     import sqlalchemy as sa
-    from cvops.predlog.log import predictions
+    from cvops.predlog.schema import predictions
     eng = sa.create_engine(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}")
     with eng.connect() as c:
         rows = c.execute(sa.select(predictions.c.top_class, predictions.c.image_sha256).order_by(predictions.c.id)).all()

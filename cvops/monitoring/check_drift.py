@@ -90,7 +90,7 @@ def _utc(t):
 def read_window(engine, model_version: str, window_days: float | None = None, window_rows: int | None = None,
                 now: datetime | None = None) -> pd.DataFrame:
     "Rows (newest first): request_id, created_on, top_class, features (JSON text, older rows), labels (JSON text or None), feature_blob, feature_dims."
-    from cvops.predlog.log import feedback as f, predictions as p
+    from cvops.predlog.schema import feedback as f, predictions as p
     now = now or datetime.now(timezone.utc)
     q = (sa.select(p.c.request_id, p.c.created_on, p.c.top_class, sa.cast(p.c.features, sa.Text).label("features"),
                    sa.cast(f.c.labels, sa.Text).label("labels"), p.c.feature_blob, p.c.feature_dims)
@@ -117,7 +117,7 @@ def window_frame(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows' features as `cvops.monitoring.drift_detectors.feature_frame` makes them (uae_*, bbsd_*), `predicted` = the top class answered.
     Reads `feature_blob` + `feature_dims` (float32, lossless) and, for older rows, the JSON `features`."""
     from cvops.monitoring.drift_detectors import feature_frame
-    from cvops.predlog.log import unpack_features
+    from cvops.predlog.schema import unpack_features
     none = pd.Series([None] * len(rows), index=rows.index, dtype=object)
     blob, dims, js = (rows[c] if c in rows else none for c in ("feature_blob", "feature_dims", "features"))
     has_blob = (blob.notna() & dims.notna()).to_numpy()
@@ -261,7 +261,7 @@ def _persistence(engine, rec: dict, model_version: str, now: datetime, k: int):
     if not d.get("drifting"): return
     prev = []
     if k > 1:
-        from cvops.predlog.log import drift_reports as t
+        from cvops.predlog.schema import drift_reports as t
         q = (sa.select(t.c.details).where(t.c.model_version == model_version, t.c.test == "run_alert", t.c.created_on < now)
              .order_by(t.c.created_on.desc()).limit(k - 1))
         with engine.connect() as c: prev = [r[0] for r in c.execute(q)]
@@ -280,7 +280,7 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
     "One monitoring run of the serving version: drift tests + live accuracy -> `drift_reports` rows (returned too)."
     from cvops.config import central_storage_dir
     from cvops.registry.deploy import DeployError, current_deployment, resolve_version
-    from cvops.predlog.log import drift_reports, make_engine, migrate
+    from cvops.predlog.schema import drift_reports, make_engine, migrate
     root = Path(root or find_project_root())
     cfg = cfg if isinstance(cfg, MonitorConfig) else MonitorConfig(**(cfg or {}))
     now = now or datetime.now(timezone.utc)

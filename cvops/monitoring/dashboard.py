@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from ..predlog.log import api_log, drift_reports, make_engine, predictions
+from ..predlog.schema import api_log, drift_reports, make_engine, predictions
 
 # %% auto #0
 __all__ = ['TEST_COLUMNS', 'STATUS_COLOURS', 'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame',

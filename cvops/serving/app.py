@@ -85,7 +85,7 @@ class ServiceSettings(BaseSettings):
     def var(self) -> Path: return self.path(self.var_dir)
     @property
     def database_url(self) -> str:
-        from cvops.predlog.log import default_db_url
+        from cvops.predlog.schema import default_db_url
         return self.db_url or default_db_url(self.var.parent if self.var_dir == "var" else self.var)
 
 def load_settings(env_file=None, **overrides) -> ServiceSettings:
@@ -289,7 +289,9 @@ class WorkerState:
 
     # -- start / stop ----------------------------------------------------------------------
     def start(self):
-        from cvops.predlog.log import ImageStore, PredictionLog, make_engine, migrate
+        from cvops.predlog.images import ImageStore
+        from cvops.predlog.writer import PredictionLog
+        from cvops.predlog.schema import make_engine, migrate
         s = self.settings
         _configure_tensorflow(s)
         self.engine = make_engine(s.database_url)
@@ -308,7 +310,7 @@ class WorkerState:
 
     async def retention(self):
         "Image and row retention every `retention_interval` s, by one worker at a time (var/retention.lock)."
-        from cvops.predlog.log import run_retention
+        from cvops.predlog.writer import run_retention
         s = self.settings
         if not (s.image_retention_days or s.log_retention_days): return
         while True:
@@ -321,7 +323,6 @@ class WorkerState:
         "Why the prediction log cannot keep rows now (None when it can)."
         p = self.plog
         if p is None: return None
-        if p._thread is not None and not p._thread.is_alive() and not p._stopping: return "the prediction log writer is not running"
         return p.unavailable()
 
 def freeze_heap():
@@ -341,12 +342,12 @@ def _configure_tensorflow(s: ServiceSettings):
 
 def workers_serving(var: Path) -> dict:
     "pid -> version for the live workers on this host."
-    from cvops.predlog.log import _pid_alive
+    from cvops.predlog.spill import pid_alive
     out = {}
     for f in (var / "workers").glob("*.json"):
         try: d = json.loads(f.read_text())
         except (OSError, ValueError): continue
-        if _pid_alive(d["pid"]): out[d["pid"]] = d["version"]
+        if pid_alive(d["pid"]): out[d["pid"]] = d["version"]
         else: f.unlink(missing_ok=True)
     return out
 
@@ -480,14 +481,12 @@ REQUEST_ID = re.compile(r"[0-9a-f]{32}")   # what the service gives every reques
 def queued_prediction(plog, request_id: str) -> dict | None:
     "The prediction row of `request_id` if it still waits in this worker's log queue."
     if plog is None: return None
-    for _, pred, *_ in list(plog._q):
-        if pred is not None and pred.get("request_id") == request_id: return pred
-    return None
+    return plog.queued_prediction(request_id)
 
 def lookup_prediction(engine, request_id: str) -> dict | None:
     "model_name, model_version, top_class, probabilities of a logged prediction (None if not in the database)."
     import sqlalchemy as sa
-    from cvops.predlog.log import predictions as p
+    from cvops.predlog.schema import predictions as p
     with engine.connect() as c:
         row = c.execute(sa.select(p.c.model_name, p.c.model_version, p.c.top_class, p.c.probabilities)
                         .where(p.c.request_id == request_id)).first()
@@ -496,7 +495,7 @@ def lookup_prediction(engine, request_id: str) -> dict | None:
 def store_feedback(engine, request_id: str, labels: list, source: str | None = None) -> bool:
     "Insert or replace the feedback of `request_id`; True when it replaced an earlier one."
     import sqlalchemy as sa
-    from cvops.predlog.log import feedback as f
+    from cvops.predlog.schema import feedback as f
     values = {"request_id": request_id, "created_on": datetime.now(timezone.utc), "labels": list(labels), "source": source}
     with engine.begin() as c:
         existed = c.execute(sa.select(f.c.id).where(f.c.request_id == request_id)).first() is not None
@@ -582,7 +581,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                    "model_version": state.serving.version if state.serving else None, "error": request.state.error}
             pred = request.state.prediction
             if pred is not None: pred["latency_ms"] = api["latency_ms"]
-            from cvops.predlog.log import LogUnavailable
+            from cvops.predlog.writer import LogUnavailable
             try: await state.plog.keep(api, pred, request.state.image)   # durable: returns once the rows are on disk
             except LogUnavailable as e:                                  # or in the database; async: at once
                 if response.status_code < 400:   # not acknowledged: the client learns it was not kept
@@ -637,7 +636,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         top = max(probs, key=probs.get)
         heat = over = None
         if heatmap: heat, over = await asyncio.to_thread(render_heatmap, out["cam"], upload.display, settings.overlay_max_side)
-        from cvops.predlog.log import pack_features   # the heads' float32 values as computed, without rounding (monitor: window_frame)
+        from cvops.predlog.schema import pack_features   # the heads' float32 values as computed, without rounding (monitor: window_frame)
         features = pack_features({k: out[k] for k in lv.heads})
         request.state.prediction = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc),
                                     "model_name": lv.name, "model_version": lv.version, "top_class": top,

@@ -25,7 +25,7 @@ def gunicorn_options(s: ServiceSettings) -> dict:
 def _on_starting(s: ServiceSettings):
     "Once, in the master: migrate the database, reset the metrics folder."
     def hook(server):
-        from cvops.predlog.log import make_engine, migrate
+        from cvops.predlog.schema import make_engine, migrate
         prom = s.var / "prometheus"
         shutil.rmtree(prom, ignore_errors=True); prom.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
@@ -64,10 +64,10 @@ def run_server(settings: ServiceSettings | None = None):
 # %% ../../notebooks/lib/serving/05_server.ipynb #5da827ea
 def service_running(pidfile) -> int | None:
     "The pid of the background service, if it is running."
-    from cvops.predlog.log import _pid_alive
+    from cvops.predlog.spill import pid_alive
     try: pid = int(Path(pidfile).read_text().strip())
     except (FileNotFoundError, ValueError): return None
-    return pid if _pid_alive(pid) else None
+    return pid if pid_alive(pid) else None
 
 def wait_healthy(url: str, timeout: float = 120, proc=None) -> bool:
     "Poll `url` until it answers 200 (False on timeout or when `proc` exits)."
