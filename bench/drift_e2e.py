@@ -82,8 +82,7 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
     "A temp project whose central storage holds one deployed version with detectors + reference data."
     import keras
     from cvops.config import load_config
-    from cvops.registry.deploy import current_deployment, resolve_version
-    from cvops.monitoring.drift_detectors import detector_path, ref_data_path
+    from cvops.registry.versions import current_deployment, detector_path, ref_data_path, resolve_version
     cfg = load_config(config_path)
     rec = current_deployment(ROOT / "central_storage") if (ROOT / "central_storage").exists() else None
     if rec is not None:
@@ -101,7 +100,7 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
     from cvops.monitoring.drift_detectors import build_detectors, make_reference, save_detectors
     from cvops.training.model import build_model, compile_model
     from cvops.registry.publish import publish_model
-    from cvops.training.train import save_trained_model
+    from cvops.training.model import save_trained_model
     print(f"{why}: training the default config's model ({cfg.model.model_name}) briefly here: "
           f"{train_images} training images, {epochs} epochs (not the full pipeline's training)", flush=True)
     keras.utils.set_random_seed(0)
@@ -175,7 +174,8 @@ def main(argv=None):
     import pandas as pd
     from scipy.stats import beta
     from cvops.data.preprocess import load_annotations, read_image
-    from cvops.monitoring.drift_detectors import detector_path, ref_data_path, reference_data
+    from cvops.monitoring.drift_detectors import reference_data
+    from cvops.registry.versions import detector_path, ref_data_path
     from cvops.monitoring.drift import RUN_ALERT, TESTS, holm, window_tests
     from cvops.monitoring.check_drift import read_window, window_frame
     from cvops.predlog.schema import default_db_url, make_engine
@@ -186,7 +186,8 @@ def main(argv=None):
         cfg, name, folder = v["cfg"], v["name"], v["folder"]
         print(f"model: {name} {v['version']} ({v['source']})", flush=True)
         ref = pd.read_parquet(ref_data_path(folder, name))
-        meta_classes = json.loads((folder / "model_info.json").read_text())["classes"]
+        from cvops.training.model import read_model_info
+        meta_classes = read_model_info(folder)["classes"]
         ds = ROOT / cfg.dataset.path
         ann, classes = load_annotations(ds, cfg.dataset.annotation_file, list(meta_classes))
         mon = cfg.monitor

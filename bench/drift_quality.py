@@ -64,8 +64,8 @@ def load_setup(config_path: Path, storage: Path) -> dict:
     import pandas as pd
     from cvops.config import load_config
     from cvops.data.preprocess import load_annotations, load_split
-    from cvops.registry.deploy import current_deployment, resolve_version, version_metadata
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, reference_data, ref_data_path
+    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
+    from cvops.registry.versions import current_deployment, detector_path, ref_data_path, resolve_version, version_metadata
     cfg = load_config(config_path)
     mon = cfg.monitor
     rec = current_deployment(storage) if storage.exists() else None
@@ -74,9 +74,10 @@ def load_setup(config_path: Path, storage: Path) -> dict:
         return trained_setup(cfg)
     version, folder = resolve_version(storage, rec["model_name"], rec["version"])
     meta = version_metadata(folder)
-    m = meta["model"]; classes = list(m.get("classes") or json.loads((folder / "model_info.json").read_text())["classes"])
+    from cvops.training.model import load_keras_model, read_model_info
+    m = meta["model"]; classes = list(m.get("classes") or read_model_info(folder)["classes"])
     size, ch = (m["input_size"]["w"], m["input_size"]["h"]), m["channels"]
-    model = keras.models.load_model(folder / "model.keras", compile=False)
+    model = load_keras_model(folder)
     df, classes = load_annotations(ds_dir, cfg.dataset.annotation_file, classes)
     xt, yt = load_split(df, ds_dir, "test", classes, size, ch)
     name = m["model_name"]

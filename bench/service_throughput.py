@@ -67,7 +67,7 @@ def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epoch
     from cvops.registry.deploy import deploy
     from cvops.training.model import build_model, compile_model
     from cvops.registry.publish import publish_model
-    from cvops.training.train import save_trained_model
+    from cvops.training.model import save_trained_model
     src = load_default_source()
     cfg = ModelConfig.model_validate(yaml.safe_load(Path(config_path).read_text())["model"])
     k = len(src.classes)
@@ -90,7 +90,7 @@ def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epoch
 
 def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
     "A temp project folder for the service whose central storage holds one deployed version; returns what it is."
-    from cvops.registry.deploy import current_deployment, resolve_version
+    from cvops.registry.versions import POINTER_FILE, current_deployment, resolve_version
     storage = work / "central_storage"
     (storage / "models" / ".versions").mkdir(parents=True)
     (work / "pipeline.yaml").write_text("tasks: []\n")
@@ -101,7 +101,7 @@ def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
         shutil.copytree(folder, storage / "models" / ".versions" / version)
         shutil.copy2(src_storage / "models" / f"{rec['model_name']}.yaml", storage / "models" / f"{rec['model_name']}.yaml")
         (storage / "deployments").mkdir()
-        (storage / "deployments" / "current.json").write_text(json.dumps(rec))
+        (storage / POINTER_FILE).write_text(json.dumps(rec))
         source = {"source": f"deployed in {src_storage} (copied to a temp central storage)"}
     else:
         import concurrent.futures as cf
@@ -111,7 +111,8 @@ def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
         source = {"source": f"no deployment in {src_storage}: the model section of {config_path.name} trained for the bench, "
                             "published and deployed in a temp central storage", **trained}
     _, folder = resolve_version(storage, rec["model_name"], rec["version"])
-    info = json.loads((folder / "model_info.json").read_text())
+    from cvops.training.model import read_model_info
+    info = read_model_info(folder)
     return {"model_name": rec["model_name"], "version": rec["version"], "folder": str(folder), **source,
             "input": [info["model"]["input_size"]["h"], info["model"]["input_size"]["w"], info["model"]["channels"]],
             "architecture": info["model"].get("architecture"), "classes": len(info["classes"])}
@@ -143,11 +144,11 @@ def _limit_worker(folder: str, images: list, threads: int, cmds, results):
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     import numpy as np
-    import keras
     from cvops.registry.deploy import check_version
-    from cvops.serving.inference import check_upload, class_probabilities, prepare_input, render_heatmap
-    lv = check_version(folder)
-    params = keras.models.load_model(Path(folder) / "model.keras", compile=False).count_params()
+    from cvops.serving.inference import check_upload, class_probabilities, load_for_serving, prepare_input, render_heatmap
+    from cvops.training.model import load_keras_model
+    lv = check_version(folder, load_for_serving)
+    params = load_keras_model(folder).count_params()
     results.put(("ready", os.getpid(), params))
     k = 0
     while True:

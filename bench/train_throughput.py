@@ -34,7 +34,7 @@ def main(argv=None):
     from cvops.config import find_project_root, resolve_path
     from cvops.data.preprocess import build_augmenter, load_annotations, load_split, make_dataset, split_rows
     from cvops.training.model import build_model, compile_model
-    from cvops.pipeline.build import load_checked_config
+    from cvops.pipeline.hooks import load_checked_config
     from cvops.training.train import make_callbacks
     from cvops.data.versioning import checkout_dataset
 

@@ -22,7 +22,7 @@ def _user_errors() -> tuple:
     from cvops.registry.publish import PublishError
     from cvops.data.validate import DataValidationError
     from cvops.data.versioning import DatasetError
-    from cvops.registry.deploy import DeployError
+    from cvops.registry.versions import DeployError
     return (ConfigError, DatasetError, AnnotationError, PublishError, DataValidationError, CommandError, FileExistsError, DeployError)
 
 def cmd_dataset_build(args):
@@ -35,7 +35,7 @@ def cmd_dataset_build(args):
 
 def cmd_config_check(args):
     "Validate a config file and pre-flight its dataset."
-    from cvops.pipeline.build import load_checked_config
+    from cvops.pipeline.hooks import load_checked_config
     root = find_project_root()
     cfg = load_checked_config(resolve_path(args.config, root), root)
     print(f"{args.config}: ok (model {cfg.model.model_name}, dataset {cfg.dataset.name} {cfg.dataset.tag or ''})")
@@ -76,17 +76,18 @@ def cmd_stop(args):
 def cmd_deploy(args):
     "Deploy a published version from the command line (the service's workers pick it up)."
     from cvops.config import central_storage_dir
-    from cvops.registry.deploy import deploy, mirror_to_registry, resolve_version, version_metadata
+    from cvops.registry.deploy import deploy
+    from cvops.serving.inference import load_for_serving
     storage = central_storage_dir(find_project_root())
-    record = deploy(storage, args.model_name, args.version, by=args.by, reason=args.reason)
-    reg = mirror_to_registry(version_metadata(resolve_version(storage, args.model_name, record["version"])[1]))
+    record = deploy(storage, args.model_name, args.version, by=args.by, reason=args.reason, load=load_for_serving)
+    reg = record["registry"]
     print(f"deployed {record['version']} (was {record['previous_version'] or 'nothing'})"
           + (f"; MLflow registry: {reg['name']} v{reg['version']} alias {reg['alias']}" if reg.get("registered") else ""))
 
 def cmd_models(args):
     "List published models, their versions and which one is deployed."
     from cvops.config import central_storage_dir
-    from cvops.registry.deploy import PointerError, current_deployment, published_models, published_versions
+    from cvops.registry.versions import PointerError, current_deployment, published_models, published_versions
     storage = central_storage_dir(find_project_root())
     try: cur, problem = (current_deployment(storage) or {}).get("version"), None
     except PointerError as e: cur, problem = None, e      # the versions are listed, then the error (a deploy repairs it)

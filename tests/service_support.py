@@ -100,7 +100,7 @@ def train_small_model(root: Path, seed: int = 0, n_train: int = 3000, epochs: in
     from cvops.config import ModelConfig
     from cvops.data.dataset import load_default_source
     from cvops.training.model import build_model, compile_model
-    from cvops.training.train import save_trained_model
+    from cvops.training.model import save_trained_model
     src = load_default_source()
     cfg = ModelConfig(model_name="fashion_small", input_size=dict(w=28, h=28), channels=1,
                       architecture=dict(conv_filters=[16, 32], dense_units=[64], batch_norm=False, dropout=0.0, pooling="flatten"))

@@ -36,14 +36,14 @@ def fill_project(root: Path, base: Path) -> dict:
     """A project folder like a served one: two published versions of `fashion_small` (the second
     with UAE/BBSD detectors and reference data, deployed after the first), 240 logged predictions
     over three days (the latest 30 noisy), api_log rows, and three monitoring runs."""
-    import keras
     from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
+    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
     from cvops.serving.inference import load_version
     from cvops.predlog.images import ImageStore
     from cvops.predlog.schema import api_log, drift_reports, feedback, make_engine, migrate, predictions
     from cvops.registry.publish import publish_model
-    from cvops.training.train import MODEL_FILE, read_model_info
+    from cvops.registry.versions import detector_path, ref_data_path
+    from cvops.training.model import load_keras_model, read_model_info
 
     root.mkdir(parents=True)
     (root / "pipeline.yaml").write_text("tasks: []\n")
@@ -56,7 +56,7 @@ def fill_project(root: Path, base: Path) -> dict:
     v1 = publish_model(folder, meta, storage)["version"]
     deploy(storage, name, v1, by="tests")
 
-    model = keras.models.load_model(folder / MODEL_FILE, compile=False)
+    model = load_keras_model(folder)
     dets = {"uae": build_uae((28, 28, 1), 16, seed=0), "bbsd": build_bbsd(model)}
     files = {}
     for kind, det in dets.items():

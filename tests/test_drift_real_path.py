@@ -44,7 +44,8 @@ def served(tmp_path_factory):
     import keras
     from cvops.data.dataset import load_default_source
     from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_detectors, detector_path, make_reference, ref_data_path, save_detectors
+    from cvops.monitoring.drift_detectors import build_detectors, make_reference, save_detectors
+    from cvops.registry.versions import detector_path, ref_data_path
     from cvops.registry.publish import publish_model
     base = tmp_path_factory.mktemp("drift-real-path")
     root = monitor_project(base / "project", MONITOR)

@@ -46,7 +46,8 @@ def _monitored_version(base: Path, storage: Path) -> dict:
     "Train the small model, build its detectors and reference data (1,000 test images it never saw), publish and deploy it."
     from cvops.data.dataset import load_default_source
     from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
+    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
+    from cvops.registry.versions import detector_path, ref_data_path
     from cvops.registry.publish import publish_model
     import keras
     keras.utils.set_random_seed(0)                                  # the same model (shuffling included) on every run

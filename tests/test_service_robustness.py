@@ -158,8 +158,11 @@ def test_corrupt_pointer_keeps_workers_serving_a_new_worker_answers_503_and_all_
 
 # --- 4: deploy and prune at the same time ----------------------------------------------------------
 def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loadable_version(service_root, trained_models):
-    from cvops.registry.deploy import DeployError, check_version, current_deployment, deploy, deployment_history, resolve_version
-    from cvops.registry.publish import list_versions, prune_versions, version_dir
+    from cvops.registry.deploy import check_version, deploy
+    from cvops.registry.publish import prune_versions
+    from cvops.registry.versions import (DeployError, current_deployment, deployment_history, published_versions, resolve_version,
+                                         version_dir)
+    from cvops.serving.inference import load_for_serving
     from service_support import publish
     storage = service_root["storage"]
     folder, _, _, acc = trained_models["a"]
@@ -195,8 +198,8 @@ def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loada
         assert deployment_history(storage, 1)[0]["version"] == record["version"]
     print(f"\n20 rounds of deploy + prune at once: {outcomes}")
     assert outcomes["deployed"] >= 1 and outcomes["pruned"] >= 20, outcomes
-    check_version(version_dir(storage, current_deployment(storage)["version"]))   # loads as a worker would
-    assert len(list_versions(storage, "fashion_small")) <= 4
+    check_version(version_dir(storage, current_deployment(storage)["version"]), load_for_serving)   # loads as a worker would
+    assert len(published_versions(storage, "fashion_small")) <= 4
 
 
 # --- 5: load is shed, not queued --------------------------------------------------------------------

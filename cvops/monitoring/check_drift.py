@@ -232,19 +232,19 @@ class MonitorRun:
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #94687ea1
 def _version_facts(folder: Path) -> tuple[list, Optional[float], str]:
     "(classes, comparable test accuracy or None, model name) of a published version folder."
-    from cvops.registry.deploy import version_metadata
+    from cvops.registry.versions import version_metadata
+    from cvops.training.model import read_model_info
     meta = version_metadata(folder)
     classes = (meta.get("model") or {}).get("classes")
     if not classes:
-        info = json.loads((folder / "model_info.json").read_text())
-        classes = info.get("classes") or []
+        classes = read_model_info(folder).get("classes") or []
     acc = (meta.get("metrics") or {}).get("accuracy")
     multilabel = bool((meta.get("model") or {}).get("multilabel", False))
     return list(classes), (None if multilabel or acc is None else float(acc)), meta.get("model_name")
 
 def _load_reference(folder: Path, model_name: str, current: pd.DataFrame) -> tuple[Optional[pd.DataFrame], str]:
     "The version's reference frame, or (None, why not)."
-    from cvops.monitoring.drift_detectors import ref_data_path
+    from cvops.registry.versions import ref_data_path
     path = ref_data_path(folder, model_name)
     if not path.exists():
         return None, (f"version {folder.name} has no reference data ({path.relative_to(folder)}): it was published without "
@@ -279,7 +279,7 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
                 storage=None, now: datetime | None = None, settings: MonitorSettings | None = None, notify: bool = True) -> MonitorRun:
     "One monitoring run of the serving version: drift tests + live accuracy -> `drift_reports` rows (returned too)."
     from cvops.config import central_storage_dir
-    from cvops.registry.deploy import DeployError, current_deployment, resolve_version
+    from cvops.registry.versions import DeployError, current_deployment, resolve_version
     from cvops.predlog.schema import drift_reports, make_engine, migrate
     root = Path(root or find_project_root())
     cfg = cfg if isinstance(cfg, MonitorConfig) else MonitorConfig(**(cfg or {}))

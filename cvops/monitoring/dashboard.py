@@ -87,7 +87,7 @@ class Serving:
 
 def serving_version(storage) -> Serving | None:
     "What the deployment pointer names (None: nothing deployed)."
-    from cvops.registry.deploy import DeployError, current_deployment, resolve_version, version_metadata
+    from cvops.registry.versions import DeployError, current_deployment, resolve_version, version_metadata
     rec = current_deployment(storage)
     if rec is None: return None
     try:
@@ -96,8 +96,8 @@ def serving_version(storage) -> Serving | None:
     except DeployError: return Serving(rec, None, {})
 
 def reference_frame(serving: Serving | None) -> pd.DataFrame | None:
-    "The serving version's reference data (`cvops.monitoring.drift_detectors.ref_data_path`), None when it has none."
-    from cvops.monitoring.drift_detectors import ref_data_path
+    "The serving version's reference data (`cvops.registry.versions.ref_data_path`), None when it has none."
+    from cvops.registry.versions import ref_data_path
     if serving is None or serving.folder is None: return None
     p = ref_data_path(serving.folder, serving.model_name)
     return pd.read_parquet(p) if p.exists() else None
@@ -174,7 +174,7 @@ def recent_errors(requests: pd.DataFrame, n: int = 10) -> pd.DataFrame:
 # %% ../../notebooks/lib/monitoring/04_dashboard.ipynb #660e5371
 def deployments(storage, limit: int | None = 50) -> pd.DataFrame:
     "The deployment history as a table, newest first."
-    from cvops.registry.deploy import deployment_history
+    from cvops.registry.versions import deployment_history
     rows = deployment_history(storage, limit)
     cols = ["deployed_at", "model_name", "version", "deployed_by", "reason", "forced", "previous_version", "test_accuracy"]
     if not rows: return pd.DataFrame(columns=cols)

@@ -11,25 +11,8 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['DETECTORS_DIR', 'REF_DIR', 'detector_path', 'ref_data_path', 'head_name', 'build_uae', 'build_bbsd', 'feature_frame',
-           'feature_matrix', 'reference_data', 'build_detectors', 'reference_rows', 'label_names', 'make_reference',
-           'save_detectors', 'plot_reference']
-
-# %% ../../notebooks/lib/monitoring/01_drift_detectors.ipynb #b06ee0e1
-DETECTORS_DIR, REF_DIR = "detectors", "ref_data"
-
-def detector_path(folder, model_name: str, kind: str) -> Path:
-    "`<folder>/detectors/<model_name>_<kind>.keras` (kind: uae or bbsd)."
-    return Path(folder) / DETECTORS_DIR / f"{model_name}_{kind}.keras"
-
-def ref_data_path(folder, model_name: str) -> Path:
-    "`<folder>/ref_data/<model_name>_ref_data.parquet`."
-    return Path(folder) / REF_DIR / f"{model_name}_ref_data.parquet"
-
-def head_name(path: Path, model_name: str) -> str:
-    "The feature name of a detector file: `<model_name>_uae.keras` -> `uae`."
-    stem = Path(path).stem
-    return stem[len(model_name) + 1:] if stem.startswith(f"{model_name}_") else stem
+__all__ = ['build_uae', 'build_bbsd', 'feature_frame', 'feature_matrix', 'reference_data', 'build_detectors', 'reference_rows',
+           'label_names', 'make_reference', 'save_detectors', 'plot_reference']
 
 # %% ../../notebooks/lib/monitoring/01_drift_detectors.ipynb #5b5ac9c8
 def build_uae(input_shape, encoding_dim: int = 32, seed: int = 0):

@@ -5,7 +5,6 @@
 # %% ../../notebooks/lib/registry/02_publish.ipynb #20fb1258
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
@@ -14,28 +13,18 @@ from pathlib import Path
 
 import yaml
 
+from .versions import (METADATA_FILE, NOTEBOOKS_DIR, VERSIONS_DIR, PointerError, current_deployment, current_version,
+                                    deployment_lock, detector_files, linked_version, metadata_path, model_path, published_versions,
+                                    storage_path, version_dir, versions_dir)
+
 # %% auto #0
-__all__ = ['DEPLOYMENT_POINTER', 'METADATA_FILE', 'NOTEBOOKS_DIR', 'PublishError', 'models_dir', 'metadata_path', 'model_path',
-           'versions_dir', 'version_dir', 'storage_path', 'new_version', 'current_version', 'publish_model',
-           'add_to_version', 'detector_files', 'deployed_version', 'list_versions', 'prune_versions', 'git_state',
-           'strip_local_paths', 'model_metadata', 'check_quality_gate']
+__all__ = ['PublishError', 'new_version', 'publish_model', 'add_to_version', 'prune_versions', 'git_state', 'strip_local_paths',
+           'model_metadata', 'check_quality_gate', 'pipeline_lineage', 'notebook_records', 'detector_records',
+           'publish_trained_model']
 
 # %% ../../notebooks/lib/registry/02_publish.ipynb #6e22dcee
-DEPLOYMENT_POINTER = "deployments/current.json"
-METADATA_FILE, NOTEBOOKS_DIR = "metadata.yaml", "notebooks"
-
 class PublishError(RuntimeError):
     "Publishing refused; central storage is left as it was."
-
-def models_dir(storage) -> Path: return Path(storage) / "models"
-def metadata_path(storage, model_name) -> Path: return models_dir(storage) / f"{model_name}.yaml"
-def model_path(storage, model_name) -> Path: return models_dir(storage) / model_name
-def versions_dir(storage) -> Path: return models_dir(storage) / ".versions"
-def version_dir(storage, version) -> Path: return versions_dir(storage) / version
-
-def storage_path(version: str, *parts) -> str:
-    "A path inside version folder `version`, relative to central storage (what metadata records)."
-    return "/".join(["models", ".versions", version, *parts])
 
 def new_version(model_name: str) -> str:
     "A new version name: `<model_name>@<UTC time>` (sorts by time)."
@@ -51,16 +40,6 @@ def _check_link(link: Path, files_ok: bool = False):
     if link.exists() and not link.is_symlink() and not (files_ok and link.is_file()):
         raise PublishError(f"{link} exists and is not a published model link; move it away first")
 
-def _linked_version(link: Path):
-    "The version folder name a convenience link points into (None when it is no link)."
-    if not link.is_symlink(): return None
-    parts = Path(os.readlink(link)).parts
-    return parts[1] if len(parts) > 1 and parts[0] == ".versions" else None
-
-def current_version(storage, model_name):
-    "The version the `<model_name>` link points at (None before the first publish)."
-    return _linked_version(model_path(storage, model_name))
-
 # %% ../../notebooks/lib/registry/02_publish.ipynb #51f2bf54
 def publish_model(src_dir, metadata: dict, storage, files: dict | None = None, version: str | None = None) -> dict:
     "Copy the model files in `src_dir`, `files` ({path in the version: source}) and `metadata` into a new version folder, then make it current."
@@ -72,7 +51,7 @@ def publish_model(src_dir, metadata: dict, storage, files: dict | None = None, v
     version = version or new_version(name)
     final = version_dir(storage, version)
     if final.exists(): raise PublishError(f"{final} already exists")
-    meta = {**metadata, "version": version, "model_dir": f".versions/{version}"}
+    meta = {**metadata, "version": version, "model_dir": f"{VERSIONS_DIR}/{version}"}
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
     try:  # everything into the temporary folder; one rename makes the version visible, complete
@@ -86,8 +65,8 @@ def publish_model(src_dir, metadata: dict, storage, files: dict | None = None, v
         if tmp.exists(): shutil.rmtree(tmp)
     before = {l: os.readlink(l) if l.is_symlink() else None for l in (link, meta_link)}
     try:
-        _atomic_symlink(f".versions/{version}", link)
-        _atomic_symlink(f".versions/{version}/{METADATA_FILE}", meta_link)
+        _atomic_symlink(f"{VERSIONS_DIR}/{version}", link)
+        _atomic_symlink(f"{VERSIONS_DIR}/{version}/{METADATA_FILE}", meta_link)
     except BaseException:  # put the links back and take the version away: nothing new is left
         for l, target in before.items():
             if target: _atomic_symlink(target, l)
@@ -110,37 +89,19 @@ def add_to_version(storage, version: str, files, subdir: str = NOTEBOOKS_DIR) ->
         out.append(storage_path(version, subdir, f.name))
     return out
 
-# %% ../../notebooks/lib/registry/02_publish.ipynb #4c8e2f63
-def detector_files(model_name: str, detectors: dict) -> dict:
-    "`{path in the version folder: source file}` of a model's detectors and reference data (`detectors`: `{'uae': f, 'bbsd': f, 'ref_data': f}`)."
-    from cvops.monitoring.drift_detectors import detector_path, ref_data_path
-    return {(ref_data_path("", model_name) if kind == "ref_data" else detector_path("", model_name, kind)).as_posix(): src
-            for kind, src in detectors.items()}
-
 # %% ../../notebooks/lib/registry/02_publish.ipynb #c3c7d0dd
-def deployed_version(storage) -> str | None:
-    "The version named by the deployment pointer `deployments/current.json` (None when nothing is deployed; `cvops.registry.deploy.PointerError` when it is unreadable)."
-    from cvops.registry.deploy import current_deployment
-    return (current_deployment(storage) or {}).get("version")
-
-def list_versions(storage, model_name) -> list[str]:
-    "The published versions of `model_name`, oldest first."
-    d = versions_dir(storage)
-    return sorted(p.name for p in d.glob(f"{model_name}@*") if p.is_dir()) if d.is_dir() else []
-
 def prune_versions(storage, name, keep: int, protect=()) -> list[str]:
     """Delete the oldest versions of model `name` beyond the newest `keep`, except those in `protect`, the deployed one and
     the one it replaced (the pointer's `version` and `previous_version`) and the current one; returns the deleted. Runs under
     the deployment lock (deploy and rollback wait); refuses (`PublishError`) while the deployment pointer is unreadable."""
-    from cvops.registry.deploy import PointerError, current_deployment, deployment_lock
     if keep is None: return []
     if keep < 1: raise ValueError("keep must be at least 1")
     with deployment_lock(storage):
         try: record = current_deployment(storage) or {}
         except PointerError as e: raise PublishError(f"old versions of {name} not pruned: {e}") from None
         spared = ({v for v in protect if v} | {record.get("version"), record.get("previous_version")}
-                  | {current_version(storage, name), _linked_version(metadata_path(storage, name))})
-        doomed = [v for v in list_versions(storage, name)[:-keep] if v not in spared]
+                  | {current_version(storage, name), linked_version(metadata_path(storage, name))})
+        doomed = [v for v in published_versions(storage, name)[:-keep] if v not in spared]
         for v in doomed:
             trash = versions_dir(storage) / f".tmp-del-{uuid.uuid4().hex}"
             os.rename(version_dir(storage, v), trash)
@@ -168,3 +129,60 @@ def check_quality_gate(metrics: dict, min_accuracy: float):
     "Refuse to publish a model below the configured test accuracy."
     if metrics["accuracy"] < min_accuracy:
         raise PublishError(f"test accuracy {metrics['accuracy']:.4f} is below deploy.min_test_accuracy {min_accuracy}; not published")
+
+# %% ../../notebooks/lib/registry/02_publish.ipynb #10a7d3f2
+def pipeline_lineage(root, sections: dict, prep, run_file) -> dict:
+    "Project commit, dataset version (`prep`: `cvops.data.prepare.PreparedData`), config hash and MLflow run of a model (the notebooks are added when publishing)."
+    from cvops.config import config_hash, parse_config
+    from cvops.training.tracking import read_run_file
+    run = read_run_file(run_file)
+    return {"project": git_state(Path(root).resolve()), "dataset": prep.lineage,
+            "config_hash": config_hash(parse_config(sections)),
+            "mlflow": {"run_id": run["run_id"], "experiment_id": run["experiment_id"], "tracking_uri": run["tracking_uri"]}}
+
+def notebook_records(version: str, run_id, notebooks: dict) -> dict:
+    "Where each task's rendered notebooks ({task: [ipynb, html]}) are kept: in the version folder and in the MLflow run."
+    records = {}
+    for task, files in notebooks.items():
+        rec = {Path(f).suffix.lstrip("."): storage_path(version, NOTEBOOKS_DIR, Path(f).name) for f in files}
+        if run_id: rec.update({f"mlflow_{Path(f).suffix.lstrip('.')}": f"runs:/{run_id}/notebooks/{Path(f).name}" for f in files})
+        records[task] = rec
+    return records
+
+def detector_records(version: str, model_name: str, detectors: dict, monitor=None) -> dict:
+    "What the metadata says about a version's drift detectors: their paths (relative to central storage), the reference's size and settings."
+    rec = {(Path(rel).stem[len(model_name) + 1:] if rel.endswith(".keras") else "ref_data"): storage_path(version, *rel.split("/"))
+           for rel in detector_files(model_name, detectors)}
+    if "ref_data" in detectors:
+        import pyarrow.parquet as pq
+        rec["reference_rows"] = pq.read_metadata(detectors["ref_data"]).num_rows
+    if monitor is not None:
+        from cvops.config import MonitorConfig
+        m = (MonitorConfig(**monitor) if isinstance(monitor, dict) else monitor).model_dump(mode="json")  # with the defaults
+        rec.update({k: m[k] for k in ("encoding_dim", "bbsd_layer", "reference_split", "reference_size", "seed")})
+    return rec
+
+def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=None, notebooks: dict | None = None,
+                          later=("publish",), detectors: dict | None = None, monitor=None) -> dict:
+    """Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) + drift detectors and reference
+    data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) as a new version, in one rename; prune old versions."""
+    from cvops.config import DeployConfig, central_storage_dir
+    from cvops.training.model import read_model_info
+    deploy = DeployConfig(**(deploy or {})) if isinstance(deploy, dict) or deploy is None else deploy
+    check_quality_gate(metrics, deploy.min_test_accuracy)
+    info = read_model_info(model_dir)
+    name, storage = info["model"]["model_name"], central_storage_dir(root)
+    version = new_version(name)
+    notebooks = notebooks or {}
+    lineage = {**lineage, "notebooks": notebook_records(version, (lineage.get("mlflow") or {}).get("run_id"), notebooks)}
+    files = {f"{NOTEBOOKS_DIR}/{Path(f).name}": f for task, fs in notebooks.items() if task not in later for f in fs}
+    metadata = model_metadata(info["model"], info["classes"], metrics, lineage)
+    if info.get("training"): metadata["training"] = info["training"]   # e.g. the kept epoch
+    if detectors:
+        files.update(detector_files(name, detectors))
+        metadata["detectors"] = detector_records(version, name, detectors, monitor)
+    meta = publish_model(model_dir, metadata, storage, files, version)
+    try: pruned = prune_versions(storage, name, deploy.keep_versions)   # never the deployed version or the one before it
+    except PublishError as e: pruned = []; print(f"warning: {e}")
+    if pruned: print(f"removed {len(pruned)} old version(s) of {name} (deploy.keep_versions: {deploy.keep_versions}): {', '.join(pruned)}")
+    return meta

@@ -227,7 +227,9 @@ class WorkerState:
     async def sync_with_pointer(self):
         """Load the pointer's version if it is not the one serving. An unreadable pointer changes nothing but is reported;
         a version that failed to load is tried again with backoff (`reload_interval` doubling, at most LOAD_RETRY_MAX_S)."""
-        from cvops.registry.deploy import PointerError, check_version, current_deployment, resolve_version
+        from cvops.registry.deploy import check_version
+        from cvops.registry.versions import PointerError, current_deployment, resolve_version
+        from cvops.serving.inference import load_for_serving
         pid, storage = os.getpid(), self.settings.storage
         try: record = await asyncio.to_thread(current_deployment, storage)
         except PointerError as e:
@@ -251,7 +253,7 @@ class WorkerState:
             if self.serving and self.serving.version == want: return
             try:
                 _, folder = await asyncio.to_thread(resolve_version, storage, record["model_name"], want)
-                lv = await asyncio.to_thread(check_version, folder)
+                lv = await asyncio.to_thread(check_version, folder, load_for_serving)
             except Exception as e:
                 delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
                 self._failed = {want: (failures + 1, time.monotonic() + delay)}
@@ -510,7 +512,7 @@ def store_feedback(engine, request_id: str, labels: list, source: str | None = N
 
 def _version_multilabel(storage, name: str, version: str) -> bool:
     "Whether a published version is multi-label (True when it can no longer be read: the labels are then not limited to one)."
-    from cvops.registry.deploy import DeployError, resolve_version, version_metadata
+    from cvops.registry.versions import DeployError, resolve_version, version_metadata
     try: return bool((version_metadata(resolve_version(storage, name, version)[1]).get("model") or {}).get("multilabel", False))
     except (DeployError, OSError, ValueError): return True
 
@@ -678,7 +680,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/models/current", response_model=ServingInfo, tags=["models"], summary="What this worker serves")
     async def models_current():
-        from cvops.registry.deploy import PointerError, current_deployment
+        from cvops.registry.versions import PointerError, current_deployment
         lv = state.serving
         try: deployment, pointer_error = await asyncio.to_thread(current_deployment, settings.storage), None
         except PointerError as e: deployment, pointer_error = None, str(e)
@@ -697,29 +699,30 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
              responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422)},
              summary="Deploy a published version (every worker switches; a version that fails to load is refused)")
     async def deploy_version(body: DeployRequest, request: Request, x_deployed_by: Optional[str] = Header(None, max_length=100)):
-        from cvops.registry.deploy import DeployError, check_version, deploy, mirror_to_registry, resolve_version, version_metadata
+        from cvops.registry.deploy import check_version, deploy
+        from cvops.registry.versions import DeployError, resolve_version
+        from cvops.serving.inference import load_for_serving
         try:
             version, folder = await asyncio.to_thread(resolve_version, settings.storage, body.model_name, body.version)
             async with state._swap_lock:
-                lv = await asyncio.to_thread(check_version, folder)
+                lv = await asyncio.to_thread(check_version, folder, load_for_serving)
                 who = f"{x_deployed_by or 'api'} ({request.client.host if request.client else '?'})"
                 record = await asyncio.to_thread(deploy, settings.storage, body.model_name, version, who, body.reason, lv)
                 state.swap(lv, record); state._note_skew(version)
             await asyncio.to_thread(state.report)
             await asyncio.to_thread(freeze_heap)
         except DeployError as e: raise ApiError(e.status, str(e))
-        registry = await asyncio.to_thread(lambda: mirror_to_registry(version_metadata(folder)))
         workers = {}
         for _ in range(int(10 / 0.1)):                # until every worker on this host serves it (max 10 s)
             workers = await asyncio.to_thread(workers_serving, settings.var)
             if all(v == version for v in workers.values()): break
             await asyncio.sleep(0.1)
         return DeploymentResponse(**{k: record[k] for k in ("model_name", "version", "deployed_at", "deployed_by", "previous_version")},
-                                  workers={str(k): v for k, v in workers.items()}, registry=registry)
+                                  workers={str(k): v for k, v in workers.items()}, registry=record["registry"])
 
     @app.get("/models/history", response_model=list[dict], tags=["models"], summary="Deployments, newest first")
     async def models_history(limit: int = Query(50, ge=1, le=1000)):
-        from cvops.registry.deploy import deployment_history
+        from cvops.registry.versions import deployment_history
         return await asyncio.to_thread(deployment_history, settings.storage, limit)
 
     async def find_prediction(request_id: str) -> dict | None:

@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..data.preprocess import decode_upright, preprocess, to_input, to_model_input
-from ..training.model import LAST_CONV
+from ..registry.versions import METADATA_FILE, version_detectors, version_metadata
+from ..training.model import LAST_CONV, load_keras_model, read_model_info
 
 # %% auto #0
-__all__ = ['ACCEPTED_FORMATS', 'ACCEPTED_CONTENT_TYPES', 'HEADS_DIR', 'ImageError', 'Upload', 'check_upload', 'LoadedVersion',
-           'compile_calls', 'load_version', 'prepare_input', 'warm_up', 'display_size', 'render_heatmap',
+__all__ = ['ACCEPTED_FORMATS', 'ACCEPTED_CONTENT_TYPES', 'ImageError', 'Upload', 'check_upload', 'LoadedVersion', 'compile_calls',
+           'load_version', 'prepare_input', 'warm_up', 'load_for_serving', 'display_size', 'render_heatmap',
            'class_probabilities']
 
 # %% ../../notebooks/lib/serving/01_inference.ipynb #32dda3d8
@@ -68,8 +69,6 @@ def _to_8bit(im):
     return im
 
 # %% ../../notebooks/lib/serving/01_inference.ipynb #c9edd2a8
-HEADS_DIR = "detectors"   # cvops.monitoring.drift_detectors.DETECTORS_DIR: <model_name>_uae.keras, <model_name>_bbsd.keras
-
 @dataclass
 class LoadedVersion:
     "A published model version, ready to call."
@@ -91,11 +90,9 @@ class LoadedVersion:
         return {k: v.numpy() for k, v in fn(to_model_input(batch)).items()}
 
 def _extra_heads(folder: Path, model_name: str) -> dict:
-    "The version's detectors, by feature name (`<model_name>_uae.keras` -> `uae`)."
+    "The version's detectors, by feature name (`<model_name>_uae.keras` -> `uae`, `cvops.registry.versions.version_detectors`)."
     import keras
-    from cvops.monitoring.drift_detectors import head_name
-    d = folder / HEADS_DIR
-    return {head_name(p, model_name): keras.models.load_model(p, compile=False) for p in sorted(d.glob("*.keras"))} if d.is_dir() else {}
+    return {name: keras.models.load_model(p, compile=False) for name, p in version_detectors(folder, model_name).items()}
 
 def compile_calls(model, heads: dict, size, channels: int, classification_layer: str = "classifier", cam: bool = True) -> tuple:
     """(predict, predict_cam, prepare): the compiled calls the service runs for `model` and its extra `heads`
@@ -134,12 +131,10 @@ def compile_calls(model, heads: dict, size, channels: int, classification_layer:
 
 def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
     "Load a published version folder (model.keras, model_info.json, detectors/) and compile its calls."
-    import keras
-    from cvops.training.train import MODEL_FILE, read_model_info
     folder = Path(folder)
     info = read_model_info(folder)
     m = info["model"]
-    model = keras.models.load_model(folder / MODEL_FILE, compile=False)
+    model = load_keras_model(folder)
     size, ch = (m["input_size"]["w"], m["input_size"]["h"]), m["channels"]
     heads = _extra_heads(folder, m["model_name"])
     predict, predict_cam, prepare = compile_calls(model, heads, size, ch, m.get("classification_layer", "classifier"))
@@ -156,9 +151,7 @@ def load_version(folder, metadata: dict | None = None) -> LoadedVersion:
     return lv
 
 def _read_metadata(folder: Path) -> dict:
-    import yaml
-    f = folder / "metadata.yaml"
-    return yaml.safe_load(f.read_text()) if f.exists() else {}
+    return version_metadata(folder) if (folder / METADATA_FILE).exists() else {}
 
 # %% ../../notebooks/lib/serving/01_inference.ipynb #bf3cf444
 def prepare_input(upload: Upload, lv: LoadedVersion, display_max_side: int | None = None) -> np.ndarray:
@@ -205,6 +198,12 @@ def warm_up(lv: LoadedVersion):
     up = Upload(png.getvalue(), "PNG", (4, 4))
     prepare_input(up, lv, 224)
     render_heatmap(np.zeros((2, 2), np.float32), up.display)
+
+def load_for_serving(folder) -> LoadedVersion:
+    "Load a published version as a worker serves it: `load_version`, then `warm_up` (the loader deploying checks a version with)."
+    lv = load_version(folder)
+    warm_up(lv)
+    return lv
 
 def display_size(w: int, h: int, min_short: int = 224, max_side: int = 1024) -> tuple[int, int]:
     "Size to draw the overlay at: short side at least `min_short`, long side at most `max_side`."

@@ -15,8 +15,7 @@ from ..data.preprocess import build_augmenter, make_dataset, split_rows
 from .model import build_model, compile_model
 
 # %% auto #0
-__all__ = ['MODEL_FILE', 'INFO_FILE', 'FinalLine', 'make_callbacks', 'keep_best_callback', 'kept_epoch', 'TrainResult',
-           'fit_classifier', 'save_trained_model', 'read_model_info', 'load_trained_model', 'flatten',
+__all__ = ['FinalLine', 'make_callbacks', 'keep_best_callback', 'kept_epoch', 'TrainResult', 'fit_classifier', 'flatten',
            'log_training_inputs', 'history_table', 'plot_history']
 
 # %% ../../notebooks/lib/training/02_train.ipynb #2369786c
@@ -127,30 +126,6 @@ def fit_classifier(model_cfg: ModelConfig, train_cfg: TrainConfig, df, dataset_d
         import mlflow
         mlflow.log_metrics({k: float(v) for k, v in result.training_record().items() if v is not None})
     return result
-
-# %% ../../notebooks/lib/training/02_train.ipynb #e11f7a90
-MODEL_FILE, INFO_FILE = "model.keras", "model_info.json"
-
-def save_trained_model(model, model_dir, model_cfg: ModelConfig, classes, training: dict | None = None) -> Path:
-    "Write the model and what it needs to be used (its config section and class names; `training`: e.g. the kept epoch)."
-    import json
-    model_dir = Path(model_dir); model_dir.mkdir(parents=True, exist_ok=True)
-    model.save(model_dir / MODEL_FILE)
-    info = {"model": model_cfg.model_dump(mode="json"), "classes": list(classes)}
-    if training: info["training"] = training
-    (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2))
-    return model_dir
-
-def read_model_info(model_dir) -> dict:
-    "`{model: <model section>, classes: [...]}` of a folder written by `save_trained_model`."
-    import json
-    return json.loads((Path(model_dir) / INFO_FILE).read_text())
-
-def load_trained_model(model_dir):
-    "The model and its info (`model`: ModelConfig, `classes`) from a folder written by `save_trained_model`."
-    import keras
-    info = read_model_info(model_dir)
-    return keras.models.load_model(Path(model_dir) / MODEL_FILE, compile=False), ModelConfig(**info["model"]), info["classes"]
 
 # %% ../../notebooks/lib/training/02_train.ipynb #03d1e994
 def flatten(d: dict, prefix: str = "") -> dict:
