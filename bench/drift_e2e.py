@@ -17,7 +17,7 @@ The real service (`cvops serve`, 2 workers) on a free port; pools POSTed once ov
   gn1/gn10/gn100, brightness, rotation, blur   --pool images of the `none` pool shifted as bench/drift_quality.py does (PNG)
   ko        windows drawn from the `none` pool without one class (a random class per draw)
   valid     the whole reference split (its files' bytes): the rows of other candidate references (other seeds, all of it)
-The rows are read back with the monitor's reader (`cvops.monitoring.check_drift.read_window` + `window_frame`), and every window
+The rows are read back with the monitor's reader (`cvops.predlog.queries.read_window` + `cvops.monitoring.check_drift.window_frame`), and every window
 (n in --sizes, --draws per cell, sampled from the logged rows) goes through `cvops.monitoring.drift.window_tests`, the function
 `check_drift` runs: the four tests, Holm over them, the run-level verdict. The same windows (same image indices, same
 seeds) are also run on features computed in-process as bench/drift_quality.py computes them (the detectors called on
@@ -177,7 +177,8 @@ def main(argv=None):
     from cvops.monitoring.drift_detectors import reference_data
     from cvops.registry.versions import detector_path, ref_data_path
     from cvops.monitoring.drift import RUN_ALERT, TESTS, holm, window_tests
-    from cvops.monitoring.check_drift import read_window, window_frame
+    from cvops.monitoring.check_drift import window_frame
+    from cvops.predlog.queries import read_window
     from cvops.predlog.schema import default_db_url, make_engine
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-drift-e2e-"))
     svc = None

@@ -111,8 +111,9 @@ def main():
     ru, rb = fake_features(mon.reference_size, np.random.default_rng(1))
     ref = feature_frame({"uae": ru, "bbsd": rb}, classes=CLASSES)
     try:
-        from cvops.monitoring import check_drift as h7
-        h7_reader = (h7.read_window, h7.window_frame)
+        from cvops.monitoring.check_drift import window_frame
+        from cvops.predlog.queries import read_window
+        h7_reader = (read_window, window_frame)
     except Exception as e:  # noqa: BLE001  (the monitor module is optional here)
         h7_reader = None; print(f"cvops.monitoring.check_drift reader not timed: {type(e).__name__}: {e}")
     with tempfile.TemporaryDirectory() as tmp:

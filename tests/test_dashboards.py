@@ -1,9 +1,10 @@
 """The Voila dashboards (`make dashboard`) against a project with realistic data: a published
 and deployed version with detectors and reference data, a prediction log (predictions with
 the version's own features, their images in the image store, api_log rows with refusals and
-errors), deployments, and drift reports of several monitoring runs (insufficient data, no
-drift, drift, live accuracy). Voila is started on a free port of 127.0.0.1 and stopped by the
-test; both dashboards are fetched over HTTP and rendered in headless Chromium."""
+errors), deployments, and the drift reports of three runs of the real monitor over that log
+(insufficient data, no drift, drift with live accuracy). Voila is started on a free port of
+127.0.0.1 and stopped by the test; both dashboards are fetched over HTTP and rendered in
+headless Chromium."""
 import base64
 import io
 import json
@@ -35,12 +36,14 @@ ERROR_MARKERS = ("Traceback", "Error", "There was an error when executing cell")
 def fill_project(root: Path, base: Path) -> dict:
     """A project folder like a served one: two published versions of `fashion_small` (the second
     with UAE/BBSD detectors and reference data, deployed after the first), 240 logged predictions
-    over three days (the latest 30 noisy), api_log rows, and three monitoring runs."""
+    over three days (the latest 30 noisy), api_log rows, and three runs of the monitor as the log grows."""
+    import keras
     from cvops.registry.deploy import deploy
     from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
     from cvops.serving.inference import load_version
-    from cvops.predlog.images import ImageStore
-    from cvops.predlog.schema import api_log, drift_reports, feedback, make_engine, migrate, predictions
+    from cvops.config import MonitorConfig
+    from cvops.monitoring.check_drift import check_drift
+    from cvops.predlog.images import ImageStore; from cvops.predlog.schema import api_log, feedback, make_engine, migrate, pack_features, predictions
     from cvops.registry.publish import publish_model
     from cvops.registry.versions import detector_path, ref_data_path
     from cvops.training.model import load_keras_model, read_model_info
@@ -90,40 +93,30 @@ def fill_project(root: Path, base: Path) -> dict:
                               top_class=classes[int(out["probs"][i].argmax())],
                               probabilities={c: float(p) for c, p in zip(classes, out["probs"][i])},
                               image_sha256=sha, image_path=rel, latency_ms=latency,
-                              features=None if version == v1 else {"uae": out["uae"][i].tolist(), "bbsd": out["bbsd"][i].tolist()}))
+                              features=None, **pack_features(None if version == v1 else {"uae": out["uae"][i], "bbsd": out["bbsd"][i]})))
     for k, (route, code, err) in enumerate([("/predict", 415, "unsupported content type 'text/plain'"), ("/predict", 413, "too large"),
                                              ("/predict", 500, "internal error"), ("/models/current", 200, None), ("/ready", 200, None)] * 4):
         api_rows.append(dict(request_id=uuid.uuid4().hex, created_on=now - timedelta(hours=60 - 3 * k), method="GET" if code == 200 else "POST",
                              route=route, path=route, status_code=code, latency_ms=float(rng.uniform(1, 5)), client="10.0.0.7",
                              model_version=v2, error=err))
 
-    def run(run_id, t, n, p_ks, p_mmd, p_chi2, accuracy, n_feedback):
-        window = {"window": {"window_days": 7, "window_rows": n, "min_rows": 30}}
-        base_row = dict(run_id=run_id, created_on=t, model_name=name, model_version=v2, window_start=t - timedelta(days=7),
-                        window_end=t, n_rows=n, n_reference=len(ref), backend="cvops")
-        tests = [("ks_bbsd_bonferroni", "bbsd", p_ks, 0.05 / len(classes)), ("mmd_uae", "uae", p_mmd, 0.05),
-                 ("chi2_predicted", "predicted", p_chi2, 0.05)]
-        rows = [dict(base_row, test=test, features=f, statistic=None if p is None else float(-np.log10(p)), p_value=p, threshold=thr,
-                     verdict="insufficient data" if p is None else "drift" if p <= thr else "no drift", details=window)
-                for test, f, p, thr in tests]
-        rows.append(dict(base_row, test="live_accuracy", features="feedback", statistic=accuracy, n_rows=n_feedback,
-                         p_value=None if accuracy is None else 0.3, threshold=0.05,
-                         verdict="insufficient data" if accuracy is None else "no drift",
-                         details={"n_feedback": n_feedback, "test_accuracy": acc, **window}))
-        return rows
-    n_window = len(imgs) - 20
-    reports = (run("r1", times[40] + timedelta(minutes=1), 21, None, None, None, None, 0)
-               + run("r2", times[150] + timedelta(minutes=1), 131, 0.41, 0.28, 0.65, 0.82, 11)
-               + run("r3", now - timedelta(minutes=30), n_window, 1e-5, 0.002, 0.004, 0.61, 18))
+    # the drift reports: three runs of the real monitor (`check_drift`, what `cvops monitor` runs) as the log grows:
+    # 21 rows of v2 (too few: insufficient data), then 131 unshifted ones, then the latest 100 with the 30 noisy
+    # ones and feedback for 18 of them (live accuracy)
     engine = make_engine(f"sqlite:///{root / 'var' / 'cvops.db'}")
     migrate(engine)
-    with engine.begin() as c:
-        c.execute(api_log.insert(), api_rows)
-        c.execute(predictions.insert(), pred_rows)
-        c.execute(drift_reports.insert(), reports)
-        c.execute(feedback.insert(), [dict(request_id=r["request_id"], created_on=now, labels=[classes[int(yt[250 + i])]], source="tests")
-                                      for i, r in enumerate(pred_rows[-18:])])
+    cfg = MonitorConfig(window_days=7, window_rows=100, min_rows=30, permutations=200, seed=0)
+    fb_rows = [dict(request_id=r["request_id"], created_on=times[-1], labels=[classes[int(yt[250 + 222 + i])]], source="tests")
+               for i, r in enumerate(pred_rows[-18:])]
+    runs = []
+    with engine.begin() as c: c.execute(api_log.insert(), api_rows)
+    for first, last, run_at in ((0, 41, times[40]), (41, 151, times[150]), (151, len(pred_rows), now - timedelta(minutes=31))):
+        with engine.begin() as c:
+            c.execute(predictions.insert(), pred_rows[first:last])
+            if last == len(pred_rows): c.execute(feedback.insert(), fb_rows)
+        runs.append(check_drift(root, cfg, engine=engine, storage=storage, now=run_at + timedelta(minutes=1), notify=False))
     engine.dispose()
+    assert [runs[0].run_alert["verdict"], runs[-1].run_alert["verdict"]] == ["insufficient data", "drift"], [r.table() for r in runs]
     return {"root": root, "storage": storage, "v1": v1, "v2": v2, "classes": classes, "noisy": {r["request_id"] for r in pred_rows[-30:]}}
 
 
@@ -243,8 +236,8 @@ def test_dashboards_render_the_monitoring_data(tmp_path, voila_factory, browser)
     verdicts = re.findall(r"<td>(drift|no drift|insufficient data)</td>", text)
     assert verdicts[:3] == ["drift"] * 3, verdicts                 # the latest run's verdicts lead the tables
     top = re.findall(r"<td>([0-9a-f]{32})</td>", text)            # the request ids of the inputs shown with their overlays
-    # 30 of the 220 window rows are noisy: by chance 1.6 of 12 would be; measured 7-9 (noise drawn with 3 seeds)
-    assert len(top) == 12 and len(set(top) & project["noisy"]) >= 5, (len(top), len(set(top) & project["noisy"]))
+    # 30 of the latest run's 100 window rows are noisy: by chance 3.6 of 12 would be; measured 11
+    assert len(top) == 12 and len(set(top) & project["noisy"]) >= 8, (len(top), len(set(top) & project["noisy"]))
 
     t0 = time.time()
     activity = requests.get(voila.url("/voila/render/service_activity.ipynb"), timeout=180)

@@ -109,7 +109,8 @@ def _post(s, payloads: list, heatmap_every: int = 0) -> list:
 
 def _logged_frame(s, request_ids: list) -> pd.DataFrame:
     "The logged rows of these requests through the monitor's own reader, in the order of `request_ids`."
-    from cvops.monitoring.check_drift import read_window, window_frame
+    from cvops.monitoring.check_drift import window_frame
+    from cvops.predlog.queries import read_window
     from cvops.predlog.schema import default_db_url, make_engine
     eng = make_engine(default_db_url(s["root"]))
     try: rows = read_window(eng, s["version"])

@@ -36,7 +36,7 @@ def test_production_refuses_sample_credentials(tmp_path):
     assert monitor.returncode != 0 and "the password in DB_URL still has a sample value" in monitor.stderr, monitor.stderr
     assert "ADMIN_TOKEN" not in monitor.stderr          # the monitor is refused for what it uses, not the service's tokens
     env = {**os.environ, "CVOPS_ROOT": str(tmp_path), **SAMPLE_ENV}
-    dashboards = subprocess.run([str(BIN / "python"), "-c", "from cvops.monitoring.dashboard import open_sources; open_sources()"],
+    dashboards = subprocess.run([str(BIN / "python"), "-c", "from cvops.monitoring.dashboard_data import open_sources; open_sources()"],
                                 cwd=tmp_path, env=env, text=True, capture_output=True, timeout=120)
     assert dashboards.returncode != 0 and "the dashboards cannot start" in dashboards.stderr, dashboards.stderr
     assert "the password in DB_URL still has a sample value" in dashboards.stderr

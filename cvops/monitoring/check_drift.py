@@ -11,9 +11,9 @@ import math
 import re
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from itertools import chain
 from pathlib import Path
 from typing import Optional
 
@@ -24,11 +24,14 @@ from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ConfigError, MonitorConfig, find_project_root
+from ..predlog.schema import make_engine, migrate
+from ..predlog.queries import json_loader, logged_features, previous_run_alerts, read_window, write_drift_reports
 
 # %% auto #0
-__all__ = ['log', 'VERDICTS', 'MONITOR_PIPELINE', 'parse_interval', 'MonitorSettings', 'load_monitor_settings', 'read_window',
-           'window_frame', 'live_accuracy', 'new_run_id', 'MonitorRun', 'check_drift', 'redact_url', 'webhook_payload',
-           'alert', 'monitor_section', 'build_monitor', 'report_lines', 'run_every']
+__all__ = ['log', 'VERDICTS', 'MONITOR_PIPELINE', 'parse_interval', 'MonitorSettings', 'load_monitor_settings', 'window_frame',
+           'live_accuracy', 'new_run_id', 'MonitorRun', 'read_run_window', 'Comparison', 'compare_with_reference',
+           'feature_tests', 'run_tests', 'drift_report_rows', 'check_drift', 'redact_url', 'webhook_payload', 'alert',
+           'monitor_section', 'build_monitor', 'report_lines', 'run_every']
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #1b27aed9
 log = logging.getLogger("cvops.monitoring.check_drift")
@@ -75,64 +78,17 @@ def load_monitor_settings(root=None, env_file=None, **overrides) -> MonitorSetti
         raise ConfigError(f"{name}: {err['msg'].removeprefix('Value error, ')}") from None
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #72ff8c78
-def _json_loads():
-    try:
-        import orjson
-        return orjson.loads
-    except ImportError: return json.loads
-
 def _utc(t):
     "Datetimes from the database as aware UTC (SQLite gives them back naive)."
     if t is None or pd.isna(t): return None
     t = pd.Timestamp(t).to_pydatetime()
     return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
 
-def read_window(engine, model_version: str, window_days: float | None = None, window_rows: int | None = None,
-                now: datetime | None = None) -> pd.DataFrame:
-    "Rows (newest first): request_id, created_on, top_class, features (JSON text, older rows), labels (JSON text or None), feature_blob, feature_dims."
-    from cvops.predlog.schema import feedback as f, predictions as p
-    now = now or datetime.now(timezone.utc)
-    q = (sa.select(p.c.request_id, p.c.created_on, p.c.top_class, sa.cast(p.c.features, sa.Text).label("features"),
-                   sa.cast(f.c.labels, sa.Text).label("labels"), p.c.feature_blob, p.c.feature_dims)
-         .select_from(p.outerjoin(f, f.c.request_id == p.c.request_id))
-         .where(p.c.model_version == model_version).order_by(p.c.created_on.desc()))
-    if window_days: q = q.where(p.c.created_on >= now - timedelta(days=window_days))
-    if window_rows: q = q.limit(window_rows)
-    with engine.connect() as c: rows = c.execute(q).all()
-    return pd.DataFrame(rows, columns=["request_id", "created_on", "top_class", "features", "labels", "feature_blob", "feature_dims"])
-
-def _json_features(texts) -> dict:
-    "JSON `features` texts (rows of releases before migration 0003) -> `{head: (n, d) float32}`."
-    parsed = _json_loads()("[" + ",".join(texts) + "]") if len(texts) else []
-    feats = {}
-    for name in sorted(parsed[0]) if parsed else []:
-        dim = len(parsed[0][name])
-        if not all(isinstance(d, dict) and len(d.get(name) or ()) == dim for d in parsed):
-            raise ValueError(f"the logged features '{name}' differ in shape between predictions of this version")
-        flat = np.fromiter(chain.from_iterable(d[name] for d in parsed), np.float32, count=len(parsed) * dim)
-        feats[name] = flat.reshape(len(parsed), dim)
-    return feats
-
 def window_frame(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows' features as `cvops.monitoring.drift_detectors.feature_frame` makes them (uae_*, bbsd_*), `predicted` = the top class answered.
     Reads `feature_blob` + `feature_dims` (float32, lossless) and, for older rows, the JSON `features`."""
     from cvops.monitoring.drift_detectors import feature_frame
-    from cvops.predlog.schema import unpack_features
-    none = pd.Series([None] * len(rows), index=rows.index, dtype=object)
-    blob, dims, js = (rows[c] if c in rows else none for c in ("feature_blob", "feature_dims", "features"))
-    has_blob = (blob.notna() & dims.notna()).to_numpy()
-    has_json = ~has_blob & (js.notna() & (js != "null")).to_numpy()
-    has = has_blob | has_json
-    fb = unpack_features(blob[has_blob], dims[has_blob]) if has_blob.any() else {}
-    fj = _json_features(js[has_json]) if has_json.any() else {}
-    if fb and fj:
-        if {k: v.shape[1] for k, v in fb.items()} != {k: v.shape[1] for k, v in fj.items()}:
-            raise ValueError("the logged features differ in shape between predictions of this version (float32 and JSON rows)")
-        at_blob = has_blob[has]
-        feats = {}
-        for k in fb:
-            x = np.empty((int(has.sum()), fb[k].shape[1]), np.float32); x[at_blob] = fb[k]; x[~at_blob] = fj[k]; feats[k] = x
-    else: feats = fb or fj
+    has, feats = logged_features(rows)
     df = feature_frame(feats) if feats else pd.DataFrame(index=range(0))
     df["predicted"] = rows.loc[has, "top_class"].to_numpy()
     return df
@@ -140,7 +96,7 @@ def window_frame(rows: pd.DataFrame) -> pd.DataFrame:
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #0613f04c
 def live_accuracy(rows: pd.DataFrame, expected: float | None = None, alpha: float = 0.05) -> dict:
     "test/statistic/p_value/threshold/verdict/n_rows/details of the live accuracy over `rows` that have feedback."
-    loads = _json_loads()
+    loads = json_loader()
     fb = rows[rows["labels"].notna()]
     labels = [loads(t) for t in fb["labels"]]
     right = [tc in (l if isinstance(l, list) else [l]) for tc, l in zip(fb["top_class"], labels)]
@@ -229,7 +185,17 @@ class MonitorRun:
         return _jsonable({k: getattr(self, k) for k in ("run_id", "created_on", "model_name", "model_version", "window_start",
                                                           "window_end", "n_rows", "message", "rows")})
 
-# %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #94687ea1
+# %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #3bb67ceb
+def read_run_window(engine, run: MonitorRun, cfg: MonitorConfig, now: datetime) -> tuple[pd.DataFrame, dict]:
+    "The run's window (sets `run.n_rows` and `run.window_start`) and its description for the rows' details."
+    rows = read_window(engine, run.model_version, cfg.window_days, cfg.window_rows, now)
+    run.n_rows = len(rows)
+    oldest = _utc(rows["created_on"].iloc[-1]) if len(rows) else None
+    nominal = now - timedelta(days=cfg.window_days) if cfg.window_days else None
+    run.window_start = oldest if (cfg.window_rows and len(rows) >= cfg.window_rows) or nominal is None else nominal
+    return rows, {"window_days": cfg.window_days, "window_rows": cfg.window_rows, "oldest": oldest, "min_rows": cfg.min_rows}
+
+# %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #0b276b60
 def _version_facts(folder: Path) -> tuple[list, Optional[float], str]:
     "(classes, comparable test accuracy or None, model name) of a published version folder."
     from cvops.registry.versions import version_metadata
@@ -255,19 +221,38 @@ def _load_reference(folder: Path, model_name: str, current: pd.DataFrame) -> tup
     if missing: return None, f"logged features {missing[:4]} are not in the reference data {path.name} (a different detector?)"
     return ref, ""
 
+@dataclass
+class Comparison:
+    "What the feature tests compare: the window's features with the version's reference data (`reference` None: they cannot, `why`)."
+    reference: Optional[pd.DataFrame]
+    current: Optional[pd.DataFrame]
+    classes: list
+    expected_accuracy: Optional[float]      # the published test accuracy live accuracy is held to
+    why: str = ""
+
+def compare_with_reference(storage, run: MonitorRun, rows: pd.DataFrame) -> Comparison:
+    "The serving version's facts, the window's features and the reference data they are tested against (or why not)."
+    from cvops.registry.deploy import DeployError, resolve_version
+    try:
+        _, folder = resolve_version(storage, run.model_name, run.model_version)
+        classes, expected, _ = _version_facts(folder)
+    except (DeployError, OSError, ValueError) as e: return Comparison(None, None, [], None, f"the deployed version cannot be read: {e}")
+    try: current = window_frame(rows)
+    except ValueError as e: return Comparison(None, None, classes, expected, str(e))
+    reference, why = _load_reference(folder, run.model_name, current)
+    if reference is not None and len(current) and not any(c.startswith(("uae_", "bbsd_")) for c in current.columns):
+        reference, why = None, "the logged predictions carry no detector features"
+    if reference is not None and len(current) == 0:
+        current = reference.iloc[:0].drop(columns=[c for c in ("label",) if c in reference.columns])
+    return Comparison(reference, current, classes, expected, why)
+
+# %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #b3d6c89e
 def _persistence(engine, rec: dict, model_version: str, now: datetime, k: int):
     "`monitor.alert_after`: the run-level row says drift only on the `k`-th consecutive drifting run of the version."
     d = rec.get("details") or {}
     if not d.get("drifting"): return
-    prev = []
-    if k > 1:
-        from cvops.predlog.schema import drift_reports as t
-        q = (sa.select(t.c.details).where(t.c.model_version == model_version, t.c.test == "run_alert", t.c.created_on < now)
-             .order_by(t.c.created_on.desc()).limit(k - 1))
-        with engine.connect() as c: prev = [r[0] for r in c.execute(q)]
     streak = 1
-    for det in prev:
-        det = json.loads(det) if isinstance(det, str) else (det or {})
+    for det in previous_run_alerts(engine, model_version, now, k - 1) if k > 1 else []:
         if not det.get("drifting"): break
         streak += 1
     d.update(consecutive_drifting_runs=streak, alert_after=k)
@@ -275,12 +260,53 @@ def _persistence(engine, rec: dict, model_version: str, now: datetime, k: int):
         rec["verdict"] = "no drift"
         d["why"] = f"drifting run {streak} of the {k} consecutive ones monitor.alert_after asks for: no alert yet"
 
+def feature_tests(engine, comp: Comparison, cfg: MonitorConfig, run: MonitorRun, window: dict, n_rows: int) -> list[dict]:
+    "The drift tests of `cvops.monitoring.drift` (run_alert first, then each test, Holm), `alert_after` applied, the window in each row's details."
+    from cvops.monitoring.drift import window_tests
+    results = window_tests(comp.reference, comp.current, comp.classes, cfg)
+    _persistence(engine, results[0], run.model_version, run.created_on, cfg.alert_after)
+    for r in results:
+        r["details"] = {**(r.get("details") or {}), "window": window, "n_without_features": int(n_rows - len(comp.current))}
+    return results
+
+def run_tests(engine, comp: Comparison, rows: pd.DataFrame, cfg: MonitorConfig, run: MonitorRun, window: dict) -> list[dict]:
+    "Every test's result: the feature tests (or one `run_alert` saying why they could not run), then live accuracy."
+    results = feature_tests(engine, comp, cfg, run, window, len(rows)) if comp.reference is not None else []
+    if not results:
+        log.warning("monitor: %s", comp.why)
+        run.message = comp.why
+        results = [dict(test="run_alert", features="all", statistic=None, p_value=None, threshold=cfg.alpha, verdict="insufficient data",
+                        backend=cfg.backend, n_rows=len(rows), n_reference=None, details={"error": comp.why, "window": window})]
+    acc = live_accuracy(rows, comp.expected_accuracy, cfg.alpha); acc["details"]["window"] = window
+    return results + [acc]
+
+# %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #5144e71f
+def drift_report_rows(run: MonitorRun, results: list[dict], n_window: int, backend: str) -> list[dict]:
+    "The results as this run's `drift_reports` rows: the run's columns, finite numbers or None, a known verdict, JSON-safe details."
+    base = dict(run_id=run.run_id, created_on=run.created_on, model_name=run.model_name, model_version=run.model_version,
+                window_start=run.window_start, window_end=run.window_end)
+    return [{**base, "n_rows": int(r.get("n_rows") if r.get("n_rows") is not None else n_window),
+             "n_reference": None if r.get("n_reference") is None else int(r["n_reference"]),
+             "test": str(r["test"])[:64], "features": r.get("features"), "statistic": _num(r.get("statistic")),
+             "p_value": _num(r.get("p_value")), "threshold": _num(r.get("threshold")),
+             "verdict": r["verdict"] if r["verdict"] in VERDICTS else "insufficient data",
+             "backend": r.get("backend") or backend, "details": _jsonable(r.get("details") or {})} for r in results]
+
+# %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #2a82f164
+@contextmanager
+def _database(root: Path, engine):
+    "`engine`, or one on the service's database (`DB_URL`, as the service resolves it) disposed after the run."
+    if engine is not None: yield engine; return
+    from cvops.serving.app import load_settings
+    own = make_engine(load_settings(root=root).database_url)
+    try: yield own
+    finally: own.dispose()
+
 def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str | None = None, engine=None,
                 storage=None, now: datetime | None = None, settings: MonitorSettings | None = None, notify: bool = True) -> MonitorRun:
-    "One monitoring run of the serving version: drift tests + live accuracy -> `drift_reports` rows (returned too)."
+    "One monitoring run of the serving version: read window -> check reference -> run tests -> shape rows -> write report -> alert."
     from cvops.config import central_storage_dir
-    from cvops.registry.versions import DeployError, current_deployment, resolve_version
-    from cvops.predlog.schema import drift_reports, make_engine, migrate
+    from cvops.registry.versions import current_deployment
     root = Path(root or find_project_root())
     cfg = cfg if isinstance(cfg, MonitorConfig) else MonitorConfig(**(cfg or {}))
     now = now or datetime.now(timezone.utc)
@@ -291,57 +317,12 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
         run.message = f"nothing is deployed in {storage}: no version to monitor"
         log.warning(run.message); return run
     run.model_name, run.model_version = record["model_name"], record["version"]
-    own_engine = engine is None
-    if own_engine:
-        from cvops.serving.app import load_settings
-        engine = make_engine(load_settings(root=root).database_url)
-    try:
-        migrate(engine)
-        rows = read_window(engine, run.model_version, cfg.window_days, cfg.window_rows, now)
-        run.n_rows = len(rows)
-        oldest = _utc(rows["created_on"].iloc[-1]) if len(rows) else None
-        nominal = now - timedelta(days=cfg.window_days) if cfg.window_days else None
-        run.window_start = oldest if (cfg.window_rows and len(rows) >= cfg.window_rows) or nominal is None else nominal
-        base = dict(run_id=run.run_id, created_on=now, model_name=run.model_name, model_version=run.model_version,
-                    window_start=run.window_start, window_end=now)
-        window = {"window_days": cfg.window_days, "window_rows": cfg.window_rows, "oldest": oldest, "min_rows": cfg.min_rows}
-        try:
-            _, folder = resolve_version(storage, run.model_name, run.model_version)
-            classes, expected, _ = _version_facts(folder)
-        except (DeployError, OSError, ValueError) as e:
-            folder, classes, expected, why = None, [], None, f"the deployed version cannot be read: {e}"
-        results = []
-        if folder is not None:
-            try: current = window_frame(rows)
-            except ValueError as e: current, folder, why = None, None, str(e)
-        if folder is not None:
-            reference, why = _load_reference(folder, run.model_name, current)
-            if reference is not None and len(current) and not any(c.startswith(("uae_", "bbsd_")) for c in current.columns):
-                reference, why = None, "the logged predictions carry no detector features"
-            if reference is not None:
-                if len(current) == 0: current = reference.iloc[:0].drop(columns=[c for c in ("label",) if c in reference.columns])
-                from cvops.monitoring.drift import window_tests
-                results = window_tests(reference, current, classes, cfg)         # run_alert first, then each test (Holm)
-                _persistence(engine, results[0], run.model_version, now, cfg.alert_after)
-                for r in results: r.setdefault("details", {}); r["details"] = {**(r["details"] or {}), "window": window,
-                                                                               "n_without_features": int(len(rows) - len(current))}
-        if not results:
-            log.warning("monitor: %s", why)
-            run.message = why
-            results = [dict(test="run_alert", features="all", statistic=None, p_value=None, threshold=cfg.alpha,
-                            verdict="insufficient data", backend=cfg.backend, n_rows=len(rows), n_reference=None,
-                            details={"error": why, "window": window})]
-        acc = live_accuracy(rows, expected, cfg.alpha); acc["details"]["window"] = window
-        results.append(acc)
-        run.rows = [{**base, "n_rows": int(r.get("n_rows") if r.get("n_rows") is not None else len(rows)),
-                     "n_reference": None if r.get("n_reference") is None else int(r["n_reference"]),
-                     "test": str(r["test"])[:64], "features": r.get("features"), "statistic": _num(r.get("statistic")),
-                     "p_value": _num(r.get("p_value")), "threshold": _num(r.get("threshold")),
-                     "verdict": r["verdict"] if r["verdict"] in VERDICTS else "insufficient data",
-                     "backend": r.get("backend") or cfg.backend, "details": _jsonable(r.get("details") or {})} for r in results]
-        with engine.begin() as c: c.execute(drift_reports.insert(), run.rows)
-    finally:
-        if own_engine: engine.dispose()
+    with _database(root, engine) as db:
+        migrate(db)
+        rows, window = read_run_window(db, run, cfg, now)
+        comp = compare_with_reference(storage, run, rows)
+        run.rows = drift_report_rows(run, run_tests(db, comp, rows, cfg, run, window), len(rows), cfg.backend)
+        write_drift_reports(db, run.rows)
     if run.alerting and notify: alert(run, settings or load_monitor_settings(root))
     return run
 
