@@ -20,12 +20,18 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab status clean
+.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab nb-inject nb-clean status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: system-deps venv ## OS packages (when possible) + the virtual environment
+
+# Without the package the dataset builder falls back (with a warning) to scikit-learn's digits;
+# under CI (CI=true, set by .ci/run) there is no fallback: a missing package fails here.
+NO_FASHION_MNIST = if case "$${CI:-}" in [Tt]rue|TRUE|1) true;; *) false;; esac; then \
+	  echo "error: $(1); under CI (CI=$${CI}) there is no fallback to scikit-learn's digits: install the Debian package dataset-fashion-mnist" >&2; exit 1; \
+	else echo "note: $(1); the dataset builder will fall back to scikit-learn's digits (see README 'The default dataset')"; fi
 
 system-deps: ## install Debian's dataset-fashion-mnist (the default dataset) if it is missing
 	@if [ -f $(FASHION_MNIST) ]; then :; \
@@ -33,10 +39,10 @@ system-deps: ## install Debian's dataset-fashion-mnist (the default dataset) if 
 	  echo "installing dataset-fashion-mnist (Debian package, 30 MB)"; \
 	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
-	  echo "note: apt-get could not install dataset-fashion-mnist; the dataset builder will fall back to scikit-learn's digits"; \
+	  { $(call NO_FASHION_MNIST,apt-get could not install dataset-fashion-mnist); }; \
 	elif command -v apt-get >/dev/null && sudo -n true 2>/dev/null; then \
-	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null || echo "note: could not install dataset-fashion-mnist"; \
-	else echo "note: cannot install dataset-fashion-mnist here (needs apt-get and root); see README 'The default dataset'"; fi
+	  sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null || { $(call NO_FASHION_MNIST,could not install dataset-fashion-mnist); }; \
+	else $(call NO_FASHION_MNIST,cannot install dataset-fashion-mnist here (needs apt-get and root)); fi
 
 venv: $(STAMP)
 
@@ -99,8 +105,27 @@ bench: dataset ## training throughput; service req/s + latency; drift-test quali
 mlflow: venv ## the MLflow UI on the local store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)
 
-lab: venv ## JupyterLab on the project
-	$(BIN)/jupyter lab --no-browser --port $(LAB_PORT)
+# `make lab` opens the pipeline's task notebooks as the pipeline would run them: `ploomber nb
+# --inject` adds a cell tagged injected-parameters with the current config's parameters and the
+# paths of the task's products and upstream products; when JupyterLab stops (Ctrl-C, or an error),
+# `make nb-clean` removes that cell again, so it never reaches a commit. See docs/lab.md.
+# (PYTHONWARNINGS: ploomber warns that every notebook "appears more than once"; none does.)
+PLOOMBER_NB := PYTHONWARNINGS=ignore::UserWarning:ploomber.cli.nb $(BIN)/ploomber nb
+TASK_NOTEBOOKS := notebooks/pipeline
+
+lab: venv ## JupyterLab on the project; the task notebooks get the config's parameters until it stops
+	@$(MAKE) --no-print-directory nb-inject
+	@trap 'trap "" INT TERM; $(MAKE) --no-print-directory nb-clean' EXIT; \
+	  $(BIN)/jupyter lab --no-browser --port $(LAB_PORT)
+
+nb-inject: venv ## add the config's parameters + upstream product paths to the pipeline's task notebooks
+	@$(PLOOMBER_NB) --inject >/dev/null
+	@echo "injected the parameters of configs/config.yaml (env.yaml) into $(TASK_NOTEBOOKS)/*.ipynb; make nb-clean removes them"
+
+nb-clean: venv ## remove the injected parameter cells (and outputs) from the pipeline's task notebooks
+	@$(PLOOMBER_NB) --remove >/dev/null || { echo "error: could not remove the injected cells: the pipeline does not load (see above); fix configs/config.yaml, then make nb-clean" >&2; exit 1; }
+	@$(BIN)/nbdev-clean --fname $(TASK_NOTEBOOKS)
+	@echo "removed the injected cells and outputs from $(TASK_NOTEBOOKS)/*.ipynb"
 
 clean: ## remove pipeline products (keeps datasets, MLflow runs and central storage)
 	rm -rf products

@@ -47,6 +47,43 @@ def test_pipeline_notebook_has_one_parameters_cell(nb):
     assert len(tagged) == 1, f"{nb.name}: {len(tagged)} cells tagged 'parameters' (papermill needs exactly one)"
 
 
+def injected_cells(nb: Path) -> list[int]:
+    """The cells `ploomber nb --inject` (`make lab`) left in a notebook: those tagged
+    injected-parameters; -1 stands for its notebook-level mark (metadata.ploomber.injected_manually)."""
+    data = json.loads(nb.read_text())
+    cells = [i for i, c in enumerate(data["cells"]) if "injected-parameters" in c.get("metadata", {}).get("tags", [])]
+    return cells + ([-1] if data.get("metadata", {}).get("ploomber", {}).get("injected_manually") else [])
+
+
+def test_injected_cell_check_can_fail(tmp_path):
+    "A notebook as `ploomber nb --inject` writes it is caught; the same notebook without the cell is not."
+    params = {"cell_type": "code", "execution_count": None, "id": "a1", "metadata": {"tags": ["parameters"]},
+              "outputs": [], "source": ["product = None"]}
+    injected = {"cell_type": "code", "execution_count": None, "id": "b2", "metadata": {"tags": ["injected-parameters"]},
+                "outputs": [], "source": ["# Parameters\n", "product = {\"nb\": \"/tmp/p.ipynb\"}\n"]}
+    nb = {"cells": [params, injected], "metadata": {"ploomber": {"injected_manually": True}}, "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "task.ipynb"
+    path.write_text(json.dumps(nb))
+    assert injected_cells(path) == [1, -1]
+    path.write_text(json.dumps({**nb, "cells": [params], "metadata": {}}))
+    assert injected_cells(path) == []
+
+
+@pytest.mark.parametrize("nb", PIPELINE, ids=lambda p: p.name)
+def test_task_notebook_is_committed_without_injected_parameters(nb):
+    "The parameters `make lab` injects (this machine's paths, the current config) never reach a commit."
+    found = injected_cells(nb)
+    assert not found, (f"{nb.relative_to(REPO)}: injected parameters from `make lab` / `ploomber nb --inject` "
+                       f"(cells {found}; -1: the notebook's ploomber metadata): run `make nb-clean`")
+
+
+def test_ci_script_sets_ci_itself():
+    "`.ci/run` exports CI=true before it runs the tests: skips become failures, the dataset has no fallback."
+    lines = [l.strip() for l in (REPO / ".ci" / "run").read_text().splitlines()]
+    assert "export CI=true" in lines and "make test" in lines
+    assert lines.index("export CI=true") < lines.index("make test")
+
+
 def test_generated_modules_say_where_to_edit():
     for mod in (REPO / "cvops").rglob("*.py"):
         if mod.name in ("__init__.py", "_modidx.py"):

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -22,9 +23,10 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'SPLITS', 'ImageSource', 'load_fashion_mnist', 'load_digits_source',
-           'load_default_source', 'sample_splits', 'annotation_frame', 'write_split_layout',
-           'write_class_folder_layout', 'CommandError', 'run_cmd', 'git', 'dvc', 'list_git_tags', 'is_dataset_repo',
-           'split_counts', 'build_dataset_repo', 'synthetic_image', 'make_synthetic_dataset']
+           'MissingDatasetError', 'DatasetFallbackWarning', 'in_ci', 'has_fashion_mnist', 'load_default_source',
+           'sample_splits', 'annotation_frame', 'write_split_layout', 'write_class_folder_layout', 'CommandError',
+           'run_cmd', 'git', 'dvc', 'list_git_tags', 'is_dataset_repo', 'split_counts', 'build_dataset_repo',
+           'synthetic_image', 'make_synthetic_dataset']
 
 # %% ../../notebooks/lib/data/01_dataset.ipynb #dfe744f2
 FASHION_MNIST_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
@@ -64,15 +66,33 @@ def load_digits_source(test_size: int = 300, seed: int = 0) -> ImageSource:
     te, tr = idx[:test_size], idx[test_size:]
     return ImageSource("digits", [f"digit_{i}" for i in range(10)], (x[tr], y[tr]), (x[te], y[te]))
 
+class MissingDatasetError(FileNotFoundError):
+    "The default dataset's Debian package is not installed where no fallback is allowed (CI)."
+
+class DatasetFallbackWarning(UserWarning):
+    "The default dataset is missing: the data is scikit-learn's digits, not Fashion-MNIST."
+
+def in_ci() -> bool:
+    "True under continuous integration: `CI=true` (set by `.ci/run` and by most CI services)."
+    return os.environ.get("CI", "").strip().lower() in ("true", "1")
+
+def has_fashion_mnist(source_dir=FASHION_MNIST_DIR) -> bool:
+    "Are the four idx files of `dataset-fashion-mnist` in `source_dir`?"
+    return all((Path(source_dir)/f"{p}-ubyte.gz").exists() for p in
+               ["train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"])
+
 def load_default_source(source_dir=FASHION_MNIST_DIR) -> ImageSource:
-    "Fashion-MNIST if installed, else (with one line of explanation) scikit-learn's digits."
-    if all((Path(source_dir)/f"{p}-ubyte.gz").exists() for p in
-           ["train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1"]):
+    "Fashion-MNIST if installed; else scikit-learn's digits with a warning, or under CI an error."
+    if has_fashion_mnist(source_dir):
         train, test = load_fashion_mnist(source_dir)
         return ImageSource("fashion-mnist", list(FASHION_MNIST_CLASSES), train, test)
-    print("dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist); "
-          "falling back to scikit-learn's bundled digits")
+    missing = (f"the default dataset is not installed: no Fashion-MNIST idx files in {source_dir} "
+               "(Debian package dataset-fashion-mnist: apt-get install dataset-fashion-mnist)")
+    if in_ci():
+        raise MissingDatasetError(f"{missing}; under CI (CI={os.environ['CI']}) there is no fallback to scikit-learn's digits")
+    warnings.warn(f"{missing}; falling back to scikit-learn's bundled digits", DatasetFallbackWarning, stacklevel=2)
     return load_digits_source()
+
 
 # %% ../../notebooks/lib/data/01_dataset.ipynb #0b50365d
 SPLITS = ("train", "valid", "test")
