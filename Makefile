@@ -20,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab status clean
+.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab docs status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -101,6 +101,12 @@ mlflow: venv ## the MLflow UI on the local store
 
 lab: venv ## JupyterLab on the project
 	$(BIN)/jupyter lab --no-browser --port $(LAB_PORT)
+
+DOCS_JOBS ?= 1
+docs: venv ## the docs site in site/: docs/ pages + the library notebooks, executed (copies in _build/docs/)
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python docs/execute_notebooks.py --jobs $(DOCS_JOBS)
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/mkdocs build --quiet
+	@echo "docs: site/index.html (or $(BIN)/mkdocs serve for a live preview)"
 
 clean: ## remove pipeline products (keeps datasets, MLflow runs and central storage)
 	rm -rf products
