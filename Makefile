@@ -105,7 +105,7 @@ lab: venv ## JupyterLab on the project
 DOCS_JOBS ?= 1
 docs: venv ## the docs site in site/: docs/ pages + the library notebooks, executed (copies in _build/docs/)
 	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python docs/execute_notebooks.py --jobs $(DOCS_JOBS)
-	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/mkdocs build --quiet
+	TF_CPP_MIN_LOG_LEVEL=3 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --quiet
 	@echo "docs: site/index.html (or $(BIN)/mkdocs serve for a live preview)"
 
 clean: ## remove pipeline products (keeps datasets, MLflow runs and central storage)

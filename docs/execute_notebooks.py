@@ -14,6 +14,8 @@ import argparse
 import copy
 import hashlib
 import os
+import re
+import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 LIB = REPO / "notebooks" / "lib"
 DEFAULT_OUT = REPO / "_build" / "docs" / "lib"
 STAMP_KEY = "cvops_docs_source_hash"
+# TensorFlow's C++ start-up lines reach a cell's stderr even with TF_CPP_MIN_LOG_LEVEL=3 (absl logs
+# before it reads the level): "WARNING: All log messages before absl::InitializeLog() ..." and
+# "E0000 00:00:1795... cuda_dnn.cc:8310] Unable to register cuDNN factory ...".
+TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[EWIF]\d{4} [\d:.]+\s+\d+ \S+\.cc:\d+\])")
 QUIET = {"TF_CPP_MIN_LOG_LEVEL": "3", "PLOOMBER_STATS_ENABLED": "false",
          "DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY": "True", "DVC_NO_ANALYTICS": "1", "PYTHONWARNINGS": "ignore"}
 
@@ -50,8 +56,20 @@ def is_current(out: Path, digest: str) -> bool:
     return nbformat.read(out, as_version=4).metadata.get(STAMP_KEY) == digest
 
 
+def without_tf_noise(outputs: list) -> list:
+    "The cell's outputs with TensorFlow's C++ log lines taken out of its stderr (an output left empty goes)."
+    kept = []
+    for out in outputs:
+        if out.get("output_type") == "stream" and out.get("name") == "stderr":
+            out["text"] = "".join(line for line in out["text"].splitlines(keepends=True) if not TF_NOISE.match(line))
+            if not out["text"].strip():
+                continue
+        kept.append(out)
+    return kept
+
+
 def for_reading(nb):
-    "The executed notebook as a page: nbdev directives (`#| export`, ...) dropped, `#| hide` cells left out."
+    "The executed notebook as a page: nbdev directives (`#| export`, ...) and TensorFlow's log lines dropped, `#| hide` cells left out."
     page = copy.deepcopy(nb)
     cells = []
     for cell in page.cells:
@@ -60,6 +78,7 @@ def for_reading(nb):
             if any(line.strip().startswith("#| hide") for line in lines):
                 continue
             cell.source = "\n".join(line for line in lines if not line.startswith("#|")).strip("\n")
+            cell.outputs = without_tf_noise(cell.get("outputs", []))
             if not cell.source and not cell.get("outputs"):
                 continue
         cells.append(cell)
@@ -77,8 +96,8 @@ def execute(nb_path: Path, out: Path, timeout: int = 900) -> float:
     nb = nbformat.read(nb_path, as_version=4)
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(nb_path.parent)}})
-    try:
-        client.execute()
+    try:  # the kernel's own stderr (TensorFlow's C++ start-up lines) stays off the terminal; cell output is kept
+        client.execute(stderr=subprocess.DEVNULL)
     except CellExecutionError as e:
         raise RuntimeError(f"{nb_path.relative_to(REPO)}: a cell failed\n{e}") from None
     page = for_reading(nb)

@@ -150,19 +150,22 @@ def code(text: str) -> str:
     return f"`{text}`"
 
 
-def stage_map(link_notebook=lambda path: code(path)) -> str:
+def stage_map(link_notebook=lambda path: code(path.removeprefix("notebooks/lib/"))) -> str:
     "The stage map as markdown; `link_notebook` renders a library notebook's path (a link when it has a page)."
     tasks = pipeline_tasks()
     task_modules = {name: imported_modules(notebook_code(REPO / source)) for _, name, source in tasks}
     shared = shared_modules(task_modules)
-    rows = ["| task | pipeline | task notebook | library modules | library notebooks | tests |", "|---|---|---|---|---|---|"]
+    rows = ["| task | task notebook | library modules | library notebooks | tests |", "|---|---|---|---|---|"]
     for pipeline, name, source in tasks:
         own = own_modules(name, task_modules[name], shared)
         notebooks = [nb for nb in map(module_notebook, own) if nb]
-        rows.append(f"| **{name}** | `{pipeline}` | `{source}` | {'<br>'.join(map(code, own))} | "
-                    f"{'<br>'.join(map(link_notebook, notebooks))} | {'<br>'.join(map(code, tests_for(name, own[0] if own else None)))} |")
+        tests = [t.removeprefix("tests/") for t in tests_for(name, own[0] if own else None)]
+        where = "" if pipeline == PIPELINES[0] else f"<br>({pipeline})"
+        rows.append(f"| **{name}**{where} | {code(source.removeprefix('notebooks/'))} | {'<br>'.join(map(code, own))} | "
+                    f"{'<br>'.join(map(link_notebook, notebooks))} | {'<br>'.join(map(code, tests))} |")
     plumbing = ", ".join(f"{code(m)} ({link_notebook(module_notebook(m))})" for m in shared if module_notebook(m))
-    return "\n".join(rows) + f"\n\nUsed by most tasks, so not repeated above: {plumbing}.\n"
+    return ("\n".join(rows) + f"\n\nTask notebooks are under `notebooks/`, library notebooks under `notebooks/lib/`, tests "
+            f"under `tests/`; tasks are in `{PIPELINES[0]}` unless marked. Used by most tasks, so not repeated above: {plumbing}.\n")
 
 
 # --- the hook --------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ def on_page_markdown(markdown: str, page, config, files, **kwargs) -> str:
         built = next((f for f in files if f.src_uri.endswith("/" + rel) and f.abs_src_path
                       and not f.abs_src_path.startswith(config["docs_dir"])), None)
         if built is None:
-            return code(path)
+            return code(rel)
         return f"[`{rel}`]({'../' * page.file.src_uri.count('/')}{built.src_uri})"
     if CONFIG_MARKER in markdown:
         markdown = markdown.replace(CONFIG_MARKER, config_tables())

@@ -3,8 +3,8 @@
 `docs/execute_notebooks.py` writes the executed library notebooks to a build folder
 (`_build/docs/lib`, or `$CVOPS_DOCS_NOTEBOOKS`); this hook adds each one to the site under the
 folder's name, `lib/<path under notebooks/lib>` (mkdocs-jupyter renders it, without executing it
-again), and to the nav under "Library notebooks", one section per room. Optional pages listed in OPTIONAL_PAGES join the nav
-only when their file exists.
+again), and to the nav under "Library notebooks", one section per room. The pages of
+OPTIONAL_PAGES (written by other work, e.g. docs/lab.md) join the nav only when their file exists.
 """
 from __future__ import annotations
 
