@@ -11,8 +11,9 @@ import sys
 from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
-__all__ = ['cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models',
-           'cmd_monitor', 'cmd_log_replay', 'cmd_log_prune', 'make_parser', 'failure_summary', 'main']
+__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy',
+           'cmd_models', 'cmd_monitor', 'cmd_log_replay', 'cmd_log_prune', 'command', 'group', 'add_pipeline_commands',
+           'settings_list', 'add_service_commands', 'add_monitor_commands', 'make_parser', 'failure_summary', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -155,81 +156,95 @@ def cmd_log_prune(args):
           f"predictions rows older than {rows:g} days (0 keeps all)")
 
 # %% ../notebooks/lib/90_cli.ipynb #9dfaa76d
+def command(sub, name: str, func, help: str, description: str | None = None, args=()):
+    "Add sub-command `name` running `func`; `args`: `(flags, options)` pairs for `add_argument`."
+    p = sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".")
+    for flags, options in args: p.add_argument(*([flags] if isinstance(flags, str) else flags), **options)
+    p.set_defaults(func=func)
+    return p
+
+def group(sub, name: str, help: str):
+    "A command with actions of its own (`cvops dataset build`, `cvops log replay`)."
+    return sub.add_parser(name, help=help).add_subparsers(dest="action", required=True, metavar="ACTION")
+
+CONFIG_ARG = ("--config", dict(default="configs/config.yaml", help="(default: %(default)s)"))
+
+def add_pipeline_commands(sub):
+    "dataset build, config check, build."
+    command(group(sub, "dataset", "build the default dataset"), "build", cmd_dataset_build,
+            "write the default Fashion-MNIST dataset as a git + DVC repo with tags v1.0.0 and v2.0.0",
+            "Write Fashion-MNIST (Debian package dataset-fashion-mnist; scikit-learn's digits if it is missing, "
+            "an error under CI=true) as its own git repository, images tracked by DVC with a local remote: v1.0.0 = one "
+            "folder per class, mixed sizes and formats; v2.0.0 = JPEGs in images/{train,valid,test}/<class>/ + "
+            "annotation_df.csv. Does nothing if the repository is already built.",
+            [("--dest", dict(default="datasets/fashion-mnist", help="dataset repository (default: %(default)s)")),
+             ("--remote", dict(default="datasets/.dvc-remote/fashion-mnist", help="local DVC remote (default: %(default)s)")),
+             ("--n-train", dict(type=int, default=55000, help="training images (default: %(default)s)")),
+             ("--n-valid", dict(type=int, default=3000, help="validation images (default: %(default)s)")),
+             ("--n-test", dict(type=int, default=2000, help="test images (default: %(default)s)")),
+             ("--all", dict(action="store_true", help="all 70,000 images (55,000 / 5,000 / 10,000)")),
+             ("--seed", dict(type=int, default=0))])
+    command(group(sub, "config", "check a config file"), "check", cmd_config_check,
+            "validate a config file and its dataset path/tag", args=[CONFIG_ARG])
+    command(sub, "build", cmd_build, "validate the config and build the pipeline (prepare -> validate -> train -> evaluate -> publish)",
+            args=[CONFIG_ARG, ("--force", dict(action="store_true", help="rerun every task, even up-to-date ones"))])
+
+def settings_list(cls) -> str:
+    "The environment variables of a settings class, for a command's --help (from `cvops.settings`, so it cannot go stale)."
+    from cvops.settings import StorageSettings, settings_rows
+    return ", ".join(r["variable"] for c in (StorageSettings, cls) for r in settings_rows(c) if r["variable"] != "CVOPS_ROOT")
+
+def add_service_commands(sub):
+    "serve, stop, deploy, models."
+    from cvops.settings import ServiceSettings
+    command(sub, "serve", cmd_serve, "run the prediction service (gunicorn + uvicorn workers) in the foreground",
+            "Serve the deployed model over HTTP: POST /predict, GET /health, /ready, /models/current, /models/history, "
+            "/metrics, PUT /models/current, an upload page at / and the API docs at /docs. Settings come from the "
+            f"environment and .env: {settings_list(ServiceSettings)}.",
+            [("--host", dict(help="address to bind (default: SERVICE_HOST or 127.0.0.1)")),
+             ("--port", dict(type=int, help="port (default: SERVICE_PORT or 8000)")),
+             ("--workers", dict(type=int, help="worker processes (default: SERVICE_WORKERS or 2)")),
+             ("--detach", dict(action="store_true", help="run in the background (pid and log under var/); returns once it answers"))])
+    command(sub, "stop", cmd_stop, "stop the background service (requests finish, the prediction log is flushed)")
+    command(sub, "deploy", cmd_deploy, "deploy a published model version (default: its latest); the service switches to it",
+            "Move the deployment pointer in central storage to a published version after loading it as a worker would; "
+            "a version that fails to load is refused and the serving one stays. Rollback: deploy an earlier version "
+            "(see `cvops models`).",
+            [("model_name", {}), ("--version", dict(help="a version from `cvops models` (default: the latest published)")),
+             ("--by", dict(default=None, help="who deploys (default: the user name)")),
+             ("--reason", dict(default="", help="why (recorded in the history)"))])
+    command(sub, "models", cmd_models, "list published models and versions; * marks the deployed one")
+
+def add_monitor_commands(sub):
+    "monitor, log replay, log prune."
+    from cvops.settings import MonitorSettings
+    command(sub, "monitor", cmd_monitor, "check the serving version for drift (once, or --every INTERVAL); rows in drift_reports",
+            "Run the monitoring pipeline (pipeline.monitor.yaml): the serving version's logged predictions of the window "
+            "in the config's `monitor` section against its reference data (drift tests), live accuracy from feedback; "
+            "one drift_reports row per test, the rendered notebook under products/monitor/<run id>/. On drift: a warning "
+            f"and a POST to MONITOR_WEBHOOK_URL (if set). Settings from the environment and .env: {settings_list(MonitorSettings)}.",
+            [CONFIG_ARG, ("--every", dict(nargs="?", const="", default=None, metavar="INTERVAL",
+                                          help="keep running, one check every INTERVAL (e.g. 1w, 1d, 30m, 10s; default: MONITOR_INTERVAL, 1w)"))])
+    log_actions = group(sub, "log", "the prediction log: replay rows kept on disk, apply retention")
+    command(log_actions, "replay", cmd_log_replay,
+            "write rows waiting on disk to the database (WAL of stopped workers, spill files, refused rows)",
+            "Writes to DB_URL the rows in var/spill that no running worker is writing: write-ahead log segments of workers "
+            "that are gone, spill files, and rows the database refused (rejected-*.jsonl), e.g. once a column has been "
+            "widened. Rows already in the database are skipped; rows that are still refused stay in their file (exit status 1).",
+            [("--no-rejected", dict(action="store_true", help="leave refused rows alone"))])
+    command(log_actions, "prune", cmd_log_prune,
+            "delete images and log rows past their retention now (the service does it every RETENTION_INTERVAL)",
+            args=[("--image-days", dict(type=float, help="default: IMAGE_RETENTION_DAYS (30; 0 keeps all)")),
+                  ("--log-days", dict(type=float, help="default: LOG_RETENTION_DAYS (0 keeps all)"))])
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "
                                 "Run from the project folder (the one with pipeline.yaml).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("dataset", help="build the default dataset").add_subparsers(dest="action", required=True, metavar="ACTION")
-    b = d.add_parser("build", help="write the default Fashion-MNIST dataset as a git + DVC repo with tags v1.0.0 and v2.0.0",
-                     description="Write Fashion-MNIST (Debian package dataset-fashion-mnist; scikit-learn's digits if it is "
-                     "missing) as its own git repository, images tracked by DVC with a local remote: v1.0.0 = one folder "
-                     "per class, mixed sizes and formats; v2.0.0 = JPEGs in images/{train,valid,test}/<class>/ + annotation_df.csv. "
-                     "Does nothing if the repository is already built.")
-    b.add_argument("--dest", default="datasets/fashion-mnist", help="dataset repository (default: %(default)s)")
-    b.add_argument("--remote", default="datasets/.dvc-remote/fashion-mnist", help="local DVC remote (default: %(default)s)")
-    b.add_argument("--n-train", type=int, default=55000, help="training images (default: %(default)s)")
-    b.add_argument("--n-valid", type=int, default=3000, help="validation images (default: %(default)s)")
-    b.add_argument("--n-test", type=int, default=2000, help="test images (default: %(default)s)")
-    b.add_argument("--all", action="store_true", help="all 70,000 images (55,000 / 5,000 / 10,000)")
-    b.add_argument("--seed", type=int, default=0)
-    b.set_defaults(func=cmd_dataset_build)
-    c = sub.add_parser("config", help="check a config file").add_subparsers(dest="action", required=True, metavar="ACTION")
-    k = c.add_parser("check", help="validate a config file and its dataset path/tag")
-    k.add_argument("--config", default="configs/config.yaml", help="(default: %(default)s)")
-    k.set_defaults(func=cmd_config_check)
-    r = sub.add_parser("build", help="validate the config and build the pipeline (prepare -> validate -> train -> evaluate -> publish)")
-    r.add_argument("--config", default="configs/config.yaml", help="(default: %(default)s)")
-    r.add_argument("--force", action="store_true", help="rerun every task, even up-to-date ones")
-    r.set_defaults(func=cmd_build)
-    v = sub.add_parser("serve", help="run the prediction service (gunicorn + uvicorn workers) in the foreground",
-                       description="Serve the deployed model over HTTP: POST /predict, GET /health, /ready, /models/current, "
-                       "/models/history, /metrics, PUT /models/current, an upload page at / and the API docs at /docs. "
-                       "Settings come from the environment and .env: SERVICE_HOST, SERVICE_PORT, SERVICE_WORKERS, DB_URL "
-                       "(default: SQLite under var/), ADMIN_TOKEN, MAX_UPLOAD_BYTES, MAX_IMAGE_PIXELS, OVERLAY_MAX_SIDE, "
-                       "MAX_BATCH, MAX_QUEUE, VERSION_SKEW_GRACE, RELOAD_INTERVAL, IMAGE_RETENTION_DAYS, LOG_RETENTION_DAYS, RETENTION_INTERVAL, "
-                       "LOG_DURABILITY, LOG_MAX_BUFFER, LOG_MAX_BUFFER_BYTES, LOG_FLUSH_TIMEOUT, LOG_GROUP_COMMIT_MS, CVOPS_CENTRAL_STORAGE.")
-    v.add_argument("--host", help="address to bind (default: SERVICE_HOST or 127.0.0.1)")
-    v.add_argument("--port", type=int, help="port (default: SERVICE_PORT or 8000)")
-    v.add_argument("--workers", type=int, help="worker processes (default: SERVICE_WORKERS or 2)")
-    v.add_argument("--detach", action="store_true", help="run in the background (pid and log under var/); returns once it answers")
-    v.set_defaults(func=cmd_serve)
-    st = sub.add_parser("stop", help="stop the background service (requests finish, the prediction log is flushed)")
-    st.set_defaults(func=cmd_stop)
-    dp = sub.add_parser("deploy", help="deploy a published model version (default: its latest); the service switches to it",
-                        description="Move the deployment pointer in central storage to a published version after loading it "
-                        "as a worker would; a version that fails to load is refused and the serving one stays. Rollback: "
-                        "deploy an earlier version (see `cvops models`).")
-    dp.add_argument("model_name")
-    dp.add_argument("--version", help="a version from `cvops models` (default: the latest published)")
-    dp.add_argument("--by", default=None, help="who deploys (default: the user name)")
-    dp.add_argument("--reason", default="", help="why (recorded in the history)")
-    dp.set_defaults(func=cmd_deploy)
-    ls = sub.add_parser("models", help="list published models and versions; * marks the deployed one")
-    ls.set_defaults(func=cmd_models)
-    mo = sub.add_parser("monitor", help="check the serving version for drift (once, or --every INTERVAL); rows in drift_reports",
-                        description="Run the monitoring pipeline (pipeline.monitor.yaml): the serving version's logged predictions "
-                        "of the window in the config's `monitor` section against its reference data (drift tests), live "
-                        "accuracy from feedback; one drift_reports row per test, the rendered notebook under "
-                        "products/monitor/<run id>/. On drift: a warning and a POST to MONITOR_WEBHOOK_URL (if set). "
-                        "Settings from the environment and .env: DB_URL, CVOPS_CENTRAL_STORAGE, MONITOR_INTERVAL, MONITOR_WEBHOOK_URL.")
-    mo.add_argument("--config", default="configs/config.yaml", help="(default: %(default)s)")
-    mo.add_argument("--every", nargs="?", const="", default=None, metavar="INTERVAL",
-                    help="keep running, one check every INTERVAL (e.g. 1w, 1d, 30m, 10s; default: MONITOR_INTERVAL, 1w)")
-    mo.set_defaults(func=cmd_monitor)
-    lg = sub.add_parser("log", help="the prediction log: replay rows kept on disk, apply retention").add_subparsers(dest="action", required=True, metavar="ACTION")
-    rp = lg.add_parser("replay", help="write rows waiting on disk to the database (WAL of stopped workers, spill files, refused rows)",
-                       description="Writes to DB_URL the rows in var/spill that no running worker is writing: write-ahead log segments of "
-                       "workers that are gone, spill files, and rows the database refused (rejected-*.jsonl), e.g. once a column "
-                       "has been widened. Rows already in the database are skipped; rows that are still refused stay in their "
-                       "file (exit status 1).")
-    rp.add_argument("--no-rejected", action="store_true", help="leave refused rows alone")
-    rp.set_defaults(func=cmd_log_replay)
-    pr = lg.add_parser("prune", help="delete images and log rows past their retention now (the service does it every RETENTION_INTERVAL)")
-    pr.add_argument("--image-days", type=float, help="default: IMAGE_RETENTION_DAYS (30; 0 keeps all)")
-    pr.add_argument("--log-days", type=float, help="default: LOG_RETENTION_DAYS (0 keeps all)")
-    pr.set_defaults(func=cmd_log_prune)
+    add_pipeline_commands(sub); add_service_commands(sub); add_monitor_commands(sub)
     return p
 
+# %% ../notebooks/lib/90_cli.ipynb #c11a0b7e
 _WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}
 
 def failure_summary(report: str) -> str:

@@ -331,7 +331,7 @@ def freeze_heap():
 
 def _configure_tensorflow(s: ServiceSettings):
     "Quiet TensorFlow, sized to this worker's share of the cores (imported here, after the fork)."
-    from cvops.training.tracking import quiet_tensorflow
+    from cvops.quiet import quiet_tensorflow
     tf = quiet_tensorflow()
     n = s.tf_threads or max(1, (os.cpu_count() or 1) // s.workers)
     try:

@@ -16,40 +16,7 @@ from pathlib import Path
 from ..config import mlflow_tracking_uri
 
 # %% auto #0
-__all__ = ['stderr_fd_silenced', 'quiet_tensorflow', 'setup_mlflow', 'write_run_file', 'read_run_file', 'run_client',
-           'export_html', 'on_notebook_finish']
-
-# %% ../../notebooks/lib/training/04_tracking.ipynb #ca63382b
-@contextlib.contextmanager
-def stderr_fd_silenced():
-    "Point file descriptor 2 at /dev/null for the duration (C/C++ libraries write there, below `sys.stderr`)."
-    for s in (sys.stderr, sys.__stderr__):
-        with contextlib.suppress(Exception): s.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2); os.close(saved); os.close(devnull)
-
-def quiet_tensorflow():
-    "Import TensorFlow without its start-up noise and keep library logs and warnings out of notebooks; returns `tensorflow`."
-    if os.environ.get("CVOPS_VERBOSE"):
-        import tensorflow as tf
-        return tf
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    warnings.filterwarnings("ignore")
-    warnings.filterwarnings("default", module=r"cvops(\..*)?$")
-    for name in ("tensorflow", "absl", "h5py", "matplotlib", "PIL"): logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
-    logging.getLogger("mlflow").setLevel(logging.WARNING)      # for when it already is
-    if "tensorflow" in sys.modules: import tensorflow as tf
-    else:
-        with stderr_fd_silenced(): import tensorflow as tf
-    import absl.logging
-    absl.logging.set_verbosity(absl.logging.ERROR)
-    tf.get_logger().setLevel(logging.ERROR)
-    return tf
+__all__ = ['setup_mlflow', 'write_run_file', 'read_run_file', 'run_client', 'export_html', 'on_notebook_finish']
 
 # %% ../../notebooks/lib/training/04_tracking.ipynb #bb6e246f
 def setup_mlflow(root, experiment: str) -> str:
