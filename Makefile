@@ -20,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab nb-inject nb-clean status clean
+.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab nb-inject nb-clean docs status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -126,6 +126,12 @@ nb-clean: venv ## remove the injected parameter cells (and outputs) from the pip
 	@$(PLOOMBER_NB) --remove >/dev/null || { echo "error: could not remove the injected cells: the pipeline does not load (see above); fix configs/config.yaml, then make nb-clean" >&2; exit 1; }
 	@$(BIN)/nbdev-clean --fname $(TASK_NOTEBOOKS)
 	@echo "removed the injected cells and outputs from $(TASK_NOTEBOOKS)/*.ipynb"
+
+DOCS_JOBS ?= 1
+docs: venv ## the docs site in site/: docs/ pages + the library notebooks, executed (copies in _build/docs/)
+	TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/python docs/execute_notebooks.py --jobs $(DOCS_JOBS)
+	TF_CPP_MIN_LOG_LEVEL=3 NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --quiet
+	@echo "docs: site/index.html (or $(BIN)/mkdocs serve for a live preview)"
 
 clean: ## remove pipeline products (keeps datasets, MLflow runs and central storage)
 	rm -rf products
