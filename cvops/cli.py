@@ -18,12 +18,12 @@ __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', '
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
     from cvops.data.preprocess import AnnotationError
-    from cvops.data.dataset import CommandError
+    from cvops.data.dataset import CommandError, MissingDatasetError
     from cvops.registry.publish import PublishError
     from cvops.data.validate import DataValidationError
     from cvops.data.versioning import DatasetError
     from cvops.registry.versions import DeployError
-    return (ConfigError, DatasetError, AnnotationError, PublishError, DataValidationError, CommandError, FileExistsError, DeployError)
+    return (ConfigError, MissingDatasetError, DatasetError, AnnotationError, PublishError, DataValidationError, CommandError, FileExistsError, DeployError)
 
 def cmd_dataset_build(args):
     "Build the default dataset (Fashion-MNIST from Debian's package) as a git + DVC repo."
