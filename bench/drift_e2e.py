@@ -179,7 +179,8 @@ def main(argv=None):
     from cvops.monitoring.drift import RUN_ALERT, TESTS, holm, window_tests
     from cvops.monitoring.check_drift import window_frame
     from cvops.predlog.queries import read_window
-    from cvops.predlog.schema import default_db_url, make_engine
+    from cvops.predlog.schema import make_engine
+    from cvops.settings import default_db_url
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-drift-e2e-"))
     svc = None
     try:

@@ -51,13 +51,13 @@ def cmd_serve(args):
     "Run the prediction service in the foreground (gunicorn + uvicorn workers)."
     from pydantic import ValidationError
     from cvops.serving.server import run_server
-    from cvops.serving.app import load_settings
+    from cvops.settings import load_settings
     overrides = {k: v for k, v in dict(port=args.port, workers=args.workers, host=args.host).items() if v is not None}
     try: settings = load_settings(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"service setting {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
-    from cvops.serving.app import InsecureSettings, refuse_insecure
+    from cvops.settings import InsecureSettings, refuse_insecure
     try: refuse_insecure(settings)
     except InsecureSettings as e: raise ConfigError(str(e)) from None
     if not args.detach: return run_server(settings)
@@ -70,12 +70,12 @@ def cmd_serve(args):
 def cmd_stop(args):
     "Stop the background service."
     from cvops.serving.server import stop_background
-    from cvops.serving.app import load_settings
+    from cvops.settings import load_settings
     print("service stopped" if stop_background(load_settings()) else "the service is not running")
 
 def cmd_deploy(args):
     "Deploy a published version from the command line (the service's workers pick it up)."
-    from cvops.config import central_storage_dir
+    from cvops.settings import central_storage_dir
     from cvops.registry.deploy import deploy
     from cvops.serving.inference import load_for_serving
     storage = central_storage_dir(find_project_root())
@@ -86,7 +86,7 @@ def cmd_deploy(args):
 
 def cmd_models(args):
     "List published models, their versions and which one is deployed."
-    from cvops.config import central_storage_dir
+    from cvops.settings import central_storage_dir
     from cvops.registry.versions import PointerError, current_deployment, published_models, published_versions
     storage = central_storage_dir(find_project_root())
     try: cur, problem = (current_deployment(storage) or {}).get("version"), None
@@ -101,12 +101,13 @@ def cmd_monitor(args):
     "Run the drift monitor of the serving version once (a summary line per test), or every INTERVAL for ever."
     import logging
     import signal
-    from cvops.monitoring.check_drift import build_monitor, load_monitor_settings, monitor_section, parse_interval, report_lines, run_every
+    from cvops.monitoring.check_drift import build_monitor, monitor_section, report_lines, run_every
+    from cvops.settings import load_settings, parse_interval, MonitorSettings
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for h in logging.getLogger().handlers: h.setLevel(logging.WARNING)   # Ploomber's and papermill's INFO lines stay out
     logging.getLogger("traitlets").setLevel(logging.ERROR)               # nbconvert's note on image alt texts
     root = find_project_root()
-    from cvops.serving.app import InsecureSettings, load_settings, refuse_insecure
+    from cvops.settings import InsecureSettings, load_settings, refuse_insecure
     try: refuse_insecure(load_settings(root=root), "the monitor", ("database",))
     except InsecureSettings as e: raise ConfigError(str(e)) from None
     if args.every is None:
@@ -115,12 +116,12 @@ def cmd_monitor(args):
         drift = [r["test"] for r in report.get("rows", []) if r["verdict"] == "drift"]
         if drift: logging.getLogger("cvops.monitoring.check_drift").warning("drift in %s: %s", report.get("model_version"), ", ".join(drift))
         return
-    try: seconds = parse_interval(args.every) if args.every else load_monitor_settings(root).seconds
+    try: seconds = parse_interval(args.every) if args.every else load_settings(MonitorSettings, root).seconds
     except ValueError as e: raise ConfigError(f"--every: {e}") from None
     monitor_section(args.config, root)                      # a bad config stops here, not at every run
     def stop(*_): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
-    print(f"monitoring the serving version every {args.every or load_monitor_settings(root).interval} ({seconds:g} s); "
+    print(f"monitoring the serving version every {args.every or load_settings(MonitorSettings, root).interval} ({seconds:g} s); "
           "records under products/monitor/", flush=True)
     try: run_every(seconds, root, args.config, out=lambda line: print(line, flush=True))
     except KeyboardInterrupt: print("monitor stopped", flush=True)
@@ -129,7 +130,7 @@ def cmd_monitor(args):
 def _log_parts():
     from cvops.predlog.images import ImageStore
     from cvops.predlog.schema import make_engine, migrate
-    from cvops.serving.app import load_settings
+    from cvops.settings import load_settings
     s = load_settings()
     eng = make_engine(s.database_url); migrate(eng)
     return s, eng, ImageStore(s.storage / "predictions" / "images")

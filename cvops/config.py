@@ -18,8 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 # %% auto #0
 __all__ = ['Section', 'InputSize', 'Architecture', 'ModelConfig', 'DatasetConfig', 'ValidateConfig', 'Augmentation',
            'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'MonitorConfig', 'Config', 'ConfigError', 'parse_config',
-           'load_config', 'config_hash', 'find_project_root', 'resolve_path', 'central_storage_dir',
-           'mlflow_tracking_uri']
+           'load_config', 'config_hash', 'find_project_root', 'resolve_path']
 
 # %% ../notebooks/lib/00_config.ipynb #ebfffd0d
 class Section(BaseModel):
@@ -198,10 +197,3 @@ def resolve_path(path, root) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(root) / p
 
-def central_storage_dir(root) -> Path:
-    "Central storage: `$CVOPS_CENTRAL_STORAGE`, by default `<root>/central_storage`."
-    return resolve_path(os.environ.get("CVOPS_CENTRAL_STORAGE", "central_storage"), root)
-
-def mlflow_tracking_uri(root) -> str:
-    "`$MLFLOW_TRACKING_URI`, by default a SQLite store in `<root>/mlruns`."
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve()}/mlruns/mlflow.db"

@@ -102,7 +102,7 @@ def _post(s, payloads: list, heatmap_every: int = 0) -> list:
     with ThreadPoolExecutor(4) as ex:
         ids = list(ex.map(one, range(len(payloads))))
     s["posted"][0] += len(payloads)
-    from cvops.predlog.schema import default_db_url
+    from cvops.settings import default_db_url
     _wait_rows(default_db_url(s["root"]), s["posted"][0])
     return ids
 
@@ -111,7 +111,8 @@ def _logged_frame(s, request_ids: list) -> pd.DataFrame:
     "The logged rows of these requests through the monitor's own reader, in the order of `request_ids`."
     from cvops.monitoring.check_drift import window_frame
     from cvops.predlog.queries import read_window
-    from cvops.predlog.schema import default_db_url, make_engine
+    from cvops.predlog.schema import make_engine
+    from cvops.settings import default_db_url
     eng = make_engine(default_db_url(s["root"]))
     try: rows = read_window(eng, s["version"])
     finally: eng.dispose()
@@ -140,8 +141,10 @@ def test_a_reference_images_through_the_service_log_their_reference_rows(served)
 
 def test_b_unshifted_held_out_windows_raise_no_run_level_alert(served):
     from cvops.config import MonitorConfig
-    from cvops.monitoring.check_drift import MonitorSettings, check_drift
-    from cvops.predlog.schema import default_db_url, make_engine
+    from cvops.monitoring.check_drift import check_drift
+    from cvops.settings import MonitorSettings
+    from cvops.predlog.schema import make_engine
+    from cvops.settings import default_db_url
     s = served
     for k in range(3):
         sl = slice(N_REF + 500 + k * N_WINDOW, N_REF + 500 + (k + 1) * N_WINDOW)    # not in the reference, never trained on

@@ -123,7 +123,8 @@ def _wait_rows(db_url: str, n: int, timeout: float = 30):
 
 def _monitor(root: Path, env: dict) -> tuple[str, list]:
     "`cvops monitor` in the project folder; returns its output and the drift_reports rows of its run."
-    from cvops.predlog.schema import default_db_url, drift_reports
+    from cvops.predlog.schema import drift_reports
+    from cvops.settings import default_db_url
     proc = subprocess.run([str(BIN / "cvops"), "monitor"], cwd=root, env=env, capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, f"cvops monitor exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
@@ -140,7 +141,7 @@ def _monitor(root: Path, env: dict) -> tuple[str, list]:
 
 
 def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gives_live_accuracy(tmp_path):
-    from cvops.predlog.schema import default_db_url
+    from cvops.settings import default_db_url
     root = monitor_project(tmp_path / "project", MONITOR)
     v = _monitored_version(tmp_path / "build", root / "central_storage")
     classes, images, labels = v["classes"], v["images"], v["labels"]

@@ -175,7 +175,8 @@ def _check_service_features(project, meta, dataset_dir):
     import keras
     import sqlalchemy as sa
     from cvops.data.preprocess import preprocess, to_model_input
-    from cvops.predlog.schema import default_db_url, make_engine, unpack_features
+    from cvops.predlog.schema import make_engine, unpack_features
+    from cvops.settings import default_db_url
     name, folder = meta["model_name"], project.path / "central_storage" / "models" / meta["model_dir"]
     ref = pd.read_parquet(folder / "ref_data" / f"{name}_ref_data.parquet")
     data = (dataset_dir / ref.path[0]).read_bytes()

@@ -52,7 +52,7 @@ def _postgres_admin():
 def db(request, service_root):
     "The service's database: its default SQLite file, or a fresh uniquely named PostgreSQL database (dropped afterwards)."
     if request.param == "sqlite":
-        from cvops.predlog.schema import default_db_url
+        from cvops.settings import default_db_url
         yield DB("sqlite", None, default_db_url(service_root["root"]))
         return
     conn = _postgres_admin()

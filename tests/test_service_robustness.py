@@ -235,7 +235,8 @@ def test_concurrency_64_for_20_s_answers_200_or_a_fast_503_and_the_service_stays
           f"load average {load[0]:.1f}")
     svc.stop()
     import sqlalchemy as sa
-    from cvops.predlog.schema import api_log, default_db_url
+    from cvops.predlog.schema import api_log
+    from cvops.settings import default_db_url
     eng = sa.create_engine(default_db_url(service_root["root"]))
     with eng.connect() as c:   # the time each worker itself spent on a 503 (the rest is the network stack and the client)
         server_ms = c.execute(sa.select(sa.func.max(api_log.c.latency_ms)).where(api_log.c.status_code == 503)).scalar()

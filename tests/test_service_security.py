@@ -55,7 +55,8 @@ def published(tmp_path_factory):
 
 
 def _client_of(root, request_id):
-    from cvops.predlog.schema import api_log, default_db_url, make_engine
+    from cvops.predlog.schema import api_log, make_engine
+    from cvops.settings import default_db_url
     eng = make_engine(default_db_url(root))
     try:
         for _ in range(50):

@@ -21,61 +21,19 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 from pydantic import AliasChoices, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ..config import ConfigError, MonitorConfig, find_project_root
 from ..predlog.schema import make_engine, migrate
 from ..predlog.queries import json_loader, logged_features, previous_run_alerts, read_window, write_drift_reports
+from ..settings import MonitorSettings, load_settings
 
 # %% auto #0
-__all__ = ['log', 'VERDICTS', 'MONITOR_PIPELINE', 'parse_interval', 'MonitorSettings', 'load_monitor_settings', 'window_frame',
-           'live_accuracy', 'new_run_id', 'MonitorRun', 'read_run_window', 'Comparison', 'compare_with_reference',
-           'feature_tests', 'run_tests', 'drift_report_rows', 'check_drift', 'redact_url', 'webhook_payload', 'alert',
-           'monitor_section', 'build_monitor', 'report_lines', 'run_every']
+__all__ = ['log', 'VERDICTS', 'MONITOR_PIPELINE', 'window_frame', 'live_accuracy', 'new_run_id', 'MonitorRun', 'read_run_window',
+           'Comparison', 'compare_with_reference', 'feature_tests', 'run_tests', 'drift_report_rows', 'check_drift',
+           'redact_url', 'webhook_payload', 'alert', 'monitor_section', 'build_monitor', 'report_lines', 'run_every']
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #1b27aed9
 log = logging.getLogger("cvops.monitoring.check_drift")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-def parse_interval(text) -> float:
-    "`1w`, `1d`, `12h`, `30m`, `10s` or plain seconds -> seconds."
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([smhdw]?)\s*", str(text).lower())
-    if not m or float(m[1]) <= 0:
-        raise ValueError(f"interval {text!r}: expected a positive number with a unit s, m, h, d or w (e.g. 1w, 1d, 30m, 10s)")
-    return float(m[1]) * _UNITS[m[2] or "s"]
-
-class MonitorSettings(BaseSettings):
-    "The monitor's machine settings (environment or `.env`)."
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
-    interval: str = Field("1w", validation_alias=AliasChoices("MONITOR_INTERVAL"), description="how often `cvops monitor --every` checks")
-    webhook_url: Optional[str] = Field(None, validation_alias=AliasChoices("MONITOR_WEBHOOK_URL"), description="POSTed a JSON summary on drift")
-    webhook_timeout: float = Field(5.0, gt=0, le=60, validation_alias=AliasChoices("MONITOR_WEBHOOK_TIMEOUT"))
-
-    @field_validator("interval")
-    @classmethod
-    def _interval_ok(cls, v):
-        parse_interval(v or "1w"); return v or "1w"
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _empty_is_none(cls, v):
-        v = (v or "").strip()
-        if v and not re.match(r"^https?://", v): raise ValueError(f"expected an http(s) URL (got {v!r})")
-        return v or None
-
-    @property
-    def seconds(self) -> float: return parse_interval(self.interval)
-
-def load_monitor_settings(root=None, env_file=None, **overrides) -> MonitorSettings:
-    "Settings from the environment and `<root>/.env`; a bad value is a `ConfigError` naming the variable."
-    from pydantic import ValidationError
-    root = Path(root or find_project_root())
-    env_file = Path(env_file or root / ".env")
-    try: return MonitorSettings(_env_file=env_file if env_file.exists() else None, **overrides)
-    except ValidationError as e:
-        err = e.errors()[0]
-        name = {"interval": "MONITOR_INTERVAL", "webhook_url": "MONITOR_WEBHOOK_URL", "webhook_timeout": "MONITOR_WEBHOOK_TIMEOUT"}.get(str(err["loc"][0]), err["loc"][0])
-        raise ConfigError(f"{name}: {err['msg'].removeprefix('Value error, ')}") from None
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #72ff8c78
 def _utc(t):
@@ -297,15 +255,14 @@ def drift_report_rows(run: MonitorRun, results: list[dict], n_window: int, backe
 def _database(root: Path, engine):
     "`engine`, or one on the service's database (`DB_URL`, as the service resolves it) disposed after the run."
     if engine is not None: yield engine; return
-    from cvops.serving.app import load_settings
-    own = make_engine(load_settings(root=root).database_url)
+    own = make_engine(load_settings(MonitorSettings, root).database_url)
     try: yield own
     finally: own.dispose()
 
 def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str | None = None, engine=None,
                 storage=None, now: datetime | None = None, settings: MonitorSettings | None = None, notify: bool = True) -> MonitorRun:
     "One monitoring run of the serving version: read window -> check reference -> run tests -> shape rows -> write report -> alert."
-    from cvops.config import central_storage_dir
+    from cvops.settings import central_storage_dir
     from cvops.registry.versions import current_deployment
     root = Path(root or find_project_root())
     cfg = cfg if isinstance(cfg, MonitorConfig) else MonitorConfig(**(cfg or {}))
@@ -323,7 +280,7 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
         comp = compare_with_reference(storage, run, rows)
         run.rows = drift_report_rows(run, run_tests(db, comp, rows, cfg, run, window), len(rows), cfg.backend)
         write_drift_reports(db, run.rows)
-    if run.alerting and notify: alert(run, settings or load_monitor_settings(root))
+    if run.alerting and notify: alert(run, settings or load_settings(MonitorSettings, root))
     return run
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #335a7117

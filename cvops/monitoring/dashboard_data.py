@@ -41,7 +41,7 @@ class Sources:
 
 def open_sources(settings=None) -> Sources:
     "The service's database and central storage (`load_settings()`: `CVOPS_ROOT`, `DB_URL`, `CVOPS_CENTRAL_STORAGE`)."
-    from cvops.serving.app import load_settings, refuse_insecure
+    from cvops.settings import load_settings, refuse_insecure
     s = settings or load_settings()
     refuse_insecure(s, "the dashboards", ("database",))
     engine, problem = open_for_reading(s.database_url)

@@ -33,7 +33,7 @@ def check_sections(root, model, dataset, validate, train, evaluate, deploy, moni
 # %% ../../notebooks/lib/pipeline/01_hooks.ipynb #6b1e0c55
 def on_publish_finish(task, product, params):
     "Ploomber `on_finish` hook of publish: the audit trail of every task, then publish's own notebook into the version folder."
-    from cvops.config import central_storage_dir
+    from cvops.settings import central_storage_dir
     from cvops.registry.publish import add_to_version
     from cvops.training.tracking import on_notebook_finish
     on_notebook_finish(task, product)

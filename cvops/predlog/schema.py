@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 # %% auto #0
 __all__ = ['metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'pack_features', 'unpack_features',
-           'make_engine', 'default_db_url', 'migrate']
+           'make_engine', 'migrate']
 
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #bfc1a598
 metadata = sa.MetaData()
@@ -125,9 +125,6 @@ def make_engine(url: str):
     return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, pool_timeout=5,
                             connect_args={"connect_timeout": 3} if url.startswith("postgresql") else {}, **batch)
 
-def default_db_url(root) -> str:
-    "The embedded default: a SQLite file under `<root>/var/`."
-    return f"sqlite:///{(Path(root) / 'var' / 'cvops.db').resolve()}"
 
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #d2f17377
 def _m0001_initial(op):

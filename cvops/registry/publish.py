@@ -166,7 +166,8 @@ def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=
                           later=("publish",), detectors: dict | None = None, monitor=None) -> dict:
     """Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) + drift detectors and reference
     data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) as a new version, in one rename; prune old versions."""
-    from cvops.config import DeployConfig, central_storage_dir
+    from cvops.config import DeployConfig
+    from cvops.settings import central_storage_dir
     from cvops.training.model import read_model_info
     deploy = DeployConfig(**(deploy or {})) if isinstance(deploy, dict) or deploy is None else deploy
     check_quality_gate(metrics, deploy.min_test_accuracy)

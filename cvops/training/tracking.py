@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..config import mlflow_tracking_uri
+from ..settings import mlflow_tracking_uri
 
 # %% auto #0
 __all__ = ['setup_mlflow', 'write_run_file', 'read_run_file', 'run_client', 'export_html', 'on_notebook_finish']
