@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # %% auto #0
 __all__ = ['Section', 'InputSize', 'Architecture', 'ModelConfig', 'DatasetConfig', 'ValidateConfig', 'Augmentation',
-           'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'MonitorConfig', 'Config', 'ConfigError', 'parse_config',
-           'load_config', 'config_hash', 'find_project_root', 'resolve_path']
+           'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'MonitorConfig', 'Config', 'ConfigError', 'describe_error',
+           'parse_config', 'load_config', 'config_hash', 'find_project_root', 'resolve_path']
 
 # %% ../notebooks/lib/00_config.ipynb #ebfffd0d
 class Section(BaseModel):
@@ -149,7 +149,7 @@ def _known_keys(loc) -> list[str]:
         model = ann
     return [f.alias or n for n, f in model.model_fields.items()]
 
-def _describe(err: dict) -> str:
+def describe_error(err: dict) -> str:
     loc = tuple(str(p) for p in err["loc"])
     key = ".".join(loc) or "<top>"
     if err["type"] == "extra_forbidden":
@@ -168,7 +168,7 @@ def parse_config(raw: dict, source: str = "config") -> Config:
     except ValidationError as e:
         errs = e.errors()
         more = f" (+{len(errs)-1} more)" if len(errs) > 1 else ""
-        raise ConfigError(f"{source}: {_describe(errs[0])}{more}") from None
+        raise ConfigError(f"{source}: {describe_error(errs[0])}{more}") from None
 
 def load_config(path) -> Config:
     "Read and validate a YAML config file."

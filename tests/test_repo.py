@@ -198,3 +198,27 @@ def test_rooms_import_downward_only_and_without_cycles():
     assert not unknown, f"modules outside the known rooms {ROOMS}: {unknown}"
     assert not upward_imports(graph), f"imports from a higher room: {upward_imports(graph)}"
     assert not import_cycles(graph), f"import cycles: {import_cycles(graph)}"
+
+
+def private_imports(package: Path) -> list[str]:
+    "`from cvops.x import _name` anywhere in the library: a private name used across modules."
+    import ast
+    found = []
+    for mod in sorted(package.rglob("*.py")):
+        if mod.name == "_modidx.py":
+            continue
+        for node in ast.walk(ast.parse(mod.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == package.name):
+                found += [f"{mod.relative_to(package.parent).as_posix()}: {a.name}" for a in node.names if a.name.startswith("_")]
+    return found
+
+
+def test_private_import_check_can_fail(tmp_path):
+    pkg = tmp_path / "cvops"
+    pkg.mkdir()
+    (pkg / "a.py").write_text("from cvops.b import _hidden, public\n")
+    assert private_imports(pkg) == ["cvops/a.py: _hidden"]
+
+
+def test_no_private_names_imported_across_modules():
+    assert not private_imports(REPO / "cvops"), private_imports(REPO / "cvops")

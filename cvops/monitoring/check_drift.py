@@ -332,7 +332,7 @@ def monitor_section(config_path, root=None) -> dict:
     "The validated `monitor` section of a config file (only that section: the monitor needs no dataset)."
     import yaml
     from pydantic import ValidationError
-    from cvops.config import _describe, resolve_path
+    from cvops.config import describe_error, resolve_path
     path = resolve_path(config_path, root or find_project_root())
     if not path.exists(): raise ConfigError(f"{path}: config file not found")
     try: raw = yaml.safe_load(path.read_text()) or {}
@@ -342,7 +342,7 @@ def monitor_section(config_path, root=None) -> dict:
     try: MonitorConfig.model_validate(section)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ConfigError(f"{path}: {_describe({**err, 'loc': ('monitor', *err['loc'])})}") from None
+        raise ConfigError(f"{path}: {describe_error({**err, 'loc': ('monitor', *err['loc'])})}") from None
     return section
 
 def build_monitor(root=None, config_path="configs/config.yaml", run_id: str | None = None) -> dict:
