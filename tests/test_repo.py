@@ -222,3 +222,46 @@ def test_private_import_check_can_fail(tmp_path):
 
 def test_no_private_names_imported_across_modules():
     assert not private_imports(REPO / "cvops"), private_imports(REPO / "cvops")
+
+
+LIB_NOTEBOOKS = sorted(p for p in (REPO / "notebooks" / "lib").rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+
+
+def is_export(cell: dict) -> bool:
+    return "".join(cell["source"]).startswith("#| export")
+
+
+def only_imports(source: str) -> bool:
+    "True when `source` (an export cell) holds nothing but import statements."
+    import ast
+    body = "\n".join(l for l in source.splitlines() if not l.startswith("#|"))
+    return all(isinstance(s, (ast.Import, ast.ImportFrom)) for s in ast.parse(body).body)
+
+
+def unchecked_export_cells(nb: dict) -> list[str]:
+    """First lines of the export cells whose next code cell is another export cell (or none): nbdev's rule, each
+    export cell followed by a check. A notebook's first export cell is exempt when it only imports."""
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    out = []
+    for i, (cell, nxt) in enumerate(zip(code, code[1:] + [None])):
+        if not is_export(cell) or (nxt is not None and not is_export(nxt)): continue
+        if only_imports("".join(cell["source"])) and not any(is_export(c) for c in code[:i]): continue
+        out.append(next((l for l in "".join(cell["source"]).splitlines()[1:] if l.strip()), "")[:80])
+    return out
+
+
+def test_export_check_rule_can_fail():
+    def cell(source): return {"cell_type": "code", "source": [source]}
+    imports = cell("#| export\nimport os\nfrom pathlib import Path")
+    f, g = cell("#| export\ndef f(): return 1"), cell("#| export\n\ndef g(): return 2")
+    check, note = cell("assert f() == 1"), {"cell_type": "markdown", "source": ["f and g"]}
+    assert unchecked_export_cells({"cells": [cell("#| default_exp m"), imports, f, check]}) == []
+    assert unchecked_export_cells({"cells": [imports, f, note, g, check]}) == ["def f(): return 1"]
+    assert unchecked_export_cells({"cells": [imports, f, check, g]}) == ["def g(): return 2"]
+    assert unchecked_export_cells({"cells": [f, check, imports, g, check]}) == ["import os"]   # only the first may go unchecked
+
+
+@pytest.mark.parametrize("nb", LIB_NOTEBOOKS, ids=lambda p: p.relative_to(REPO / "notebooks" / "lib").as_posix())
+def test_export_cells_are_followed_by_checks(nb):
+    unchecked = unchecked_export_cells(json.loads(nb.read_text()))
+    assert not unchecked, f"{nb.relative_to(REPO)}: export cells not followed by a check cell: {unchecked}"

@@ -217,7 +217,6 @@ def _commit_version(dest: Path, tag: str, files: list[str], message: str):
     git(dest, "tag", "-a", tag, "-m", message)
     dvc(dest, "push", "-q")
 
-# %% ../../notebooks/lib/data/01_dataset.ipynb #29add2d4
 def build_dataset_repo(dest, remote, source: Optional[ImageSource] = None, n_train: Optional[int] = 55000,
                        n_valid: Optional[int] = 3000, n_test: Optional[int] = 2000, seed: int = 0,
                        progress: bool = True) -> dict:
