@@ -49,15 +49,10 @@ def cmd_build(args):
 # %% ../notebooks/lib/90_cli.ipynb #005511bd
 def cmd_serve(args):
     "Run the prediction service in the foreground (gunicorn + uvicorn workers)."
-    from pydantic import ValidationError
     from cvops.serving.server import run_server
-    from cvops.settings import load_settings
+    from cvops.settings import InsecureSettings, load_settings, refuse_insecure
     overrides = {k: v for k, v in dict(port=args.port, workers=args.workers, host=args.host).items() if v is not None}
-    try: settings = load_settings(**overrides)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"service setting {'.'.join(map(str, err['loc']))}: {err['msg']} (got {err.get('input')!r})") from None
-    from cvops.settings import InsecureSettings, refuse_insecure
+    settings = load_settings(**overrides)   # a bad value: ConfigError naming the variable
     try: refuse_insecure(settings)
     except InsecureSettings as e: raise ConfigError(str(e)) from None
     if not args.detach: return run_server(settings)

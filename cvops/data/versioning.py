@@ -53,10 +53,10 @@ def _git_commit(path) -> Optional[str]:
 def _move_to_tag(path: Path, tag: str):
     "`git checkout` the tag unless HEAD is already there; refuse with uncommitted tracked changes."
     if git(path, "rev-parse", "HEAD") == git(path, "rev-parse", f"{tag}^{{commit}}"): return
-    dirty = git(path, "status", "--porcelain", "--untracked-files=no")
-    if dirty:
+    dirty = [l.split(maxsplit=1)[-1] for l in git(path, "status", "--porcelain", "--untracked-files=no").splitlines()]
+    if dirty:   # (git() strips its output, so the first line's status column may have lost its leading space)
         raise DatasetError(f"dataset.path: {path} has uncommitted changes to tracked files "
-                           f"({', '.join(l[3:] for l in dirty.splitlines()[:3])}); commit or discard them first")
+                           f"({', '.join(dirty[:3])}); commit or discard them first")
     git(path, "checkout", "--quiet", tag)
 
 def _images_match(path: Path) -> bool:
