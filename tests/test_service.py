@@ -67,7 +67,7 @@ def db(request, service_root):
 
 
 def _rows(db_url, table, where=None):
-    from cvops.predlog.log import log
+    from cvops.predlog import log as predlog
     t = getattr(predlog, table)
     eng = sa.create_engine(db_url)
     try:
@@ -79,7 +79,7 @@ def _rows(db_url, table, where=None):
 
 
 def _count(db_url, table) -> int:
-    from cvops.predlog.log import log
+    from cvops.predlog import log as predlog
     eng = sa.create_engine(db_url)
     try:
         with eng.connect() as c: return c.execute(sa.select(sa.func.count()).select_from(getattr(predlog, table))).scalar()
