@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .app import ServiceSettings, load_settings, refuse_insecure
+from ..settings import ServiceSettings, load_settings, refuse_insecure
 
 # %% auto #0
 __all__ = ['gunicorn_options', 'run_server', 'service_running', 'wait_healthy', 'start_background', 'stop_background']
