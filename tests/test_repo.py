@@ -106,18 +106,24 @@ def test_compose_file_is_valid():
 MAX_FUNCTION_LINES = 60
 
 
+def library_nodes(package: Path):
+    "(module path relative to the package's parent, AST node) for every node of every hand-written library module."
+    import ast
+    for mod in sorted(package.rglob("*.py")):
+        if mod.name != "_modidx.py":
+            for node in ast.walk(ast.parse(mod.read_text())):
+                yield mod.relative_to(package.parent).as_posix(), node
+
+
 def long_functions(package: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
     "Every library function or method longer than `limit` lines (decorators and docstring included), as 'module:name (lines)'."
     import ast
     found = []
-    for mod in sorted(package.rglob("*.py")):
-        if mod.name == "_modidx.py":
-            continue
-        for node in ast.walk(ast.parse(mod.read_text())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
-                if node.end_lineno - first + 1 > limit:
-                    found.append(f"{mod.relative_to(package.parent).as_posix()}:{node.name} ({node.end_lineno - first + 1})")
+    for where, node in library_nodes(package):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+            if node.end_lineno - first + 1 > limit:
+                found.append(f"{where}:{node.name} ({node.end_lineno - first + 1})")
     return found
 
 
@@ -204,12 +210,9 @@ def private_imports(package: Path) -> list[str]:
     "`from cvops.x import _name` anywhere in the library: a private name used across modules."
     import ast
     found = []
-    for mod in sorted(package.rglob("*.py")):
-        if mod.name == "_modidx.py":
-            continue
-        for node in ast.walk(ast.parse(mod.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == package.name):
-                found += [f"{mod.relative_to(package.parent).as_posix()}: {a.name}" for a in node.names if a.name.startswith("_")]
+    for where, node in library_nodes(package):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == package.name):
+            found += [f"{where}: {a.name}" for a in node.names if a.name.startswith("_")]
     return found
 
 
