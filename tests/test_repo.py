@@ -143,8 +143,16 @@ def test_library_functions_are_short():
 ROOMS = ["quiet", "config", "settings", "data", "training", "registry", "predlog", "serving", "monitoring", "pipeline", "cli", "testing"]
 
 
+def absolute_module(node, importer: str, is_package: bool) -> str | None:
+    "The absolute module name of an `ImportFrom` (nbdev writes `from .routes import x` and `from ..settings import y`)."
+    if not node.level: return node.module
+    parts = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = parts[:len(parts) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def cvops_imports(package: Path) -> dict[str, set[str]]:
-    "Module -> the cvops modules it imports (at any depth of the file: top level, functions, `if` blocks)."
+    "Module -> the cvops modules it imports, absolute or relative, at any depth of the file (top level, functions, `if` blocks)."
     import ast
     graph = {}
     for mod in sorted(package.rglob("*.py")):
@@ -153,9 +161,10 @@ def cvops_imports(package: Path) -> dict[str, set[str]]:
         name = ".".join(mod.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
         deps = set()
         for node in ast.walk(ast.parse(mod.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == package.name:
-                deps.add(node.module)
-                deps.update(f"{node.module}.{a.name}" for a in node.names if (package.parent / node.module.replace(".", "/") / f"{a.name}.py").exists())
+            target = absolute_module(node, name, mod.name == "__init__.py") if isinstance(node, ast.ImportFrom) else None
+            if target and target.split(".")[0] == package.name:
+                deps.add(target)
+                deps.update(f"{target}.{a.name}" for a in node.names if (package.parent / target.replace(".", "/") / f"{a.name}.py").exists())
             elif isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names if a.name.split(".")[0] == package.name)
         graph[name] = deps - {name}
@@ -192,8 +201,14 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def test_import_checks_can_fail():
-    graph = {"cvops.data.a": {"cvops.serving.b"}, "cvops.serving.b": {"cvops.data.a"}}
+def test_import_checks_can_fail(tmp_path):
+    pkg = tmp_path / "cvops"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "serving").mkdir()
+    (pkg / "data" / "a.py").write_text("from ..serving.b import f\n")   # relative, as nbdev writes it
+    (pkg / "serving" / "b.py").write_text("from cvops.data.a import g\n")
+    graph = cvops_imports(pkg)
+    assert graph == {"cvops.data.a": {"cvops.serving.b"}, "cvops.serving.b": {"cvops.data.a"}}, graph
     assert upward_imports(graph) == ["cvops.data.a -> cvops.serving.b"]
     assert import_cycles(graph) == [["cvops.data.a", "cvops.serving.b"]]
 
