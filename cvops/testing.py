@@ -183,7 +183,7 @@ class TinyVersion:
         return version_dir(self.storage, self.version)
 
 def tiny_version(storage, name: str = "tiny", *, trained: TrainedModel | None = None, source=None, detectors: bool = True,
-                 reference=None, monitor=None, deploy: bool = False, by: str = "tests", work=None, seed: int = 0) -> TinyVersion:
+                 reference=None, monitor=None, deploy: bool = False, by: str = "tests", reason: str = "", work=None, seed: int = 0) -> TinyVersion:
     """Train a tiny model (or take `trained`, named after it), build its UAE/BBSD detectors and reference data on held-out
     images (`reference`: `(images, labels)`), publish it into `storage` and, when asked, deploy it."""
     work = Path(work or tempfile.mkdtemp(prefix="cvops-tiny-"))
@@ -192,7 +192,7 @@ def tiny_version(storage, name: str = "tiny", *, trained: TrainedModel | None = 
     images, labels = reference if reference is not None else (None, None)
     files = build_detector_files(trained, work / f"detectors-{uuid.uuid4().hex[:8]}", images, labels, monitor) if detectors else None
     version = publish_version(storage, trained.folder, trained.name, trained.accuracy, files, trained.classes,
-                              len(trained.labels), deploy, by)
+                              len(trained.labels), deploy, by, reason)
     return TinyVersion(Path(storage), version, trained)
 
 # %% ../notebooks/lib/95_testing.ipynb #dd8bf560
@@ -245,7 +245,8 @@ class Service:
         import requests
         deadline, seen = time.time() + timeout, []
         while time.time() < deadline:
-            seen = [requests.get(self.url("/models/current"), timeout=5).json() for _ in range(12)]
+            try: seen = [requests.get(self.url("/models/current"), timeout=5).json() for _ in range(12)]
+            except (requests.RequestException, ValueError): seen = [{"version": None}]   # a worker still starting
             if all(s["version"] and version in (None, s["version"]) for s in seen) and len(self.worker_pids()) == self.workers:
                 self.version = seen[0]["version"]
                 return self
@@ -308,8 +309,8 @@ def answer_of(started: float, response) -> Answer:
 class PredictionLoad:
     "Predictions from `n` threads while the `with` block runs; `heatmap`: True, False or 'alternate'."
 
-    def __init__(self, svc: Service, images: list, n: int = 4, heatmap=False):
-        self.svc, self.images, self.n, self.heatmap = svc, images, n, heatmap
+    def __init__(self, svc: Service, images: list, n: int = 4, heatmap=False, timeout: float = 30):
+        self.svc, self.images, self.n, self.heatmap, self.timeout = svc, images, n, heatmap, timeout
         self.results, self._stop, self._lock = [], threading.Event(), threading.Lock()
         self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(n)]
 
@@ -318,7 +319,7 @@ class PredictionLoad:
         while not self._stop.is_set():
             t = time.monotonic()
             heatmap = bool(i % 2) if self.heatmap == "alternate" else self.heatmap
-            try: res = answer_of(t, self.svc.predict(self.images[i % len(self.images)], heatmap=heatmap, timeout=20))
+            try: res = answer_of(t, self.svc.predict(self.images[i % len(self.images)], heatmap=heatmap, timeout=self.timeout))
             except Exception as e:   # a refused or reset connection: not acknowledged
                 res = Answer(t, time.monotonic(), None, None, None, f"{type(e).__name__}: {e}")
             with self._lock: self.results.append(res)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import requests
 
-from service_support import encode, free_port, train_small_model, headless_chromium
+from cvops.testing import encode, free_port, headless_chromium, service_project, tiny_version, train_small_model
 
 pytestmark = pytest.mark.service
 
@@ -36,37 +36,17 @@ def fill_project(root: Path, base: Path) -> dict:
     """A project folder like a served one: two published versions of `fashion_small` (the second
     with UAE/BBSD detectors and reference data, deployed after the first), 240 logged predictions
     over three days (the latest 30 noisy), api_log rows, and three monitoring runs."""
-    import keras
-    from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, detector_path, ref_data_path, reference_data
     from cvops.serving.inference import load_version
     from cvops.predlog.log import ImageStore, api_log, drift_reports, feedback, make_engine, migrate, predictions
-    from cvops.registry.publish import publish_model
-    from cvops.training.train import MODEL_FILE, read_model_info
 
-    root.mkdir(parents=True)
-    (root / "pipeline.yaml").write_text("tasks: []\n")
-    storage = root / "central_storage"
-    folder, xt, yt, acc = train_small_model(base, seed=0, n_train=1500, epochs=2)
-    classes = read_model_info(folder)["classes"]
-    name = "fashion_small"
-    meta = {"model_name": name, "model": {"model_name": name, "classes": classes},
-            "metrics": {"accuracy": acc, "n_images": 500}, "lineage": {}}
-    v1 = publish_model(folder, meta, storage)["version"]
-    deploy(storage, name, v1, by="tests")
-
-    model = keras.models.load_model(folder / MODEL_FILE, compile=False)
-    dets = {"uae": build_uae((28, 28, 1), 16, seed=0), "bbsd": build_bbsd(model)}
-    files = {}
-    for kind, det in dets.items():
-        det.save(base / f"{kind}.keras")
-        files[str(detector_path("", name, kind))] = base / f"{kind}.keras"
-    ref = reference_data(dets, xt[:250, ..., None], [classes[y] for y in yt[:250]], classes)   # images the model was not fitted on
-    ref.to_parquet(base / "ref.parquet")
-    files[str(ref_data_path("", name))] = base / "ref.parquet"
+    storage = service_project(root) / "central_storage"
+    trained = train_small_model(base, seed=0, n_train=1500, epochs=2)
+    classes, name, (_, xt, yt, _) = trained.classes, trained.name, trained
+    v1 = tiny_version(storage, trained=trained, detectors=False, deploy=True, work=base).version
     time.sleep(0.01)
-    v2 = publish_model(folder, meta, storage, files=files)["version"]
-    deploy(storage, name, v2, by="tests", reason="detectors")
+    ref = (xt[:250], yt[:250])                                     # images the model was not fitted on
+    v2 = tiny_version(storage, trained=trained, reference=ref, monitor={"encoding_dim": 16, "seed": 0}, deploy=True,
+                      reason="detectors", work=base).version
 
     lv = load_version(storage / "models" / ".versions" / v2)
     rng = np.random.default_rng(0)
@@ -108,7 +88,7 @@ def fill_project(root: Path, base: Path) -> dict:
         rows.append(dict(base_row, test="live_accuracy", features="feedback", statistic=accuracy, n_rows=n_feedback,
                          p_value=None if accuracy is None else 0.3, threshold=0.05,
                          verdict="insufficient data" if accuracy is None else "no drift",
-                         details={"n_feedback": n_feedback, "test_accuracy": acc, **window}))
+                         details={"n_feedback": n_feedback, "test_accuracy": trained.accuracy, **window}))
         return rows
     n_window = len(imgs) - 20
     reports = (run("r1", times[40] + timedelta(minutes=1), 21, None, None, None, None, 0)

@@ -8,7 +8,6 @@ import os
 import signal
 import struct
 import subprocess
-import threading
 import time
 import uuid
 import zlib
@@ -20,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import ADMIN_TOKEN, BIN, encode
+from cvops.testing import ADMIN_TOKEN, BIN, PredictionLoad, encode, need
 
 pytestmark = pytest.mark.service
 
@@ -41,9 +40,7 @@ def _postgres_admin():
     try:
         conn = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
     except psycopg2.OperationalError as e:
-        msg = f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']}) is unreachable: {str(e).strip()}"
-        if os.environ.get("CI") == "true": pytest.fail(msg + " (CI=true: PostgreSQL tests must run)")
-        pytest.skip(msg)
+        need(f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']})", f"unreachable: {str(e).strip()}")
     conn.autocommit = True
     return conn
 
@@ -67,8 +64,8 @@ def db(request, service_root):
 
 
 def _rows(db_url, table, where=None):
-    from cvops.predlog.log import log
-    t = getattr(predlog, table)
+    from cvops.predlog import log
+    t = getattr(log, table)
     eng = sa.create_engine(db_url)
     try:
         with eng.connect() as c:
@@ -79,10 +76,10 @@ def _rows(db_url, table, where=None):
 
 
 def _count(db_url, table) -> int:
-    from cvops.predlog.log import log
+    from cvops.predlog import log
     eng = sa.create_engine(db_url)
     try:
-        with eng.connect() as c: return c.execute(sa.select(sa.func.count()).select_from(getattr(predlog, table))).scalar()
+        with eng.connect() as c: return c.execute(sa.select(sa.func.count()).select_from(getattr(log, table))).scalar()
     finally:
         eng.dispose()
 
@@ -305,36 +302,6 @@ def test_schemathesis_finds_no_server_errors(service_root, service_factory, db, 
 
 
 # --- 4 + 5 + 8: deploy under load, a corrupt version refused, rollback ----------------------------
-class Load:
-    "Threads posting predictions until stopped; every answer recorded with when its request started and ended."
-
-    def __init__(self, svc, images, threads=4):
-        self.svc, self.images, self.results, self.stop_ = svc, images, [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, k):
-        i = k
-        while not self.stop_.is_set():
-            t0 = time.monotonic()
-            try:
-                r = self.svc.predict(self.images[i % len(self.images)], heatmap=bool(i % 2))
-                out = (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:300])
-            except requests.RequestException as e:
-                out = (None, f"{type(e).__name__}: {e}")
-            self.results.append((t0, time.monotonic(), *out))
-            i += len(self.threads)
-
-    def __enter__(self):
-        for t in self.threads: t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_.set()
-        for t in self.threads: t.join(60)
-
-    def failed(self): return [r for r in self.results if r[2] != 200]
-
-
 def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root, service_factory, trained_models, db):
     svc = service_factory(service_root["root"], db_url=db.service_url)
     a, b = service_root["a"], service_root["b"]
@@ -343,7 +310,7 @@ def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root
     ok = 0   # 200 answers of /predict in this test
 
     # 4: deploy b while 4 threads predict
-    with Load(svc, images) as load:
+    with PredictionLoad(svc, images, n=4, heatmap="alternate") as load:
         time.sleep(3)
         r = requests.put(svc.url("/models/current"), json={"model_name": "fashion_small", "version": b, "reason": "load test"},
                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Deployed-By": "load-test"}, timeout=60)
@@ -354,9 +321,9 @@ def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root
     assert d["version"] == b and d["previous_version"] == a and d["deployed_by"].startswith("load-test")
     assert len(d["workers"]) == 2 and set(d["workers"].values()) == {b}, d["workers"]
     assert not load.failed(), load.failed()[:5]
-    after = [res for res in load.results if res[0] > put_done]
-    assert len(after) >= 10 and {res[3] for res in after} == {b}, [res for res in after if res[3] != b][:5]
-    assert {res[3] for res in load.results if res[1] < put_done} >= {a}
+    after = [res for res in load.results if res.started > put_done]
+    assert len(after) >= 10 and {res.model_version for res in after} == {b}, [res for res in after if res.model_version != b][:5]
+    assert {res.model_version for res in load.results if res.ended < put_done} >= {a}
     ok += len(load.results)
     history = requests.get(svc.url("/models/history"), timeout=5).json()
     assert history[0]["version"] == b and history[0]["deployed_by"].startswith("load-test") and history[0]["reason"] == "load test"
@@ -366,12 +333,12 @@ def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root
     assert f'cvops_model_serving{{version="{a}"}} 0.0' in metrics
 
     # 5: a version that cannot load is refused; b keeps serving, the pointer stays
-    with Load(svc, images, threads=2) as load:
+    with PredictionLoad(svc, images, n=2, heatmap="alternate") as load:
         r = svc.deploy("fashion_small", service_root["corrupt"])
         time.sleep(1.5)
     assert r.status_code == 422, r.text
     assert service_root["corrupt"] in r.json()["error"] and "cannot be loaded" in r.json()["error"], r.json()
-    assert not load.failed() and {res[3] for res in load.results} == {b}, load.failed()[:5]
+    assert not load.failed() and {res.model_version for res in load.results} == {b}, load.failed()[:5]
     ok += len(load.results)
     for pid, version in _worker_pids(svc).items(): assert version == b, (pid, version)
     cur = requests.get(svc.url("/models/current"), timeout=5).json()
@@ -419,7 +386,7 @@ def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(serv
 
     # SIGKILL one worker while predictions go on: gunicorn starts another, which serves the pointer's version
     victim = min(pids)
-    with Load(svc, [image], threads=2) as load:
+    with PredictionLoad(svc, [image], n=2, heatmap="alternate") as load:
         time.sleep(1)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -435,7 +402,7 @@ def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(serv
     assert victim not in _worker_pids(svc)
     failed = load.failed()
     # at most the requests in flight on the killed worker fail (one per thread), and only by a broken connection
-    assert len(failed) <= 2 and all(f[2] is None and f[0] < killed_at for f in failed), failed
-    assert sum(res[2] == 200 for res in load.results) >= 10
+    assert len(failed) <= 2 and all(f.status is None and f.started < killed_at for f in failed), failed
+    assert sum(res.status == 200 for res in load.results) >= 10
     r = svc.predict(image)
     assert r.status_code == 200 and r.json()["model_version"] == a

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from service_support import encode
+from cvops.testing import encode
 
 pytestmark = pytest.mark.service
 
@@ -160,14 +160,14 @@ def test_corrupt_pointer_keeps_workers_serving_a_new_worker_answers_503_and_all_
 def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loadable_version(service_root, trained_models):
     from cvops.registry.deploy import DeployError, check_version, current_deployment, deploy, deployment_history, resolve_version
     from cvops.registry.publish import list_versions, prune_versions, version_dir
-    from service_support import publish
+    from cvops.testing import publish_version
     storage = service_root["storage"]
     folder, _, _, acc = trained_models["a"]
     outcomes = {"deployed": 0, "refused (pruned first)": 0, "pruned": 0}
     for round_ in range(20):
-        older = publish(storage, folder, acc)      # two fresh versions: prune (keep 1) wants `older` gone,
+        older = publish_version(storage, folder, "fashion_small", acc)      # two fresh versions: prune (keep 1) wants `older` gone,
         time.sleep(0.002)                           # deploy wants to make it current
-        publish(storage, folder, acc)
+        publish_version(storage, folder, "fashion_small", acc)
         barrier, errors = threading.Barrier(2), []
 
         def do_deploy():
