@@ -121,7 +121,7 @@ def _worker_pids(svc, n: int = 2, timeout: float = 30) -> dict:
 
 
 def _good_png(trained_models, i=0) -> bytes:
-    return encode(trained_models["a"][1][i], "PNG")
+    return encode(trained_models["a"].images[i], "PNG")
 
 
 def test_round_trip_classes_right_and_same_preprocessing_as_training(service_root, service_factory, trained_models):
@@ -155,7 +155,7 @@ def test_round_trip_classes_right_and_same_preprocessing_as_training(service_roo
 def _send_bad_requests(svc, service_root, trained_models) -> tuple[dict, int]:
     """1 and 7: each bad request is answered with a 4xx JSON error naming the problem, and the workers still serve;
     returns ({request_id: (case, status, error)}, number of 200 predictions)."""
-    xt = trained_models["a"][1]
+    xt = trained_models["a"].images
     jpeg = encode(np.stack([xt[0]] * 3, -1), "JPEG", quality=90)             # cut in half: inside the header
     big_jpeg = encode(np.kron(xt[0], np.ones((8, 8), np.uint8)), "JPEG", quality=95)  # 224 x 224: cut inside the scan data
     from PIL import Image
@@ -209,7 +209,7 @@ def _send_conversions(svc, trained_models) -> int:
     of a test image give the prediction of its upright 8-bit greyscale PNG; returns the number of 200 predictions."""
     from PIL import Image
     classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
-    xt = trained_models["a"][1]
+    xt = trained_models["a"].images
     grey_palette = [v for i in range(256) for v in (i, i, i)]
 
     def probs(data, content_type="image/png", filename="x.png"):
@@ -306,7 +306,7 @@ def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root
     svc = service_factory(service_root["root"], db_url=db.service_url)
     a, b = service_root["a"], service_root["b"]
     svc.wait_workers_ready(a)
-    images = [encode(x, "PNG") for x in trained_models["a"][1][:32]]
+    images = [encode(x, "PNG") for x in trained_models["a"].images[:32]]
     ok = 0   # 200 answers of /predict in this test
 
     # 4: deploy b while 4 threads predict
@@ -366,7 +366,7 @@ def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(serv
     root, a = service_root["root"], service_root["a"]
     (service_root["storage"] / "deployments" / "current.json").unlink()
     svc = service_factory(root, db_url=db.service_url)
-    image = encode(trained_models["a"][1][0], "PNG")
+    image = encode(trained_models["a"].images[0], "PNG")
     for _ in range(6):   # both workers: no model
         r = svc.predict(image)
         assert r.status_code == 503 and "cvops deploy" in r.json()["error"] and "PUT /models/current" in r.json()["error"], r.text

@@ -104,7 +104,7 @@ def test_corrupt_pointer_keeps_workers_serving_a_new_worker_answers_503_and_all_
     svc = service_factory(root)
     svc.wait_workers_ready(a)
     master = svc.proc.pid
-    image = encode(trained_models["a"][1][0], "PNG")
+    image = encode(trained_models["a"].images[0], "PNG")
     pointer = storage / "deployments" / "current.json"
     good = pointer.read_bytes()
 
@@ -204,7 +204,7 @@ def test_concurrency_64_for_20_s_answers_200_or_a_fast_503_and_the_service_stays
     a = service_root["a"]
     svc = service_factory(service_root["root"], env={"MAX_QUEUE": str(MAX_QUEUE)})
     svc.wait_workers_ready(a)
-    images = [encode(x, "PNG") for x in trained_models["a"][1][:16]]
+    images = [encode(x, "PNG") for x in trained_models["a"].images[:16]]
     (tmp := service_root["root"] / "load-images").mkdir()
     for k, data in enumerate(images): (tmp / f"{k}.png").write_bytes(data)
     # 64 clients in 4 processes of 16 threads (http.client): in one Python process, 64 threads queue for its GIL and that
@@ -254,7 +254,7 @@ def test_a_cmyk_and_a_ycck_jpeg_are_classified_like_their_rgb_conversion(service
     svc = service_factory(service_root["root"])
     svc.wait_workers_ready(service_root["a"])
     classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
-    xt, yt = trained_models["a"][1], trained_models["a"][2]
+    xt, yt = trained_models["a"].images, trained_models["a"].labels
 
     def probs(data, content_type="image/jpeg", heatmap=False):
         r = svc.predict(data, "x.jpg", content_type, heatmap=heatmap)
