@@ -50,7 +50,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from drift_quality import SHIFTS, shift_images            # noqa: E402  the in-process bench's shifts
-from service_throughput import Service, prepare_storage   # noqa: E402  `cvops serve` on a free port; copy of the deployed version
+from service_throughput import bench_service, prepare_storage   # noqa: E402  `cvops serve` on a free port; copy of the deployed version
 
 
 def png(a: np.ndarray) -> bytes:
@@ -96,8 +96,8 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
     # train the config's model briefly, then the pipeline's own detector + reference code, publish, deploy
     from cvops.data.preprocess import load_annotations
     from cvops.data.dataset import load_default_source
-    from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_detectors, make_reference, save_detectors
+    from cvops.monitoring.drift_detectors import build_detectors, make_reference
+    from cvops.testing import detector_version_files, publish_version, service_project
     from cvops.training.model import build_model, compile_model
     from cvops.registry.publish import publish_model
     from cvops.training.model import save_trained_model
@@ -109,23 +109,18 @@ def setup_version(work: Path, config_path: Path, train_images: int, epochs: int)
     x, y = src.train[0][tr, ..., None].astype("float32") / 255, src.train[1][tr]
     model = compile_model(build_model(cfg.model, k, seed=0), cfg.model, cfg.train.optimizer, cfg.train.learning_rate)
     model.fit(x, np.eye(k)[y], epochs=epochs, batch_size=cfg.train.batch_size, verbose=0)
-    storage = work / "central_storage"; (storage / "models").mkdir(parents=True); (work / "pipeline.yaml").write_text("tasks: []\n")
+    storage = service_project(work) / "central_storage"
     folder = save_trained_model(model, work / "trained", cfg.model, src.classes)
     ds = ROOT / cfg.dataset.path
     ann, classes = load_annotations(ds, cfg.dataset.annotation_file, list(src.classes))
     dets = build_detectors(model, cfg.monitor)
     size = (cfg.model.input_size.w, cfg.model.input_size.h)
     ref = make_reference(dets, ann, ds, classes, size, cfg.model.channels, cfg.monitor, model=model)
-    extra = work / "extra"
-    paths = {kd: detector_path(extra, cfg.model.model_name, kd) for kd in dets} | {"ref_data": ref_data_path(extra, cfg.model.model_name)}
-    files = {Path(p).relative_to(extra).as_posix(): Path(p) for p in save_detectors(dets, ref, paths).values()}
+    files = detector_version_files(dets, ref, cfg.model.model_name, work / "extra")
     te = split_source_indices(src)["test"]
     xt, yt = src.test[0][te, ..., None].astype("float32") / 255, src.test[1][te]
     acc = float((np.asarray(model(xt)).argmax(1) == yt).mean())
-    meta = {"model_name": cfg.model.model_name, "model": {"model_name": cfg.model.model_name, "classes": list(classes)},
-            "metrics": {"accuracy": acc, "n_images": 2000}, "lineage": {}}
-    version = publish_model(folder, meta, storage, files)["version"]
-    deploy(storage, cfg.model.model_name, version, by="bench")
+    version = publish_version(storage, folder, cfg.model.model_name, acc, files, classes, 2000, deploy=True, by="bench")
     _, vfolder = resolve_version(storage, cfg.model.model_name, version)
     return dict(cfg=cfg, version=version, name=cfg.model.model_name, folder=vfolder,
                 source=f"{why}: the config's model trained here ({train_images} images, {epochs} epochs; "
@@ -246,7 +241,7 @@ def main(argv=None):
         inproc = {k: reference_data(dets, shifted[k], None, classes) for k in SHIFTS if k != "ko"}
         inproc["ko"] = inproc["none"]
         # end to end: POST each pool once (and the whole reference split), read the rows back with the monitor's reader
-        svc = Service(work, a.workers).start(v["version"])
+        svc = bench_service(work, a.workers, v["version"])
         t_post = time.time(); ids = {}
         for k in SHIFTS:
             if k == "ko": continue

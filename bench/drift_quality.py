@@ -18,7 +18,7 @@ decisions are compared draw by draw.
 The model: the deployed version (central_storage/deployments/current.json) with its detectors/ and ref_data/ when
 it has them; a deployed version without them gets UAE/BBSD built here by cvops.monitoring.drift_detectors (monitor section of the
 config) and a reference drawn as the pipeline draws it; with nothing deployed, the config's model trained briefly
-(as tests/service_support.train_small_model does). The source is recorded in the results.
+(cvops.testing.train_small_model). The source is recorded in the results.
 
     python bench/drift_quality.py [--draws 50] [--permutations 100] [--no-alibi] [--out bench/results/drift_quality.json]
 
@@ -95,21 +95,21 @@ def load_setup(config_path: Path, storage: Path) -> dict:
 
 
 def trained_setup(cfg) -> dict:
-    "Nothing deployed: the config's model trained briefly on Fashion-MNIST arrays."
+    "Nothing deployed: the config's model trained briefly on Fashion-MNIST arrays (cvops.testing.train_small_model)."
+    import tempfile
+    import keras
     from cvops.data.dataset import load_default_source
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
-    from cvops.training.model import build_model, compile_model
-    src = load_default_source(); k = len(src.classes)
-    x, y = src.train[0][:5000, ..., None], src.train[1][:5000]
-    model = compile_model(build_model(cfg.model, k, seed=0), cfg.model, "adam", 2e-3)
-    model.fit(x.astype("float32") / 255, np.eye(k)[y], epochs=3, batch_size=64, verbose=0)
-    mon = cfg.monitor
-    dets = {"uae": build_uae(x.shape[1:], mon.encoding_dim, mon.seed), "bbsd": build_bbsd(model, mon.bbsd_layer)}
-    xr, yr = src.train[0][-mon.reference_size:, ..., None], src.train[1][-mon.reference_size:]
-    ref = reference_data(dets, xr, np.asarray(src.classes)[yr], src.classes)
-    xt, yt = src.test[0][:2000, ..., None], src.test[1][:2000]
-    return dict(cfg=cfg, classes=list(src.classes), dets=dets, ref=ref, x_test=xt, y_test=yt, source="nothing deployed: model trained here (5000 images, 3 epochs)",
-                model=dict(name=cfg.model.model_name, version=None, accuracy=None))
+    from cvops.monitoring.drift_detectors import build_detectors, reference_data
+    from cvops.testing import train_small_model
+    src = load_default_source()
+    trained = train_small_model(tempfile.mkdtemp(prefix="cvops-drift-quality-"), 0, 5000, 3, cfg.model, src, n_test=2000)
+    model = keras.models.load_model(trained.folder / "model.keras", compile=False)
+    dets = build_detectors(model, cfg.monitor)
+    n_ref = cfg.monitor.reference_size
+    ref = reference_data(dets, src.train[0][-n_ref:, ..., None], np.asarray(src.classes)[src.train[1][-n_ref:]], src.classes)
+    return dict(cfg=cfg, classes=list(src.classes), dets=dets, ref=ref, x_test=trained.images[..., None], y_test=trained.labels,
+                source="nothing deployed: model trained here (5000 images, 3 epochs)",
+                model=dict(name=cfg.model.model_name, version=None, accuracy=trained.accuracy))
 
 
 def shifted_features(setup: dict, seed: int) -> dict:

@@ -26,7 +26,7 @@
 
 The model: the project's deployed one (central_storage/deployments/current.json, after `make run`) copied into
 a temp central storage; otherwise one trained for the bench (the config's model section, one epoch on 3000
-Fashion-MNIST images, as tests/service_support.train_small_model does), published and deployed there.
+Fashion-MNIST images, cvops.testing.train_small_model), published and deployed there.
 The service is stopped at the end, pass or fail; results go to --out (JSON) and a table on stdout.
 
     python bench/service_throughput.py [--duration 8] [--warmup 2] [--rounds 2] [--out bench/results/service_throughput.json]
@@ -40,9 +40,7 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,7 +50,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-BIN = Path(sys.executable).parent
+from cvops.testing import Service  # noqa: E402  (no TensorFlow: it loads nothing heavy)
+
 TARGET_SERVICE_RATIO = 0.5
 TARGET_LOG_RATIO = 10.0
 
@@ -60,40 +59,21 @@ TARGET_LOG_RATIO = 10.0
 # --- the model ----------------------------------------------------------------------------------
 def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epochs: int = 1) -> dict:
     "In a child process: train the config's model briefly on Fashion-MNIST, publish and deploy it into `storage`."
-    import numpy as np
     import yaml
     from cvops.config import ModelConfig
-    from cvops.data.dataset import load_default_source
-    from cvops.registry.deploy import deploy
-    from cvops.training.model import build_model, compile_model
-    from cvops.registry.publish import publish_model
-    from cvops.training.model import save_trained_model
-    src = load_default_source()
+    from cvops.testing import tiny_version, train_small_model
     cfg = ModelConfig.model_validate(yaml.safe_load(Path(config_path).read_text())["model"])
-    k = len(src.classes)
-    x, y = src.train[0][:n_train], src.train[1][:n_train]
-    prep = lambda a: (a[..., None] if cfg.channels == 1 else np.repeat(a[..., None], 3, -1)).astype("float32") / 255
-    model = compile_model(build_model(cfg, k, seed=0), cfg, "adam", 2e-3)
-    if (cfg.input_size.w, cfg.input_size.h) != (28, 28):
-        import tensorflow as tf
-        prep0 = prep; prep = lambda a: tf.image.resize(prep0(a), (cfg.input_size.h, cfg.input_size.w)).numpy()
-    model.fit(prep(x), np.eye(k)[y], epochs=epochs, batch_size=64, verbose=0)
-    xt, yt = src.test[0][:500], src.test[1][:500]
-    acc = float((np.asarray(model(prep(xt))).argmax(1) == yt).mean())
-    folder = save_trained_model(model, Path(storage).parent / "trained", cfg, src.classes)
-    meta = {"model_name": cfg.model_name, "model": {"model_name": cfg.model_name},
-            "metrics": {"accuracy": acc, "n_images": 500}, "lineage": {}}
-    version = publish_model(folder, meta, storage)["version"]
-    deploy(storage, cfg.model_name, version, by="bench")
-    return {"accuracy_500_test_images": acc, "trained_on": n_train, "epochs": epochs}
+    trained = train_small_model(Path(storage).parent, 0, n_train, epochs, cfg)
+    tiny_version(storage, trained=trained, detectors=False, deploy=True, by="bench")
+    return {"accuracy_500_test_images": trained.accuracy, "trained_on": n_train, "epochs": epochs}
 
 
 def prepare_storage(project_root: Path, work: Path, config_path: Path) -> dict:
     "A temp project folder for the service whose central storage holds one deployed version; returns what it is."
     from cvops.registry.versions import POINTER_FILE, current_deployment, resolve_version
-    storage = work / "central_storage"
-    (storage / "models" / ".versions").mkdir(parents=True)
-    (work / "pipeline.yaml").write_text("tasks: []\n")
+    from cvops.testing import service_project
+    storage = service_project(work) / "central_storage"
+    (storage / "models" / ".versions").mkdir()
     src_storage = project_root / "central_storage"
     rec = current_deployment(src_storage)
     if rec is not None:
@@ -127,13 +107,9 @@ def request_bodies(n: int):
 
 def test_images(n: int) -> list:
     "The first `n` Fashion-MNIST test images, PNG-encoded (as a client would upload them)."
-    import io
-    from PIL import Image
     from cvops.data.dataset import load_default_source
-    out = []
-    for a in load_default_source().test[0][:n]:
-        b = io.BytesIO(); Image.fromarray(a).save(b, "PNG"); out.append(b.getvalue())
-    return out
+    from cvops.testing import encode
+    return [encode(a) for a in load_default_source().test[0][:n]]
 
 
 # --- the in-process limit ---------------------------------------------------------------------------
@@ -217,68 +193,11 @@ class InProcessLimit:
 
 
 # --- the service -----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Service:
-    "`cvops serve` on a free 127.0.0.1 port, in its own process group."
-    def __init__(self, root: Path, workers: int, durability: str = "durable", var_dir: str | None = None):
-        self.root, self.port, self.workers = root, free_port(), workers
-        self.env = {**os.environ, "CVOPS_ROOT": str(root), "SERVICE_HOST": "127.0.0.1", "SERVICE_PORT": str(self.port),
-                    "SERVICE_WORKERS": str(workers), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        for k in ("CVOPS_CENTRAL_STORAGE", "CVOPS_VAR_DIR", "MLFLOW_TRACKING_URI", "DB_URL", "TF_THREADS", "MAX_BATCH",
-                  "LOG_GROUP_COMMIT_MS", "LOG_MAX_BUFFER", "LOG_MAX_BUFFER_BYTES"):
-            self.env.pop(k, None)
-        self.env["LOG_DURABILITY"] = durability
-        if var_dir: self.env["CVOPS_VAR_DIR"] = var_dir       # its own SQLite file, spill folder and metrics
-        self.log_path = root / f"service-{durability}-{self.port}.log"
-        self.proc = None
-
-    def start(self, version: str, timeout: float = 180):
-        import requests
-        self.version = version
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "cvops"), "serve"], cwd=self.root, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.proc.returncode}:\n{self.read_log()}")
-            try:
-                seen = [requests.get(f"http://127.0.0.1:{self.port}/models/current", timeout=5).json()["version"] for _ in range(12)]
-                if all(v == version for v in seen) and len(self.worker_pids()) == self.workers: return self
-            except (requests.RequestException, ValueError, KeyError):
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"the service did not serve {version} within {timeout} s:\n{self.read_log()}")
-
-    def worker_pids(self) -> list:
-        import psutil
-        try: return sorted(c.pid for c in psutil.Process(self.proc.pid).children())
-        except psutil.Error: return []
-
-    def cpu(self) -> dict:
-        "CPU seconds (user + system) of the master and of each worker."
-        import psutil
-        out = {}
-        for pid in [self.proc.pid] + self.worker_pids():
-            try: t = psutil.Process(pid).cpu_times(); out[pid] = t.user + t.system
-            except psutil.Error: pass
-        return out
-
-    def read_log(self) -> str:
-        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 40):
-        if self.proc is None or self.proc.poll() is not None: return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try: self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait(10)
-        self.log.close()
+def bench_service(work: Path, workers: int, version: str, durability: str = "durable", var_dir: str | None = None) -> Service:
+    """`cvops serve` (cvops.testing.Service) with the service's own defaults (no admin token, the default reload interval)
+    and LOG_DURABILITY=`durability`, started and serving `version` on every worker."""
+    env = {"ADMIN_TOKEN": None, "RELOAD_INTERVAL": None, "LOG_DURABILITY": durability, "CVOPS_VAR_DIR": var_dir}
+    return Service(work, workers, env=env, name=f"service-{durability}").start(timeout=180).wait_workers_ready(version, 180)
 
 
 def machine_jiffies() -> tuple:
@@ -499,7 +418,7 @@ def main(argv=None):
         images, bodies, ctype = request_bodies(args.images)
         limit = InProcessLimit(model["folder"], images, args.workers, threads)
         model["parameters"] = limit.wait_ready()
-        svc = Service(work, args.workers).start(model["version"])
+        svc = bench_service(work, args.workers, model["version"])
         setup_s = time.perf_counter() - t_begin
 
         raw = {"service": {}, "in_process": {}}
@@ -598,7 +517,7 @@ TARGET_DURABLE_COST = 0.15
 def bench_durability(svc_durable: Service, work: Path, args, bodies, ctype, concurrencies, raw: dict) -> dict:
     """The same service with LOG_DURABILITY=async beside the durable one (its own var folder and SQLite file), idle
     while the other is measured; heatmaps off, cells alternating durable / async for --durability-rounds rounds."""
-    svc_async = Service(work, args.workers, "async", str(work / "var-async")).start(svc_durable.version)
+    svc_async = bench_service(work, args.workers, svc_durable.version, "async", str(work / "var-async"))
     rounds = args.durability_rounds or args.rounds
     part = raw.setdefault("durability", {})
     try:
@@ -650,7 +569,7 @@ def bench_durability_only(args, project: Path, concurrencies) -> dict:
     try:
         model = prepare_storage(project, work, resolve_path(args.config, project))
         images, bodies, ctype = request_bodies(args.images)
-        svc = Service(work, args.workers, "durable").start(model["version"])
+        svc = bench_service(work, args.workers, model["version"])
         raw = {}
         d = bench_durability(svc, work, args, bodies, ctype, concurrencies, raw)
         others = [c["cpu_cores_busy"]["other_processes"] for cs in raw["durability"].values() for c in cs]

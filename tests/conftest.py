@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cvops.testing import Service, need, postgres_bindir, publish_version, service_project, start_postgres, train_small_model
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -100,35 +102,28 @@ def tiny_fashion_repo(tmp_path_factory) -> Path:
 
 
 # --- the prediction service -------------------------------------------------------------------
-from service_support import Service, publish, train_small_model  # noqa: E402
-
-
 @pytest.fixture(scope="session")
 def trained_models(tmp_path_factory):
     "Two small Fashion-MNIST models (different seeds), trained once per session, with 500 test images."
     base = tmp_path_factory.mktemp("trained")
-    a = train_small_model(base, seed=0)
-    b = train_small_model(base, seed=1)
-    return {"a": a, "b": b}
+    return {"a": train_small_model(base, seed=0), "b": train_small_model(base, seed=1)}
 
 
 @pytest.fixture
 def service_root(tmp_path, trained_models):
     """A project folder for the service: central storage with model `fashion_small` published
     twice (versions a and b, a deployed) and one corrupt version published last."""
-    root = tmp_path / "svc"
-    (root / "central_storage" / "models").mkdir(parents=True)
-    (root / "pipeline.yaml").write_text("tasks: []\n")
+    root = service_project(tmp_path / "svc")
     storage = root / "central_storage"
-    (fa, _, _, acc_a), (fb, _, _, acc_b) = trained_models["a"], trained_models["b"]
-    va = publish(storage, fa, acc_a)
+    a, b = trained_models["a"], trained_models["b"]
+    va = publish_version(storage, a.folder, "fashion_small", a.accuracy)
     time.sleep(0.01)
-    vb = publish(storage, fb, acc_b)
+    vb = publish_version(storage, b.folder, "fashion_small", b.accuracy)
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(fb, corrupt)
+    shutil.copytree(b.folder, corrupt)
     (corrupt / "model.keras").write_bytes(b"this is not a keras file")
     time.sleep(0.01)
-    vc = publish(storage, corrupt, acc_b)
+    vc = publish_version(storage, corrupt, "fashion_small", b.accuracy)
     from cvops.registry.deploy import deploy
     deploy(storage, "fashion_small", va, by="tests")
     return {"root": root, "storage": storage, "a": va, "b": vb, "corrupt": vc}
@@ -150,11 +145,8 @@ def service_factory():
 @pytest.fixture
 def pg(tmp_path):
     "A throw-away PostgreSQL cluster (initdb + pg_ctl on a free port), stopped and removed when the test ends, pass or fail."
-    from service_support import postgres_bindir, start_postgres
     if postgres_bindir() is None:
-        msg = "PostgreSQL server programs (initdb, pg_ctl) not found: apt-get install postgresql"
-        if os.environ.get("CI") == "true": pytest.fail(msg)
-        pytest.skip(msg)
+        need("PostgreSQL server programs (initdb, pg_ctl)", "apt-get install postgresql")
     cluster = start_postgres(tmp_path / "pg")
     yield cluster
     cluster.remove()

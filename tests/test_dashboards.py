@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from service_support import encode, free_port, train_small_model, headless_chromium
+from cvops.testing import encode, free_port, headless_chromium, train_small_model
 
 pytestmark = pytest.mark.service
 

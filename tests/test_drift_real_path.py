@@ -22,13 +22,13 @@ window alerts with probability at most 1% (3 windows: at most 3%); the draw is s
 failed on every window (KS on BBSD p ~ 1e-100: logged tails rounded to zero).
 """
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from service_support import Service, encode, monitor_env, monitor_project, train_small_model
+from cvops.testing import (Service, detector_version_files, encode, images_dataset, monitor_env, monitor_project,
+                           publish_version, train_small_model)
 from test_monitor_e2e import Webhook, _monitor, _wait_rows
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
@@ -43,15 +43,11 @@ def served(tmp_path_factory):
     "The confident model published with detectors + reference data by the real code path, deployed, served."
     import keras
     from cvops.data.dataset import load_default_source
-    from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_detectors, make_reference, save_detectors
-    from cvops.registry.versions import detector_path, ref_data_path
-    from cvops.registry.publish import publish_model
+    from cvops.monitoring.drift_detectors import build_detectors, make_reference
     base = tmp_path_factory.mktemp("drift-real-path")
     root = monitor_project(base / "project", MONITOR)
-    keras.utils.set_random_seed(0)
-    folder, _, _, _ = train_small_model(base, seed=0, n_train=30000, epochs=6)
-    model = keras.models.load_model(folder / "model.keras", compile=False)
+    trained = train_small_model(base, seed=0, n_train=30000, epochs=6)
+    model = keras.models.load_model(trained.folder / "model.keras", compile=False)
     src = load_default_source()
     classes = list(src.classes)
     images, labels = src.test
@@ -63,23 +59,12 @@ def served(tmp_path_factory):
           f"median smallest probability {stats['median_min_prob']:.2e}")
     # the reference split on disk, as a dataset holds it: test images 0..999 as PNG files + annotation rows
     data = base / "dataset"
-    rows = []
-    for i in range(N_REF):
-        rel = f"images/valid/{classes[labels[i]]}/{i:05d}.png"
-        (data / rel).parent.mkdir(parents=True, exist_ok=True); (data / rel).write_bytes(encode(images[i]))
-        rows.append({"path": rel, "split": "valid", **{c: int(k == labels[i]) for k, c in enumerate(classes)}})
-    ann = pd.DataFrame(rows)
+    ann = images_dataset(data, images[:N_REF], labels[:N_REF], classes, "valid")
     detectors = build_detectors(model, MONITOR)
     ref = make_reference(detectors, ann, data, classes, (28, 28), 1, MONITOR, model=model)
-    extra = base / "extra"
-    name = "fashion_small"
-    paths = {k: detector_path(extra, name, k) for k in detectors} | {"ref_data": ref_data_path(extra, name)}
-    written = save_detectors(detectors, ref, paths)
-    files = {Path(p).relative_to(extra).as_posix(): Path(p) for p in written.values()}
-    meta = {"model_name": name, "model": {"model_name": name, "classes": classes},
-            "metrics": {"accuracy": stats["accuracy"], "n_images": len(held)}, "lineage": {}}
-    version = publish_model(folder, meta, root / "central_storage", files)["version"]
-    deploy(root / "central_storage", name, version, by="tests")
+    files = detector_version_files(detectors, ref, trained.name, base / "extra")
+    version = publish_version(root / "central_storage", trained.folder, trained.name, stats["accuracy"], files, classes,
+                              len(held), deploy=True)
     hook = Webhook()
     env = monitor_env(root, hook.url)
     svc = Service(root, workers=2)

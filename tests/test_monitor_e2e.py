@@ -31,11 +31,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import BIN, Service, encode, monitor_env, monitor_project, train_small_model
+from cvops.testing import BIN, Service, encode, monitor_env, monitor_project, tiny_version, train_small_model
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
-MODEL = "fashion_small"
 N_WINDOW = 200
 ALPHA = 0.005
 MONITOR = {"window_days": 1, "window_rows": N_WINDOW, "min_rows": 30, "alpha": ALPHA, "permutations": 400,
@@ -45,31 +44,11 @@ MONITOR = {"window_days": 1, "window_rows": N_WINDOW, "min_rows": 30, "alpha": A
 def _monitored_version(base: Path, storage: Path) -> dict:
     "Train the small model, build its detectors and reference data (1,000 test images it never saw), publish and deploy it."
     from cvops.data.dataset import load_default_source
-    from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
-    from cvops.registry.versions import detector_path, ref_data_path
-    from cvops.registry.publish import publish_model
-    import keras
-    keras.utils.set_random_seed(0)                                  # the same model (shuffling included) on every run
-    folder, _, _, acc = train_small_model(base, seed=0)
-    model = keras.models.load_model(folder / "model.keras", compile=False)
     src = load_default_source()
-    classes = list(src.classes)
-    detectors = {"uae": build_uae(model.input_shape[1:], 32, seed=0), "bbsd": build_bbsd(model, "probabilities")}
-    xr, yr = src.test[0][500:1500], src.test[1][500:1500]          # train_small_model trained on train[:3000], tested on test[:500]
-    ref = reference_data(detectors, xr[..., None], [classes[i] for i in yr], classes)
-    extra = base / "extra"
-    files = {}
-    for kind, det in detectors.items():
-        p = detector_path(extra, MODEL, kind); p.parent.mkdir(parents=True, exist_ok=True); det.save(p)
-        files[p.relative_to(extra).as_posix()] = p
-    p = ref_data_path(extra, MODEL); p.parent.mkdir(parents=True, exist_ok=True); ref.to_parquet(p, index=False)
-    files[p.relative_to(extra).as_posix()] = p
-    meta = {"model_name": MODEL, "model": {"model_name": MODEL, "classes": classes},
-            "metrics": {"accuracy": acc, "n_images": 500}, "lineage": {}}
-    version = publish_model(folder, meta, storage, files)["version"]
-    deploy(storage, MODEL, version, by="tests")
-    return {"version": version, "classes": classes, "accuracy": acc, "images": src.test[0], "labels": src.test[1]}
+    trained = train_small_model(base, seed=0)                      # trained on train[:3000], scored on test[:500]
+    reference = (src.test[0][500:1500], src.test[1][500:1500])
+    v = tiny_version(storage, trained=trained, reference=reference, monitor={"encoding_dim": 32, "seed": 0}, deploy=True, work=base)
+    return {"version": v.version, "classes": trained.classes, "accuracy": trained.accuracy, "images": src.test[0], "labels": src.test[1]}
 
 
 class Webhook:

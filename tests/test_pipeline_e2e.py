@@ -12,7 +12,7 @@ import yaml
 
 from conftest import base_config
 from cvops.data.dataset import make_synthetic_dataset
-from service_support import Service
+from cvops.testing import Service
 
 pytestmark = pytest.mark.e2e
 TASKS = ["prepare_data", "validate_data", "train", "drift_detectors", "evaluate", "publish"]  # the tasks whose records a version keeps

@@ -8,7 +8,6 @@ import os
 import signal
 import struct
 import subprocess
-import threading
 import time
 import uuid
 import zlib
@@ -20,7 +19,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import ADMIN_TOKEN, BIN, encode
+from cvops.testing import ADMIN_TOKEN, BIN, PredictionLoad, encode, need
 
 pytestmark = pytest.mark.service
 
@@ -41,9 +40,7 @@ def _postgres_admin():
     try:
         conn = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
     except psycopg2.OperationalError as e:
-        msg = f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']}) is unreachable: {str(e).strip()}"
-        if os.environ.get("CI") == "true": pytest.fail(msg + " (CI=true: PostgreSQL tests must run)")
-        pytest.skip(msg)
+        need(f"PostgreSQL at {PG['host']}:{PG['port']} (user {PG['user']})", f"unreachable: {str(e).strip()}")
     conn.autocommit = True
     return conn
 
@@ -124,7 +121,7 @@ def _worker_pids(svc, n: int = 2, timeout: float = 30) -> dict:
 
 
 def _good_png(trained_models, i=0) -> bytes:
-    return encode(trained_models["a"][1][i], "PNG")
+    return encode(trained_models["a"].images[i], "PNG")
 
 
 def test_round_trip_classes_right_and_same_preprocessing_as_training(service_root, service_factory, trained_models):
@@ -158,7 +155,7 @@ def test_round_trip_classes_right_and_same_preprocessing_as_training(service_roo
 def _send_bad_requests(svc, service_root, trained_models) -> tuple[dict, int]:
     """1 and 7: each bad request is answered with a 4xx JSON error naming the problem, and the workers still serve;
     returns ({request_id: (case, status, error)}, number of 200 predictions)."""
-    xt = trained_models["a"][1]
+    xt = trained_models["a"].images
     jpeg = encode(np.stack([xt[0]] * 3, -1), "JPEG", quality=90)             # cut in half: inside the header
     big_jpeg = encode(np.kron(xt[0], np.ones((8, 8), np.uint8)), "JPEG", quality=95)  # 224 x 224: cut inside the scan data
     from PIL import Image
@@ -212,7 +209,7 @@ def _send_conversions(svc, trained_models) -> int:
     of a test image give the prediction of its upright 8-bit greyscale PNG; returns the number of 200 predictions."""
     from PIL import Image
     classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
-    xt = trained_models["a"][1]
+    xt = trained_models["a"].images
     grey_palette = [v for i in range(256) for v in (i, i, i)]
 
     def probs(data, content_type="image/png", filename="x.png"):
@@ -305,45 +302,15 @@ def test_schemathesis_finds_no_server_errors(service_root, service_factory, db, 
 
 
 # --- 4 + 5 + 8: deploy under load, a corrupt version refused, rollback ----------------------------
-class Load:
-    "Threads posting predictions until stopped; every answer recorded with when its request started and ended."
-
-    def __init__(self, svc, images, threads=4):
-        self.svc, self.images, self.results, self.stop_ = svc, images, [], threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, k):
-        i = k
-        while not self.stop_.is_set():
-            t0 = time.monotonic()
-            try:
-                r = self.svc.predict(self.images[i % len(self.images)], heatmap=bool(i % 2))
-                out = (r.status_code, r.json().get("model_version") if r.status_code == 200 else r.text[:300])
-            except requests.RequestException as e:
-                out = (None, f"{type(e).__name__}: {e}")
-            self.results.append((t0, time.monotonic(), *out))
-            i += len(self.threads)
-
-    def __enter__(self):
-        for t in self.threads: t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop_.set()
-        for t in self.threads: t.join(60)
-
-    def failed(self): return [r for r in self.results if r[2] != 200]
-
-
 def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root, service_factory, trained_models, db):
     svc = service_factory(service_root["root"], db_url=db.service_url)
     a, b = service_root["a"], service_root["b"]
     svc.wait_workers_ready(a)
-    images = [encode(x, "PNG") for x in trained_models["a"][1][:32]]
+    images = [encode(x, "PNG") for x in trained_models["a"].images[:32]]
     ok = 0   # 200 answers of /predict in this test
 
     # 4: deploy b while 4 threads predict
-    with Load(svc, images) as load:
+    with PredictionLoad(svc, images, n=4, heatmap="alternate") as load:
         time.sleep(3)
         r = requests.put(svc.url("/models/current"), json={"model_name": "fashion_small", "version": b, "reason": "load test"},
                          headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "X-Deployed-By": "load-test"}, timeout=60)
@@ -354,9 +321,9 @@ def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root
     assert d["version"] == b and d["previous_version"] == a and d["deployed_by"].startswith("load-test")
     assert len(d["workers"]) == 2 and set(d["workers"].values()) == {b}, d["workers"]
     assert not load.failed(), load.failed()[:5]
-    after = [res for res in load.results if res[0] > put_done]
-    assert len(after) >= 10 and {res[3] for res in after} == {b}, [res for res in after if res[3] != b][:5]
-    assert {res[3] for res in load.results if res[1] < put_done} >= {a}
+    after = [res for res in load.results if res.started > put_done]
+    assert len(after) >= 10 and {res.model_version for res in after} == {b}, [res for res in after if res.model_version != b][:5]
+    assert {res.model_version for res in load.results if res.ended < put_done} >= {a}
     ok += len(load.results)
     history = requests.get(svc.url("/models/history"), timeout=5).json()
     assert history[0]["version"] == b and history[0]["deployed_by"].startswith("load-test") and history[0]["reason"] == "load test"
@@ -366,12 +333,12 @@ def test_deploy_under_load_refuses_a_corrupt_version_and_rolls_back(service_root
     assert f'cvops_model_serving{{version="{a}"}} 0.0' in metrics
 
     # 5: a version that cannot load is refused; b keeps serving, the pointer stays
-    with Load(svc, images, threads=2) as load:
+    with PredictionLoad(svc, images, n=2, heatmap="alternate") as load:
         r = svc.deploy("fashion_small", service_root["corrupt"])
         time.sleep(1.5)
     assert r.status_code == 422, r.text
     assert service_root["corrupt"] in r.json()["error"] and "cannot be loaded" in r.json()["error"], r.json()
-    assert not load.failed() and {res[3] for res in load.results} == {b}, load.failed()[:5]
+    assert not load.failed() and {res.model_version for res in load.results} == {b}, load.failed()[:5]
     ok += len(load.results)
     for pid, version in _worker_pids(svc).items(): assert version == b, (pid, version)
     cur = requests.get(svc.url("/models/current"), timeout=5).json()
@@ -399,7 +366,7 @@ def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(serv
     root, a = service_root["root"], service_root["a"]
     (service_root["storage"] / "deployments" / "current.json").unlink()
     svc = service_factory(root, db_url=db.service_url)
-    image = encode(trained_models["a"][1][0], "PNG")
+    image = encode(trained_models["a"].images[0], "PNG")
     for _ in range(6):   # both workers: no model
         r = svc.predict(image)
         assert r.status_code == 503 and "cvops deploy" in r.json()["error"] and "PUT /models/current" in r.json()["error"], r.text
@@ -419,7 +386,7 @@ def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(serv
 
     # SIGKILL one worker while predictions go on: gunicorn starts another, which serves the pointer's version
     victim = min(pids)
-    with Load(svc, [image], threads=2) as load:
+    with PredictionLoad(svc, [image], n=2, heatmap="alternate") as load:
         time.sleep(1)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -435,7 +402,7 @@ def test_start_without_a_model_deploy_by_cli_and_a_killed_worker_comes_back(serv
     assert victim not in _worker_pids(svc)
     failed = load.failed()
     # at most the requests in flight on the killed worker fail (one per thread), and only by a broken connection
-    assert len(failed) <= 2 and all(f[2] is None and f[0] < killed_at for f in failed), failed
-    assert sum(res[2] == 200 for res in load.results) >= 10
+    assert len(failed) <= 2 and all(f.status is None and f.started < killed_at for f in failed), failed
+    assert sum(res.status == 200 for res in load.results) >= 10
     r = svc.predict(image)
     assert r.status_code == 200 and r.json()["model_version"] == a

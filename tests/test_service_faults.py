@@ -8,7 +8,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import PredictionLoad, encode
+from cvops.testing import PredictionLoad, encode
 
 pytestmark = pytest.mark.service
 
@@ -88,14 +88,14 @@ def _wait_caught_up(url, n_ok, root, timeout=45) -> dict:
 
 def _check(seen, counts, svc):
     results = seen["results"]
-    ok = [r for r in results if r[1] == 200]
-    bad = [r for r in results if r[1] != 200]
-    during = [r for r in results if seen["t_down"] <= r[0] <= seen["t_up"]]
+    ok = [r for r in results if r.status == 200]
+    bad = [r for r in results if r.status != 200]
+    during = [r for r in results if seen["t_down"] <= r.started <= seen["t_up"]]
     print(f"{len(results)} predictions ({len(during)} during the outage), /ready after restart in {seen['ready_after']} s, "
           f"max queue {seen['queue_max']:.0f}, spilled {seen['spilled_max']:.0f} rows in up to {seen['spill_files_max']} files, counts {counts}")
     assert not bad, f"{len(bad)} of {len(results)} predictions failed, e.g. {bad[:3]}\n{svc.read_log()}"
-    assert len(during) >= 20 and all(r[1] == 200 for r in during), f"{len(during)} predictions during the outage"
-    assert len({r[2] for r in ok}) == len(ok)
+    assert len(during) >= 20 and all(r.status == 200 for r in during), f"{len(during)} predictions during the outage"
+    assert len({r.request_id for r in ok}) == len(ok)
     # /ready: the database is reported unreachable during the outage, and ready again after
     assert seen["ready_down"], "no /ready answer during the outage"
     down = [(c, b) for c, b in seen["ready_down"] if c == 503 and b["database"] == "unreachable" and not b["ready"]]
@@ -119,34 +119,36 @@ def images(trained_models):
     return [encode(xt[i], "PNG") for i in range(50)]
 
 
-def test_database_outage_under_load_loses_no_row(pg, service_root, service_factory, images):
-    "The database stopped for 5 s under load: no failed prediction, and one row per 200 afterwards."
+def served_outage(pg, service_root, service_factory, images, env=None, expect_spill=False):
+    "The service logging to `pg` (with `env`), under load through a database outage: (what was observed, the service)."
     root = service_root["root"]
-    svc = service_factory(root, workers=2, db_url=pg.url)
+    svc = service_factory(root, workers=2, db_url=pg.url, env=env)
     svc.wait_workers_ready(service_root["a"])
-    seen = _outage(pg, svc, root, images, expect_spill=False)
-    n_ok = len([r for r in seen["results"] if r[1] == 200])
-    counts = _wait_caught_up(pg.url, n_ok, root)
-    _check(seen, counts, svc)
-    svc.stop()  # shutdown flushes; nothing more, nothing less
-    after = _counts(pg.url)
-    assert after["predictions"] == n_ok and after["api_predict"] == n_ok, (after, n_ok)
-    assert not _spill_files(root)
+    return _outage(pg, svc, root, images, expect_spill=expect_spill), svc
 
 
-def test_database_outage_spills_to_disk_and_writes_back(pg, service_root, service_factory, images):
-    "Async mode with LOG_MAX_BUFFER=50: the outage spills rows to var/spill/*.jsonl; all are written back once it is over."
-    root = service_root["root"]
-    svc = service_factory(root, workers=2, db_url=pg.url, env={"LOG_MAX_BUFFER": "50", "LOG_DURABILITY": "async"})
-    svc.wait_workers_ready(service_root["a"])
-    seen = _outage(pg, svc, root, images, expect_spill=True)
-    assert seen["spill_files_max"] > 0 and seen["spilled_max"] > 0, "nothing was spilled to disk during the outage"
-    # the database came back while the load went on: the spill files were written back meanwhile
-    assert seen["spill_files_left_under_load"] == [], f"spill files not written back under load: {seen['spill_files_left_under_load']}"
-    n_ok = len([r for r in seen["results"] if r[1] == 200])
-    counts = _wait_caught_up(pg.url, n_ok, root)
+def one_row_per_answer(pg, svc, seen):
+    "Every 200 of the outage has exactly one row: once the writers caught up, and after the service stopped (shutdown flushes)."
+    n_ok = len([r for r in seen["results"] if r.status == 200])
+    counts = _wait_caught_up(pg.url, n_ok, svc.root)
     _check(seen, counts, svc)
     svc.stop()
     after = _counts(pg.url)
     assert after["predictions"] == n_ok and after["api_predict"] == n_ok, (after, n_ok)
-    assert not _spill_files(root)
+
+
+def test_database_outage_under_load_loses_no_row(pg, service_root, service_factory, images):
+    "The database stopped for 5 s under load: no failed prediction, and one row per 200 afterwards."
+    seen, svc = served_outage(pg, service_root, service_factory, images)
+    one_row_per_answer(pg, svc, seen)
+    assert not _spill_files(svc.root)
+
+
+def test_database_outage_spills_to_disk_and_writes_back(pg, service_root, service_factory, images):
+    "Async mode with LOG_MAX_BUFFER=50: the outage spills rows to var/spill/*.jsonl; all are written back once it is over."
+    seen, svc = served_outage(pg, service_root, service_factory, images, {"LOG_MAX_BUFFER": "50", "LOG_DURABILITY": "async"}, True)
+    assert seen["spill_files_max"] > 0 and seen["spilled_max"] > 0, "nothing was spilled to disk during the outage"
+    # the database came back while the load went on: the spill files were written back meanwhile
+    assert seen["spill_files_left_under_load"] == [], f"spill files not written back under load: {seen['spill_files_left_under_load']}"
+    one_row_per_answer(pg, svc, seen)
+    assert not _spill_files(svc.root)

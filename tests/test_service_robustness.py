@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 
-from service_support import encode
+from cvops.testing import encode
 
 pytestmark = pytest.mark.service
 
@@ -104,7 +104,7 @@ def test_corrupt_pointer_keeps_workers_serving_a_new_worker_answers_503_and_all_
     svc = service_factory(root)
     svc.wait_workers_ready(a)
     master = svc.proc.pid
-    image = encode(trained_models["a"][1][0], "PNG")
+    image = encode(trained_models["a"].images[0], "PNG")
     pointer = storage / "deployments" / "current.json"
     good = pointer.read_bytes()
 
@@ -163,14 +163,14 @@ def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loada
     from cvops.registry.versions import (DeployError, current_deployment, deployment_history, published_versions, resolve_version,
                                          version_dir)
     from cvops.serving.inference import load_for_serving
-    from service_support import publish
+    from cvops.testing import publish_version
     storage = service_root["storage"]
     folder, _, _, acc = trained_models["a"]
     outcomes = {"deployed": 0, "refused (pruned first)": 0, "pruned": 0}
     for round_ in range(20):
-        older = publish(storage, folder, acc)      # two fresh versions: prune (keep 1) wants `older` gone,
+        older = publish_version(storage, folder, "fashion_small", acc)      # two fresh versions: prune (keep 1) wants `older` gone,
         time.sleep(0.002)                           # deploy wants to make it current
-        publish(storage, folder, acc)
+        publish_version(storage, folder, "fashion_small", acc)
         barrier, errors = threading.Barrier(2), []
 
         def do_deploy():
@@ -207,7 +207,7 @@ def test_concurrency_64_for_20_s_answers_200_or_a_fast_503_and_the_service_stays
     a = service_root["a"]
     svc = service_factory(service_root["root"], env={"MAX_QUEUE": str(MAX_QUEUE)})
     svc.wait_workers_ready(a)
-    images = [encode(x, "PNG") for x in trained_models["a"][1][:16]]
+    images = [encode(x, "PNG") for x in trained_models["a"].images[:16]]
     (tmp := service_root["root"] / "load-images").mkdir()
     for k, data in enumerate(images): (tmp / f"{k}.png").write_bytes(data)
     # 64 clients in 4 processes of 16 threads (http.client): in one Python process, 64 threads queue for its GIL and that
@@ -258,7 +258,7 @@ def test_a_cmyk_and_a_ycck_jpeg_are_classified_like_their_rgb_conversion(service
     svc = service_factory(service_root["root"])
     svc.wait_workers_ready(service_root["a"])
     classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
-    xt, yt = trained_models["a"][1], trained_models["a"][2]
+    xt, yt = trained_models["a"].images, trained_models["a"].labels
 
     def probs(data, content_type="image/jpeg", heatmap=False):
         r = svc.predict(data, "x.jpg", content_type, heatmap=heatmap)

@@ -9,7 +9,7 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from service_support import BIN, Service, encode, publish, train_small_model
+from cvops.testing import BIN, Service, encode, publish_version, train_small_model
 
 pytestmark = pytest.mark.service
 
@@ -47,11 +47,9 @@ def test_production_refuses_sample_credentials(tmp_path):
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("secure")
-    folder, xt, yt, acc = train_small_model(root, epochs=1, n_train=1500)
-    version = publish(root / "central_storage", folder, acc)
-    from cvops.registry.deploy import deploy
-    deploy(root / "central_storage", "fashion_small", version)
-    return root, xt
+    trained = train_small_model(root, epochs=1, n_train=1500)
+    publish_version(root / "central_storage", trained.folder, "fashion_small", trained.accuracy, deploy=True)
+    return root, trained.images
 
 
 def _client_of(root, request_id):

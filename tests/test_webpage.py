@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service_support import encode, headless_chromium
+from cvops.testing import encode, headless_chromium
 
 pytestmark = pytest.mark.service
 
