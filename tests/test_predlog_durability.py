@@ -254,7 +254,7 @@ def test_retention_runs_on_a_schedule(service_root, service_factory, images):
 def test_durable_outage_with_a_small_byte_bound_replays_from_the_wal(pg, service_root, service_factory, images):
     """The database down 5 s under load with LOG_MAX_BUFFER_BYTES=20000: rows leave memory (counted as spilled)
     but not the WAL; once it is back they are replayed from the segments: exactly one row per 200, no segment left."""
-    from test_service_faults import one_row_per_answer, served_outage
+    from test_serving_faults import one_row_per_answer, served_outage
     seen, svc = served_outage(pg, service_root, service_factory, images, {"LOG_MAX_BUFFER_BYTES": "20000"})
     assert seen["spilled_max"] > 0, "no row left memory: the byte bound was not reached"
     one_row_per_answer(pg, svc, seen)

@@ -29,7 +29,7 @@ import pytest
 
 from cvops.testing import (Service, detector_version_files, encode, images_dataset, monitor_env, monitor_project,
                            publish_version, train_small_model)
-from test_monitor_e2e import Webhook, _monitor, _wait_rows
+from test_check_drift_e2e import Webhook, _monitor, _wait_rows
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
