@@ -67,6 +67,7 @@ def test_upload_page_classifies_an_image_and_shows_the_overlay(browser, service_
     from cvops.predlog.schema import predictions
     eng = sa.create_engine(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}")
     with eng.connect() as c:
-        rows = c.execute(sa.select(predictions.c.top_class, predictions.c.image_sha256).order_by(predictions.c.id)).all()
+        rows = c.execute(sa.select(predictions.c.top_class, predictions.c.image_sha256)   # in request order: two workers
+                         .order_by(predictions.c.created_on)).all()                          # insert in their own order
     eng.dispose()
     assert len(rows) == i + 2 and rows[-1] == rows[-2] and rows[-1][0] == expected, rows
