@@ -16,16 +16,21 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
-__all__ = ['SAMPLE_SECRET', 'SETTINGS_CLASSES', 'default_db_url', 'StorageSettings', 'ServiceSettings', 'parse_interval',
-           'MonitorSettings', 'env_name', 'load_settings', 'central_storage_dir', 'mlflow_tracking_uri',
-           'InsecureSettings', 'credential_problem', 'production_problems', 'refuse_insecure', 'settings_rows']
+__all__ = ['SAMPLE_SECRET', 'SETTINGS_CLASSES', 'sqlite_log_url', 'default_db_url', 'StorageSettings', 'ServiceSettings',
+           'parse_interval', 'MonitorSettings', 'env_name', 'load_settings', 'central_storage_dir',
+           'mlflow_tracking_uri', 'InsecureSettings', 'credential_problem', 'production_problems', 'refuse_insecure',
+           'settings_rows']
 
 # %% ../notebooks/lib/01_settings.ipynb #59cd736e
 def _env(*names): return AliasChoices(*names)
 
+def sqlite_log_url(var) -> str:
+    "The embedded prediction-log database: `cvops.db` in the folder `var`."
+    return f"sqlite:///{(Path(var) / 'cvops.db').resolve()}"
+
 def default_db_url(root) -> str:
-    "The embedded default prediction-log database: a SQLite file under `<root>/var/`."
-    return f"sqlite:///{(Path(root) / 'var' / 'cvops.db').resolve()}"
+    "The embedded default prediction-log database of the project at `root`: a SQLite file under `<root>/var/`."
+    return sqlite_log_url(Path(root) / "var")
 
 class StorageSettings(BaseSettings):
     "Where a cvops project keeps its data: read by every process (service, monitor, dashboards, pipeline)."
@@ -47,7 +52,7 @@ class StorageSettings(BaseSettings):
     @property
     def var(self) -> Path: return self.path(self.var_dir)
     @property
-    def database_url(self) -> str: return self.db_url or f"sqlite:///{(self.var / 'cvops.db').resolve()}"
+    def database_url(self) -> str: return self.db_url or sqlite_log_url(self.var)
     @property
     def tracking_uri(self) -> str: return self.mlflow_uri or f"sqlite:///{Path(self.root).resolve()}/mlruns/mlflow.db"
 
