@@ -27,10 +27,10 @@ from .data.dataset import in_ci
 # %% auto #0
 __all__ = ['TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'need', 'free_port', 'encode', 'tiny_images', 'tiny_source',
            'images_dataset', 'small_model_config', 'model_input', 'TrainedModel', 'train_small_model',
-           'detector_version_files', 'build_detector_files', 'service_project', 'publish_version', 'TinyVersion',
-           'tiny_version', 'service_env', 'Service', 'Answer', 'answer_of', 'PredictionLoad', 'repo_root',
-           'monitor_project', 'monitor_env', 'postgres_bindir', 'PostgresCluster', 'start_postgres',
-           'headless_chromium']
+           'tiny_model_config', 'untrained_model', 'detector_version_files', 'build_detector_files', 'service_project',
+           'publish_version', 'TinyVersion', 'tiny_version', 'service_env', 'Service', 'Answer', 'answer_of',
+           'PredictionLoad', 'repo_root', 'monitor_project', 'monitor_env', 'Webhook', 'wait_predictions_logged',
+           'run_monitor', 'postgres_bindir', 'PostgresCluster', 'start_postgres', 'headless_chromium']
 
 # %% ../notebooks/lib/95_testing.ipynb #9ae830c2
 def need(what: str, reason: str = ""):
@@ -105,7 +105,7 @@ class TrainedModel:
     folder: Path
     images: np.ndarray   # uint8 (N, H, W), never trained on
     labels: np.ndarray
-    accuracy: float      # on `images`
+    accuracy: float | None   # on `images` (None: untrained)
     classes: list
     name: str
 
@@ -129,6 +129,21 @@ def train_small_model(root, seed: int = 0, n_train: int = 3000, epochs: int = 2,
     acc = float((np.asarray(model(model_input(xt, cfg))).argmax(1) == yt).mean())
     folder = save_trained_model(model, Path(root) / f"trained-{cfg.model_name}-{seed}", cfg, src.classes)
     return TrainedModel(folder, xt, yt, acc, list(src.classes), cfg.model_name)
+
+# %% ../notebooks/lib/95_testing.ipynb #4556cb98
+def tiny_model_config(name: str = "tiny"):
+    "A CNN of a few hundred weights on 12x10 grey images: for checks that need a model's shape and files, not its accuracy."
+    from cvops.config import ModelConfig
+    return ModelConfig(model_name=name, input_size=dict(w=12, h=10), channels=1,
+                       architecture=dict(conv_filters=[4, 8], dense_units=[8], batch_norm=False, dropout=0.0))
+
+def untrained_model(root, name: str = "tiny", classes=("a", "b", "c"), folder: str | None = None, seed: int = 0) -> TrainedModel:
+    """`tiny_model_config`'s model, untrained, saved as training saves a model under `root/folder` (default
+    `untrained-<name>`): no held-out images, no accuracy. Builds in well under a second."""
+    from cvops.training.model import build_model, save_trained_model
+    cfg = tiny_model_config(name)
+    path = save_trained_model(build_model(cfg, len(classes), seed=seed), Path(root) / (folder or f"untrained-{name}"), cfg, list(classes))
+    return TrainedModel(path, np.zeros((0, 10, 12), np.uint8), np.zeros(0, int), None, list(classes), name)
 
 # %% ../notebooks/lib/95_testing.ipynb #f66f8a0a
 def detector_version_files(detectors: dict, ref, name: str, out) -> dict:
@@ -363,6 +378,62 @@ def monitor_env(root, webhook_url: str) -> dict:
     for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI", "MONITOR_INTERVAL"):
         env.pop(var, None)
     return env
+
+# %% ../notebooks/lib/95_testing.ipynb #1382bede
+class Webhook:
+    "A local HTTP endpoint (127.0.0.1, a free port) that records the JSON bodies POSTed to it; `close()` stops it."
+    def __init__(self):
+        import json
+        from http.server import BaseHTTPRequestHandler, HTTPServer
+        received = self.received = []
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204); self.end_headers()
+            def log_message(self, *a): pass
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown(); self.server.server_close()
+
+def wait_predictions_logged(db_url: str, n: int, timeout: float = 30):
+    "Wait until the prediction log at `db_url` holds at least `n` predictions; AssertionError after `timeout` s."
+    import sqlalchemy as sa
+    from cvops.predlog.schema import predictions
+    eng = sa.create_engine(db_url)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with eng.connect() as c:
+                if c.execute(sa.select(sa.func.count()).select_from(predictions)).scalar() >= n: return
+            time.sleep(0.2)
+        raise AssertionError(f"fewer than {n} predictions logged after {timeout} s")
+    finally:
+        eng.dispose()
+
+def run_monitor(root, env: dict) -> tuple[str, list]:
+    """`cvops monitor` in the project folder `root`, as a user runs it; asserts it succeeded and kept the run's rendered
+    notebook. Returns its output and the `drift_reports` rows of its run."""
+    import sqlalchemy as sa
+    from cvops.predlog.schema import drift_reports
+    from cvops.settings import default_db_url
+    root = Path(root)
+    proc = subprocess.run([str(BIN / "cvops"), "monitor"], cwd=root, env=env, capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"cvops monitor exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "monitor run " in proc.stdout, f"cvops monitor ran no monitoring run:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run_id = proc.stdout.split("monitor run ", 1)[1].split(":", 1)[0]
+    eng = sa.create_engine(default_db_url(root))
+    try:
+        with eng.connect() as c:
+            rows = [dict(r._mapping) for r in c.execute(sa.select(drift_reports).where(drift_reports.c.run_id == run_id))]
+    finally:
+        eng.dispose()
+    assert rows, proc.stdout
+    assert (root / "products" / "monitor" / run_id / "check_drift.html").exists(), "the run's rendered notebook is missing"
+    return proc.stdout + proc.stderr, rows
 
 # %% ../notebooks/lib/95_testing.ipynb #1373a6b4
 def postgres_bindir() -> Path | None:

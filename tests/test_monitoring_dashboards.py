@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import requests
 
-from cvops.testing import encode, free_port, headless_chromium, train_small_model
+from cvops.testing import encode, free_port, headless_chromium, publish_version, tiny_version, train_small_model
 
 pytestmark = pytest.mark.service
 
@@ -37,40 +37,20 @@ def fill_project(root: Path, base: Path) -> dict:
     """A project folder like a served one: two published versions of `fashion_small` (the second
     with UAE/BBSD detectors and reference data, deployed after the first), 240 logged predictions
     over three days (the latest 30 noisy), api_log rows, and three runs of the monitor as the log grows."""
-    import keras
-    from cvops.registry.deploy import deploy
-    from cvops.monitoring.drift_detectors import build_bbsd, build_uae, reference_data
     from cvops.serving.inference import load_version
     from cvops.config import MonitorConfig
     from cvops.monitoring.check_drift import check_drift
     from cvops.predlog.images import ImageStore; from cvops.predlog.schema import api_log, feedback, make_engine, migrate, pack_features, predictions
-    from cvops.registry.publish import publish_model
-    from cvops.registry.versions import detector_path, ref_data_path
-    from cvops.training.model import load_keras_model, read_model_info
 
     root.mkdir(parents=True)
     (root / "pipeline.yaml").write_text("tasks: []\n")
     storage = root / "central_storage"
-    folder, xt, yt, acc = train_small_model(base, seed=0, n_train=1500, epochs=2)
-    classes = read_model_info(folder)["classes"]
-    name = "fashion_small"
-    meta = {"model_name": name, "model": {"model_name": name, "classes": classes},
-            "metrics": {"accuracy": acc, "n_images": 500}, "lineage": {}}
-    v1 = publish_model(folder, meta, storage)["version"]
-    deploy(storage, name, v1, by="tests")
-
-    model = load_keras_model(folder)
-    dets = {"uae": build_uae((28, 28, 1), 16, seed=0), "bbsd": build_bbsd(model)}
-    files = {}
-    for kind, det in dets.items():
-        det.save(base / f"{kind}.keras")
-        files[str(detector_path("", name, kind))] = base / f"{kind}.keras"
-    ref = reference_data(dets, xt[:250, ..., None], [classes[y] for y in yt[:250]], classes)   # images the model was not fitted on
-    ref.to_parquet(base / "ref.parquet")
-    files[str(ref_data_path("", name))] = base / "ref.parquet"
+    trained = train_small_model(base, seed=0, n_train=1500, epochs=2)
+    xt, yt, classes, name = trained.images, trained.labels, trained.classes, trained.name
+    v1 = publish_version(storage, trained.folder, name, trained.accuracy, classes=classes, deploy=True)
     time.sleep(0.01)
-    v2 = publish_model(folder, meta, storage, files=files)["version"]
-    deploy(storage, name, v2, by="tests", reason="detectors")
+    v2 = tiny_version(storage, trained=trained, reference=(xt[:250], yt[:250]),   # images the model was not fitted on
+                      monitor={"encoding_dim": 16, "seed": 0}, deploy=True, reason="detectors", work=base).version
 
     lv = load_version(storage / "models" / ".versions" / v2)
     rng = np.random.default_rng(0)
