@@ -20,18 +20,16 @@ chi-square and the classifier test give p-values below 1e-20 and MMD the smalles
 import json
 import os
 import subprocess
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
-import sqlalchemy as sa
 
-from cvops.testing import BIN, Service, encode, monitor_env, monitor_project, tiny_version, train_small_model
+from cvops.testing import (BIN, Service, Webhook, encode, monitor_env, monitor_project, run_monitor, tiny_version,
+                           train_small_model, wait_predictions_logged)
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
@@ -51,23 +49,6 @@ def _monitored_version(base: Path, storage: Path) -> dict:
     return {"version": v.version, "classes": trained.classes, "accuracy": trained.accuracy, "images": src.test[0], "labels": src.test[1]}
 
 
-class Webhook:
-    "A local HTTP endpoint that records the JSON bodies POSTed to it."
-    def __init__(self):
-        received = self.received = []
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204); self.end_headers()
-            def log_message(self, *a): pass
-        self.server = HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown(); self.server.server_close()
-
-
 def _send(svc: Service, images: np.ndarray, labels: np.ndarray, classes: list, feedback_every: int) -> tuple[list, list]:
     "Predict every image over HTTP (4 at a time); right after every `feedback_every`-th answer, POST its true label."
     def one(i):
@@ -84,39 +65,6 @@ def _send(svc: Service, images: np.ndarray, labels: np.ndarray, classes: list, f
     with ThreadPoolExecutor(4) as ex:
         out = list(ex.map(one, range(len(images))))
     return [d for d, _ in out], [fb for _, fb in out if fb is not None]
-
-
-def _wait_rows(db_url: str, n: int, timeout: float = 30):
-    from cvops.predlog.schema import predictions
-    eng = sa.create_engine(db_url)
-    try:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            with eng.connect() as c:
-                if c.execute(sa.select(sa.func.count()).select_from(predictions)).scalar() >= n: return
-            time.sleep(0.2)
-        raise AssertionError(f"fewer than {n} predictions logged after {timeout} s")
-    finally:
-        eng.dispose()
-
-
-def _monitor(root: Path, env: dict) -> tuple[str, list]:
-    "`cvops monitor` in the project folder; returns its output and the drift_reports rows of its run."
-    from cvops.predlog.schema import drift_reports
-    from cvops.settings import default_db_url
-    proc = subprocess.run([str(BIN / "cvops"), "monitor"], cwd=root, env=env, capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
-    assert proc.returncode == 0, f"cvops monitor exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    run_id = proc.stdout.split("monitor run ", 1)[1].split(":", 1)[0]
-    eng = sa.create_engine(default_db_url(root))
-    try:
-        with eng.connect() as c:
-            rows = [dict(r._mapping) for r in c.execute(sa.select(drift_reports).where(drift_reports.c.run_id == run_id))]
-    finally:
-        eng.dispose()
-    assert rows, proc.stdout
-    assert (root / "products" / "monitor" / run_id / "check_drift.html").exists(), "the run's rendered notebook is missing"
-    return proc.stdout + proc.stderr, rows
 
 
 def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gives_live_accuracy(tmp_path):
@@ -140,8 +88,8 @@ def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gi
         answers, fbs = _send(svc, x0, y0, classes, feedback_every=4)
         r = requests.post(svc.url("/feedback"), json={"request_id": answers[1]["request_id"], "labels": ["no such class"]}, timeout=30)
         assert r.status_code == 422, r.text
-        _wait_rows(default_db_url(root), N_WINDOW)
-        out, rows = _monitor(root, env)
+        wait_predictions_logged(default_db_url(root), N_WINDOW)
+        out, rows = run_monitor(root, env)
         by_test = {r["test"]: r for r in rows}
         assert all(r["verdict"] != "drift" for r in rows), out
         assert all(r["model_version"] == v["version"] for r in rows)
@@ -157,8 +105,8 @@ def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gi
         x1, y1 = images[1700:1700 + N_WINDOW], labels[1700:1700 + N_WINDOW]
         x1 = np.clip(x1 + rng.normal(0, 100, x1.shape), 0, 255).astype(np.uint8)
         _, fbs1 = _send(svc, x1, y1, classes, feedback_every=5)
-        _wait_rows(default_db_url(root), 2 * N_WINDOW)
-        out, rows = _monitor(root, env)
+        wait_predictions_logged(default_db_url(root), 2 * N_WINDOW)
+        out, rows = run_monitor(root, env)
         by_test = {r["test"]: r for r in rows}
         drift = {r["features"] for r in rows if r["verdict"] == "drift"}
         assert {"bbsd", "uae"} <= drift, out                          # the feature tests see the noise

@@ -27,9 +27,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cvops.testing import (Service, detector_version_files, encode, images_dataset, monitor_env, monitor_project,
-                           publish_version, train_small_model)
-from test_check_drift_e2e import Webhook, _monitor, _wait_rows
+from cvops.testing import (Service, Webhook, detector_version_files, encode, images_dataset, monitor_env, monitor_project,
+                           publish_version, run_monitor, train_small_model, wait_predictions_logged)
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
 
@@ -88,7 +87,7 @@ def _post(s, payloads: list, heatmap_every: int = 0) -> list:
         ids = list(ex.map(one, range(len(payloads))))
     s["posted"][0] += len(payloads)
     from cvops.settings import default_db_url
-    _wait_rows(default_db_url(s["root"]), s["posted"][0])
+    wait_predictions_logged(default_db_url(s["root"]), s["posted"][0])
     return ids
 
 
@@ -135,7 +134,7 @@ def test_b_unshifted_held_out_windows_raise_no_run_level_alert(served):
         sl = slice(N_REF + 500 + k * N_WINDOW, N_REF + 500 + (k + 1) * N_WINDOW)    # not in the reference, never trained on
         _post(s, [encode(im) for im in s["images"][sl]])
         if k == 0:
-            out, rows = _monitor(s["root"], s["env"])                              # what `make monitor` runs
+            out, rows = run_monitor(s["root"], s["env"])                              # what `make monitor` runs
             assert "RUN VERDICT: NO DRIFT" in out, out
         else:
             eng = make_engine(default_db_url(s["root"]))                            # the same database, in-process
@@ -159,7 +158,7 @@ def test_c_a_shifted_window_raises_one_run_level_alert(served):
     noisy = np.clip(s["images"][sl] + rng.normal(0, 100, s["images"][sl].shape), 0, 255).astype(np.uint8)
     before = len(s["hook"].received)
     _post(s, [encode(im) for im in noisy])
-    out, rows = _monitor(s["root"], s["env"])
+    out, rows = run_monitor(s["root"], s["env"])
     alerts = [r for r in rows if r["test"] == "run_alert"]
     assert len(alerts) == 1 and alerts[0]["verdict"] == "drift" and alerts[0]["n_rows"] == N_WINDOW, rows
     assert "RUN VERDICT: DRIFT" in out, out
