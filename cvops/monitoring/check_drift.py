@@ -252,10 +252,10 @@ def drift_report_rows(run: MonitorRun, results: list[dict], n_window: int, backe
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #2a82f164
 @contextmanager
-def _database(root: Path, engine):
+def _database(engine, settings: MonitorSettings):
     "`engine`, or one on the service's database (`DB_URL`, as the service resolves it) disposed after the run."
     if engine is not None: yield engine; return
-    own = make_engine(load_settings(MonitorSettings, root).database_url)
+    own = make_engine(settings.database_url)
     try: yield own
     finally: own.dispose()
 
@@ -274,13 +274,14 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
         run.message = f"nothing is deployed in {storage}: no version to monitor"
         log.warning(run.message); return run
     run.model_name, run.model_version = record["model_name"], record["version"]
-    with _database(root, engine) as db:
+    settings = settings or (load_settings(MonitorSettings, root) if engine is None or notify else None)   # read once
+    with _database(engine, settings) as db:
         migrate(db)
         rows, window = read_run_window(db, run, cfg, now)
         comp = compare_with_reference(storage, run, rows)
         run.rows = drift_report_rows(run, run_tests(db, comp, rows, cfg, run, window), len(rows), cfg.backend)
         write_drift_reports(db, run.rows)
-    if run.alerting and notify: alert(run, settings or load_settings(MonitorSettings, root))
+    if run.alerting and notify: alert(run, settings)
     return run
 
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #335a7117
