@@ -5,8 +5,8 @@
 Each notebook runs with nbclient in this venv's kernel, in its own folder (as nbval runs it in
 `make test`), and its executed copy (outputs kept) goes to OUT/<path under notebooks/lib>. nbdev's
 `#|` directive lines are dropped from the copy and `#| hide` cells left out, so the page reads as
-prose, code and results. A copy is reused while the notebook and the library (cvops/**.py) are
-unchanged. A failing cell fails the build, naming the notebook: the docs never show a broken check.
+prose, code and results. A copy is reused while the notebook and the library modules it imports
+(directly or through other modules) are unchanged. A failing cell fails the build, naming the notebook: the docs never show a broken check.
 """
 from __future__ import annotations
 
@@ -41,11 +41,62 @@ def library_notebooks(only: list[str] | None = None) -> list[Path]:
     return found
 
 
-def source_hash(nb: Path) -> str:
-    "Hash of the notebook and of every library module: a change to either re-executes it."
+def module_file(name: str, package_dir: Path) -> Path | None:
+    "The file of module `name` (`cvops.a.b`) under `package_dir` (the `cvops` folder), or None when it is not a module there."
+    parts = name.split(".")[1:]
+    for f in (package_dir.joinpath(*parts).with_suffix(".py") if parts else None, package_dir.joinpath(*parts, "__init__.py")):
+        if f is not None and f.exists():
+            return f
+    return None
+
+
+def imported_modules(code: str, package: str, current: str = "") -> set[str]:
+    """The `package` modules `code` imports, at any depth (imports inside functions too, relative ones resolved against
+    the module `current`); `from pkg.a import b` names `pkg.a` and `pkg.a.b` (the latter counts only where it is a module)."""
+    import ast
+    found = set()
+    for chunk in [code] if current else re.split(r"(?m)^# ---- cell ----$", code):
+        try:
+            tree = ast.parse("\n".join(l for l in chunk.splitlines() if not l.lstrip().startswith(("%", "!"))))
+        except SyntaxError:
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = current.split(".")[: len(current.split(".")) - node.level]
+                    base = ".".join(up + ([base] if base else []))
+                found |= {base} | {f"{base}.{a.name}" for a in node.names}
+    return {m for m in found if m == package or m.startswith(package + ".")}
+
+
+def notebook_modules(nb: Path, package_dir: Path) -> list[Path]:
+    """The library files notebook `nb` depends on: its own module (`#| default_exp`), the `package_dir` modules its
+    cells import and, transitively, what those import; the package's `__init__.py` always."""
+    import nbformat
+    package = package_dir.name
+    cells = [c.source for c in nbformat.read(nb, as_version=4).cells if c.cell_type == "code"]
+    todo = imported_modules("\n# ---- cell ----\n".join(cells), package) | {package}
+    todo |= {f"{package}.{m}" for c in cells for m in re.findall(r"^#\|\s*default_exp\s+(\S+)", c, re.M)}
+    seen: dict[str, Path] = {}
+    while todo:
+        name = todo.pop()
+        f = module_file(name, package_dir)
+        if f is None or name in seen:
+            continue
+        seen[name] = f
+        current = f"{name}.__init__" if f.name == "__init__.py" else name   # what relative imports are resolved against
+        todo |= imported_modules(f.read_text(), package, current) - set(seen)
+    return sorted(set(seen.values()))
+
+
+def source_hash(nb: Path, package_dir: Path = REPO / "cvops") -> str:
+    "Hash of the notebook and of the library modules it depends on (`notebook_modules`): a change to any re-executes it."
     h = hashlib.sha256(nb.read_bytes())
-    for mod in sorted((REPO / "cvops").rglob("*.py")):
-        h.update(mod.relative_to(REPO).as_posix().encode() + mod.read_bytes())
+    for mod in notebook_modules(nb, package_dir):
+        h.update(mod.relative_to(package_dir.parent).as_posix().encode() + mod.read_bytes())
     return h.hexdigest()
 
 

@@ -97,3 +97,30 @@ def test_index_and_pages_are_in_the_site(site):
         assert (site_dir / f"{page}.html").exists(), page
     index = page_text(site_dir / "index.html")
     assert "Library notebooks" in index, "the executed notebooks are in the nav"
+
+
+def test_an_executed_notebook_is_reused_until_a_module_it_depends_on_changes(tmp_path):
+    """`make docs` re-executes a notebook when it or a library module it imports (directly, inside a function, or
+    through another module's relative import) changes, and reuses its executed copy when an unrelated module changes."""
+    import nbformat
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        from execute_notebooks import notebook_modules, source_hash
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    pkg = tmp_path / "cvops"
+    files = {"__init__.py": "", "low.py": "X = 1\n", "unrelated.py": "Y = 2\n", "sub/__init__.py": "",
+             "sub/mid.py": "def f():\n    from ..low import X\n    return X\n", "sub/own.py": "Z = 3\n"}
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    nb = tmp_path / "01_own.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("#| default_exp sub.own"),
+                                                   nbformat.v4.new_code_cell("%matplotlib inline\nfrom cvops.sub import mid\nmid.f()")]), nb)
+    assert [p.relative_to(pkg).as_posix() for p in notebook_modules(nb, pkg)] == ["__init__.py", "low.py", "sub/__init__.py",
+                                                                                    "sub/mid.py", "sub/own.py"]
+    before = source_hash(nb, pkg)
+    (pkg / "unrelated.py").write_text("Y = 3\n")
+    assert source_hash(nb, pkg) == before                      # reused
+    (pkg / "low.py").write_text("X = 2\n")
+    assert source_hash(nb, pkg) != before                      # re-executed: mid imports low inside a function
