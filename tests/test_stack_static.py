@@ -337,7 +337,7 @@ def pg_with_passwords(tmp_path):
 
 
 def test_postgres_init_script_twice_one_non_superuser_role_per_tool(pg_with_passwords):
-    "Run as the image runs it (superuser over the socket, env from .env with real passwords), twice, over a database the image made already; each role reaches its own database only."
+    "Run as the image runs it (superuser over the socket, env from .env with real passwords), twice, over a database the image made already; each role reaches its own database only; `migrate` makes the schema as the cvops role."
     import psycopg2
     pg = pg_with_passwords
     env = dotenv()
@@ -367,6 +367,17 @@ def test_postgres_init_script_twice_one_non_superuser_role_per_tool(pg_with_pass
         other = next(v[2] for k, v in tools.items() if k != tool)
         with pytest.raises(psycopg2.OperationalError, match="permission denied for database"):
             connect(user, password, other)
+    # the one-shot migrate service's command and environment, as the cvops role: the schema is made, by its owner
+    migrate = compose()["services"]["migrate"]
+    menv = environment(migrate, env)
+    menv["DB_URL"] = menv["DB_URL"].replace("@postgres:5432/", f"@127.0.0.1:{pg.port}/")
+    cvops = Path(sys.executable).parent / migrate["command"][0]
+    run = subprocess.run([str(cvops), *migrate["command"][1:]], env={**os.environ, **menv}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "applied 0001_initial" in run.stdout, run.stdout + run.stderr
+    with connect(*tools["cvops"][:2], env["CVOPS_DB"]) as conn, conn.cursor() as cur:
+        cur.execute("SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'")
+        assert cur.fetchall() == [(env["CVOPS_DB_USER"],)]
+    conn.close()
     missing = {k: v for k, v in run_env.items() if k != "CVOPS_DB_PASSWORD"}
     run = subprocess.run([str(INIT_SCRIPT)], env=missing, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "CVOPS_DB_PASSWORD is not set" in run.stderr, run.stderr
