@@ -9,6 +9,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                            'cvops.cli.cmd_build': ('cli.html#cmd_build', 'cvops/cli.py'),
                            'cvops.cli.cmd_config_check': ('cli.html#cmd_config_check', 'cvops/cli.py'),
                            'cvops.cli.cmd_dataset_build': ('cli.html#cmd_dataset_build', 'cvops/cli.py'),
+                           'cvops.cli.cmd_db_migrate': ('cli.html#cmd_db_migrate', 'cvops/cli.py'),
                            'cvops.cli.cmd_deploy': ('cli.html#cmd_deploy', 'cvops/cli.py'),
                            'cvops.cli.cmd_log_prune': ('cli.html#cmd_log_prune', 'cvops/cli.py'),
                            'cvops.cli.cmd_log_replay': ('cli.html#cmd_log_replay', 'cvops/cli.py'),

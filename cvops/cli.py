@@ -12,8 +12,9 @@ from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
 __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy',
-           'cmd_models', 'cmd_monitor', 'cmd_log_replay', 'cmd_log_prune', 'command', 'group', 'add_pipeline_commands',
-           'settings_list', 'add_service_commands', 'add_monitor_commands', 'make_parser', 'failure_summary', 'main']
+           'cmd_models', 'cmd_monitor', 'cmd_log_replay', 'cmd_log_prune', 'cmd_db_migrate', 'command', 'group',
+           'add_pipeline_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands', 'make_parser',
+           'failure_summary', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -153,6 +154,22 @@ def cmd_log_prune(args):
     print(f"deleted {out['images']} images older than {img:g} days, {out['api_log']} api_log and {out['predictions']} "
           f"predictions rows older than {rows:g} days (0 keeps all)")
 
+def cmd_db_migrate(args):
+    "Create or upgrade the prediction-log schema in DB_URL, as the service does when it starts; safe to run again."
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.engine import make_url
+    from cvops.predlog.schema import make_engine, migrate
+    from cvops.settings import InsecureSettings, StorageSettings, load_settings, refuse_insecure
+    s = load_settings(StorageSettings)
+    try: refuse_insecure(s, "cvops db migrate", ("database",))
+    except InsecureSettings as e: raise ConfigError(str(e)) from None
+    where = make_url(s.database_url).render_as_string(hide_password=True)
+    eng = make_engine(s.database_url)
+    try: applied = migrate(eng)
+    except (OperationalError, RuntimeError) as e: raise ConfigError(f"{where}: {str(e).splitlines()[0][:300]}") from None
+    finally: eng.dispose()
+    print(f"prediction-log schema in {where}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
+
 # %% ../notebooks/lib/90_cli.ipynb #9dfaa76d
 def command(sub, name: str, func, help: str, description: str | None = None, args=()):
     "Add sub-command `name` running `func`; `args`: `(flags, options)` pairs for `add_argument`."
@@ -214,7 +231,7 @@ def add_service_commands(sub):
     command(sub, "models", cmd_models, "list published models and versions; * marks the deployed one")
 
 def add_monitor_commands(sub):
-    "monitor, log replay, log prune."
+    "monitor, log replay, log prune, db migrate."
     from cvops.settings import MonitorSettings
     command(sub, "monitor", cmd_monitor, "check the serving version for drift (once, or --every INTERVAL); rows in drift_reports",
             "Run the monitoring pipeline (pipeline.monitor.yaml): the serving version's logged predictions of the window "
@@ -234,6 +251,11 @@ def add_monitor_commands(sub):
             "delete images and log rows past their retention now (the service does it every RETENTION_INTERVAL)",
             args=[("--image-days", dict(type=float, help="default: IMAGE_RETENTION_DAYS (30; 0 keeps all)")),
                   ("--log-days", dict(type=float, help="default: LOG_RETENTION_DAYS (0 keeps all)"))])
+    command(group(sub, "db", "the prediction-log database: create or upgrade its schema"), "migrate", cmd_db_migrate,
+            "create or upgrade the prediction-log schema in DB_URL (the service does it too when it starts)",
+            "Apply the schema migrations DB_URL lacks (tables api_log, predictions, feedback, drift_reports); "
+            "safe to run again, and safe beside a starting service (they take a lock). The compose stack runs it once, "
+            "as the one-shot `migrate` service, before the service replicas, the monitor and the dashboards start.")
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "

@@ -164,8 +164,11 @@ def production_problems(s: StorageSettings, uses=("database", "admin", "feedback
     if "database" in uses:
         from sqlalchemy.engine import make_url
         if not s.db_url: problems.append("DB_URL is not set (production logs to PostgreSQL)")
-        elif make_url(s.db_url).get_backend_name() != "sqlite" and (why := credential_problem(make_url(s.db_url).password)):
-            problems.append(f"the password in DB_URL {why}")
+        elif make_url(s.db_url).get_backend_name() != "sqlite":
+            # a URL without a password: libpq takes it from PGPASSWORD (the compose stack's way: no password in a URL)
+            url_pw = make_url(s.db_url).password
+            where, pw = ("the password in DB_URL", url_pw) if url_pw is not None else ("PGPASSWORD (DB_URL has no password)", os.environ.get("PGPASSWORD"))
+            if why := credential_problem(pw): problems.append(f"{where} {why}")
     for use, name, value in (("admin", "ADMIN_TOKEN", getattr(s, "admin_token", None)), ("feedback", "FEEDBACK_TOKEN", getattr(s, "feedback_token", None))):
         if use in uses and (why := credential_problem(value)): problems.append(f"{name} {why}")
     return problems
