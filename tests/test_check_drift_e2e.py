@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import requests
 
-from cvops.testing import (BIN, Service, Webhook, encode, monitor_env, monitor_project, run_monitor, tiny_version,
+from cvops.testing import (BIN, Service, Webhook, encode, free_port, monitor_env, monitor_project, run_monitor, tiny_version,
                            train_small_model, wait_predictions_logged)
 
 pytestmark = [pytest.mark.service, pytest.mark.e2e]
@@ -126,7 +126,9 @@ def test_monitor_every_interval_from_env_keeps_running_until_sigterm(tmp_path):
     "`cvops monitor --every` (MONITOR_INTERVAL from the environment): one run per interval, each with its own record; SIGTERM stops it."
     import signal
     root = monitor_project(tmp_path / "project", MONITOR)
-    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_INTERVAL": "1s", "PLOOMBER_STATS_ENABLED": "false"}
+    metrics_port = free_port()                 # not the default 9102: a machine may run a monitor of its own
+    env = {**os.environ, "CVOPS_ROOT": str(root), "MONITOR_INTERVAL": "1s", "PLOOMBER_STATS_ENABLED": "false",
+           "MONITOR_METRICS_PORT": str(metrics_port)}
     for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MONITOR_WEBHOOK_URL"):
         env.pop(var, None)
     log = open(tmp_path / "monitor.log", "w+")
@@ -140,6 +142,9 @@ def test_monitor_every_interval_from_env_keeps_running_until_sigterm(tmp_path):
         assert proc.poll() is None, f"the monitor exited ({proc.returncode}):\n{(tmp_path / 'monitor.log').read_text()[-4000:]}"
         runs = sorted((root / "products" / "monitor").glob("*/report.json"))
         assert len(runs) >= 2, (tmp_path / "monitor.log").read_text()[-4000:]
+        text = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text     # its metrics, after those runs
+        nothing = [l for l in text.splitlines() if l.startswith('cvops_monitor_runs_total{outcome="nothing_deployed"}')]
+        assert nothing and float(nothing[0].split()[-1]) >= 2 and "\ncvops_drift_alert 0.0" in text, text
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(60) == 0
     finally:
@@ -148,6 +153,7 @@ def test_monitor_every_interval_from_env_keeps_running_until_sigterm(tmp_path):
         log.close()
     out = (tmp_path / "monitor.log").read_text()
     assert "monitoring the serving version every 1s" in out and "monitor stopped" in out, out[-4000:]
+    assert f"metrics on http://127.0.0.1:{metrics_port}/metrics" in out, out[-4000:]
     assert out.count("no version, 0 predictions: nothing is deployed") >= 2, out[-4000:]   # said, not a crash
     report = json.loads(runs[0].read_text())
     assert report["rows"] == [] and report["model_version"] is None
