@@ -16,8 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['S3_SCHEME', 'is_object_store_url', 'StoreError', 'ObjectStore', 'read_text', 'write_text', 'exists', 'glob', 'find',
-           'put_file', 'remove', 'local_copy', 'object_lock', 'open_store', 'is_remote']
+__all__ = ['S3_SCHEME', 'RENAMED_ON_STORE', 'is_object_store_url', 'StoreError', 'object_key', 'store_path', 'ObjectStore',
+           'read_text', 'write_text', 'exists', 'glob', 'find', 'put_file', 'remove', 'local_copy', 'object_lock',
+           'open_store', 'is_remote']
 
 # %% ../../notebooks/lib/registry/00_store.ipynb #e8ef6b0b
 S3_SCHEME = "s3://"
@@ -26,10 +27,21 @@ def is_object_store_url(storage) -> bool:
     "True for an `s3://bucket/prefix` URL (central storage on an object store)."
     return isinstance(storage, str) and storage.startswith(S3_SCHEME)
 
-class StoreError(RuntimeError):
+class StoreError(OSError):
     "The object store refused a request or cannot be reached (the message names the URL and the endpoint, never a secret)."
 
 # %% ../../notebooks/lib/registry/00_store.ipynb #25ac2ea0
+RENAMED_ON_STORE = {".versions": "_versions"}   # SeaweedFS keeps object versions in folders named `*.versions` and hides them from listings
+
+def object_key(rel: str) -> str:
+    "The key of path `rel` of central storage on an object store (a folder named `.versions` is stored as `_versions`)."
+    return "/".join(RENAMED_ON_STORE.get(s, s) for s in rel.split("/"))
+
+def store_path(key: str) -> str:
+    "The path of central storage an object key stands for (`object_key` undone)."
+    back = {v: k for k, v in RENAMED_ON_STORE.items()}
+    return "/".join(back.get(s, s) for s in key.split("/"))
+
 class ObjectStore:
     """Central storage on an S3-compatible object store, `s3://bucket/prefix`, through fsspec (s3fs); every path it takes
     is relative to the prefix. `cache`: where `local_copy` keeps downloaded (immutable) folders."""
@@ -52,7 +64,7 @@ class ObjectStore:
         kw = {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
         return fsspec.filesystem("s3", key=self._key, secret=self._secret, use_listings_cache=False, **kw)
 
-    def path(self, rel: str = "") -> str: return f"{self.root}/{rel}".rstrip("/")
+    def path(self, rel: str = "") -> str: return f"{self.root}/{object_key(rel)}".rstrip("/")
     def where(self, rel: str = "") -> str: return f"{S3_SCHEME}{self.path(rel)}"
 
 # %% ../../notebooks/lib/registry/00_store.ipynb #d2317df0
@@ -70,8 +82,8 @@ def read_text(store: ObjectStore, rel: str) -> str:
 def write_text(store: ObjectStore, rel: str, text: str, create: bool = False):
     "Write object `rel` whole (one PUT: readers see the old or the new text); `create`: only when absent (`FileExistsError` if not)."
     try: _call(store, "writing", rel, store.fs.pipe_file, store.path(rel), text.encode(), mode="create" if create else "overwrite")
-    except StoreError:
-        if create and exists(store, rel): raise FileExistsError(store.where(rel)) from None
+    except StoreError as e:   # the precondition failed (S3's PreconditionFailed: "pre-conditions ... did not hold"): it exists
+        if create and ("pre-condition" in str(e) or exists(store, rel)): raise FileExistsError(store.where(rel)) from None
         raise
 
 def exists(store: ObjectStore, rel: str) -> bool:
@@ -80,12 +92,12 @@ def exists(store: ObjectStore, rel: str) -> bool:
 def glob(store: ObjectStore, pattern: str) -> list[str]:
     "Objects matching `pattern` (fsspec glob, relative to the prefix), sorted."
     n = len(store.root) + 1
-    return sorted(p[n:] for p in _call(store, "listing", pattern, store.fs.glob, store.path(pattern)))
+    return sorted(store_path(p[n:]) for p in _call(store, "listing", pattern, store.fs.glob, store.path(pattern)))
 
 def find(store: ObjectStore, rel: str) -> list[str]:
     "Every object under folder `rel`, relative to it, sorted."
     base = store.path(rel) + "/"
-    return sorted(p[len(base):] for p in _call(store, "listing", rel, store.fs.find, base) if p.startswith(base))
+    return sorted(store_path(p[len(base):]) for p in _call(store, "listing", rel, store.fs.find, base) if p.startswith(base))
 
 def put_file(store: ObjectStore, src, rel: str):
     "Upload local file `src` as object `rel`."
@@ -133,11 +145,11 @@ def _take(store: ObjectStore, rel: str, stale: float) -> bool:
         return False
 
 @contextmanager
-def object_lock(store: ObjectStore, rel: str, timeout: float = 120, stale: float = 600):
-    "Hold the lock object `rel` (one holder at a time, across machines); `TimeoutError` after `timeout` seconds of waiting."
+def object_lock(store: ObjectStore, rel: str, timeout: float = 120, stale: float = 600, on_timeout=TimeoutError):
+    "Hold the lock object `rel` (one holder at a time, across machines); after `timeout` seconds of waiting raise `on_timeout(why)`."
     deadline = time.monotonic() + timeout
     while not _take(store, rel, stale):
-        if time.monotonic() > deadline: raise TimeoutError(f"{store.where(rel)} is held by another writer for over {timeout:g} s")
+        if time.monotonic() > deadline: raise on_timeout(f"{store.where(rel)} for over {timeout:g} s")
         time.sleep(0.05)
     try: yield
     finally: remove(store, rel)
