@@ -17,8 +17,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['S3_SCHEME', 'RENAMED_ON_STORE', 'is_object_store_url', 'StoreError', 'object_key', 'store_path', 'ObjectStore',
-           'read_text', 'write_text', 'exists', 'glob', 'find', 'put_file', 'remove', 'local_copy', 'object_lock',
-           'open_store', 'is_remote']
+           'read_text', 'write_text', 'exists', 'glob', 'find', 'put_file', 'remove', 'local_copy', 'open_store',
+           'is_remote', 'object_lock']
 
 # %% ../../notebooks/lib/registry/00_store.ipynb #e8ef6b0b
 S3_SCHEME = "s3://"
@@ -130,6 +130,24 @@ def local_copy(store: ObjectStore, rel: str, key: str) -> Path:
     finally: shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
+# %% ../../notebooks/lib/registry/00_store.ipynb #8038ed3b
+def open_store(storage, settings=None):
+    """Central storage as the registry uses it: a local folder stays a `Path` (today's behaviour); an `s3://bucket/prefix`
+    URL becomes an `ObjectStore` with the endpoint, credentials and cache folder of `settings` (default: `StorageSettings`
+    from the environment and `.env`)."""
+    if isinstance(storage, ObjectStore): return storage
+    if not is_object_store_url(storage): return Path(storage)
+    from cvops.config import ConfigError
+    from cvops.settings import StorageSettings, load_settings
+    try: s = settings or load_settings(StorageSettings)
+    except ConfigError: s = StorageSettings(root=Path.cwd())
+    secret = s.aws_secret_access_key.get_secret_value() if s.aws_secret_access_key else None
+    return ObjectStore(storage, s.s3_endpoint_url, s.aws_access_key_id, secret, s.var / "cache" / "versions")
+
+def is_remote(storage) -> bool:
+    "True when `storage` (a folder, a URL or a store) is on an object store."
+    return isinstance(storage, ObjectStore) or is_object_store_url(storage)
+
 # %% ../../notebooks/lib/registry/00_store.ipynb #d5d15045
 def _lock_age(store: ObjectStore, rel: str) -> float | None:
     "Seconds since the lock object `rel` was taken (None: no such lock now)."
@@ -153,21 +171,3 @@ def object_lock(store: ObjectStore, rel: str, timeout: float = 120, stale: float
         time.sleep(0.05)
     try: yield
     finally: remove(store, rel)
-
-# %% ../../notebooks/lib/registry/00_store.ipynb #8038ed3b
-def open_store(storage, settings=None):
-    """Central storage as the registry uses it: a local folder stays a `Path` (today's behaviour); an `s3://bucket/prefix`
-    URL becomes an `ObjectStore` with the endpoint, credentials and cache folder of `settings` (default: `StorageSettings`
-    from the environment and `.env`)."""
-    if isinstance(storage, ObjectStore): return storage
-    if not is_object_store_url(storage): return Path(storage)
-    from cvops.config import ConfigError
-    from cvops.settings import StorageSettings, load_settings
-    try: s = settings or load_settings(StorageSettings)
-    except ConfigError: s = StorageSettings(root=Path.cwd())
-    secret = s.aws_secret_access_key.get_secret_value() if s.aws_secret_access_key else None
-    return ObjectStore(storage, s.s3_endpoint_url, s.aws_access_key_id, secret, s.var / "cache" / "versions")
-
-def is_remote(storage) -> bool:
-    "True when `storage` (a folder, a URL or a store) is on an object store."
-    return isinstance(storage, ObjectStore) or is_object_store_url(storage)
