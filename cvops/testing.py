@@ -188,14 +188,15 @@ def publish_version(storage, folder, name: str, accuracy: float | None = None, f
 @dataclass
 class TinyVersion:
     "A version published by `tiny_version`."
-    storage: Path
+    storage: Path | str
     version: str
     trained: TrainedModel
 
     @property
     def folder(self) -> Path:
-        from cvops.registry.publish import version_dir
-        return version_dir(self.storage, self.version)
+        "The version's folder (on an object store: its local copy)."
+        from cvops.registry.versions import version_folder
+        return version_folder(self.storage, self.version)
 
 def tiny_version(storage, name: str = "tiny", *, trained: TrainedModel | None = None, source=None, detectors: bool = True,
                  reference=None, monitor=None, deploy: bool = False, by: str = "tests", reason: str = "", work=None, seed: int = 0) -> TinyVersion:
@@ -208,7 +209,8 @@ def tiny_version(storage, name: str = "tiny", *, trained: TrainedModel | None = 
     files = build_detector_files(trained, work / f"detectors-{uuid.uuid4().hex[:8]}", images, labels, monitor) if detectors else None
     version = publish_version(storage, trained.folder, trained.name, trained.accuracy, files, trained.classes,
                               len(trained.labels), deploy, by, reason)
-    return TinyVersion(Path(storage), version, trained)
+    from cvops.registry.store import is_remote
+    return TinyVersion(storage if is_remote(storage) else Path(storage), version, trained)
 
 # %% ../notebooks/lib/95_testing.ipynb #dd8bf560
 BIN = Path(sys.executable).parent
@@ -532,7 +534,8 @@ class SeaweedFS:
     def command(self) -> list[str]:
         "The `weed server` command line (data under `base/data`, identities in `base/s3.json`)."
         return [self.exe, "server", f"-dir={self.base / 'data'}", "-s3", f"-s3.config={self.base / 's3.json'}", "-ip=127.0.0.1",
-                "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", *(f"-{k}={v}" for k, v in self.ports.items())]
+                "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", "-s3.port.iceberg=0", "-s3.port.lance=0",   # fixed ports otherwise
+                *(f"-{k}={v}" for k, v in self.ports.items())]
 
     def env(self) -> dict:
         "What a cvops process needs to reach it (add `CVOPS_CENTRAL_STORAGE=s3://<bucket>/<prefix>`)."

@@ -12,6 +12,7 @@ import pytest
 import s3fs
 
 from cvops.registry.deploy import deploy
+from cvops.registry.publish import prune_versions
 from cvops.registry.versions import (current_deployment, current_version, deployment_history, published_models,
                                      published_versions, resolve_version)
 from cvops.testing import BIN, Service, encode, publish_version, seaweedfs_or_need, service_project, untrained_model
@@ -55,7 +56,11 @@ def test_publish_list_deploy_pointer_and_history_on_the_object_store(weed, centr
     assert fs.exists(f"{base}/models/_versions/{v1}/metadata.yaml")             # `.versions` is stored as `_versions`
     assert json.loads(fs.cat(f"{base}/deployments/current.json"))["version"] == v2
     assert not fs.exists(f"{base}/deployments/.lock")                          # the deploy lock object is released
-    print(f"published {v1}, {v2}; deployed twice; history {len(deployment_history(central))} rows")
+    v3 = publish_version(central, m.folder, "tiny", accuracy=0.8, classes=m.classes)
+    v4 = publish_version(central, m.folder, "tiny", accuracy=0.8, classes=m.classes)
+    assert prune_versions(central, "tiny", keep=1) == [v3]       # never the deployed one, the one it replaced, the current one
+    assert published_versions(central, "tiny") == [v1, v2, v4] and fs.find(f"{base}/models/_versions/{v3}") == []
+    print(f"published {v1}, {v2}, {v3}, {v4}; deployed twice; history {len(deployment_history(central))} rows; pruned {v3}")
 
 
 def test_a_publish_that_dies_half_way_is_never_seen(weed, central, tmp_path, monkeypatch, request):
@@ -151,3 +156,17 @@ def test_mlflow_server_keeps_artefacts_on_the_object_store(weed, tmp_path):
         try: proc.wait(20)
         except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL); proc.wait(10)
         log.close()
+
+
+def test_the_monitor_and_dashboards_read_the_serving_version_from_the_object_store(central, tmp_path):
+    "The deployed version's drift detectors and reference data come from its local copy of the object store's version."
+    from cvops.monitoring.dashboard_data import reference_frame, serving_version
+    from cvops.registry.versions import version_detectors
+    from cvops.testing import tiny_version
+    tv = tiny_version(central, deploy=True, work=tmp_path / "work")
+    serving = serving_version(central)
+    assert serving.version == tv.version and serving.folder == tmp_path / "var" / "cache" / "versions" / tv.version == tv.folder
+    assert sorted(version_detectors(serving.folder, "tiny")) == ["bbsd", "uae"]
+    ref = reference_frame(serving)
+    assert ref is not None and len(ref) > 0
+    print(f"serving {serving.version} from the object store: {len(ref)} reference rows, detectors {sorted(version_detectors(serving.folder, 'tiny'))}")

@@ -90,9 +90,11 @@ def exists(store: ObjectStore, rel: str) -> bool:
     return _call(store, "looking for", rel, store.fs.exists, store.path(rel))
 
 def glob(store: ObjectStore, pattern: str) -> list[str]:
-    "Objects matching `pattern` (fsspec glob, relative to the prefix), sorted."
+    "Objects matching `pattern` (fsspec glob, relative to the prefix), sorted (none when the bucket does not exist yet)."
     n = len(store.root) + 1
-    return sorted(store_path(p[n:]) for p in _call(store, "listing", pattern, store.fs.glob, store.path(pattern)))
+    try: found = _call(store, "listing", pattern, store.fs.glob, store.path(pattern))
+    except FileNotFoundError: return []
+    return sorted(store_path(p[n:]) for p in found)
 
 def find(store: ObjectStore, rel: str) -> list[str]:
     "Every object under folder `rel`, relative to it, sorted."
