@@ -59,7 +59,8 @@ def test_publish_list_deploy_pointer_and_history_on_the_object_store(weed, centr
     v3 = publish_version(central, m.folder, "tiny", accuracy=0.8, classes=m.classes)
     v4 = publish_version(central, m.folder, "tiny", accuracy=0.8, classes=m.classes)
     assert prune_versions(central, "tiny", keep=1) == [v3]       # never the deployed one, the one it replaced, the current one
-    assert published_versions(central, "tiny") == [v1, v2, v4] and fs.find(f"{base}/models/_versions/{v3}") == []
+    gone = f"{base}/models/_versions/{v3}"
+    assert published_versions(central, "tiny") == [v1, v2, v4] and [p for p in fs.find(gone) if p.rstrip("/") != gone] == []  # (SeaweedFS may keep the empty folder)
     print(f"published {v1}, {v2}, {v3}, {v4}; deployed twice; history {len(deployment_history(central))} rows; pruned {v3}")
 
 
@@ -110,7 +111,7 @@ def test_the_service_loads_from_the_object_store_and_follows_a_cli_deploy(weed, 
     v2 = publish_version(central, m.folder, "tiny", classes=m.classes)
     svc = Service(root, workers=2, env={**weed.env(), "CVOPS_CENTRAL_STORAGE": central})
     try:
-        svc.start().wait_workers_ready(v1)
+        svc.start(timeout=300).wait_workers_ready(v1, timeout=120)   # a loaded machine: TensorFlow starts slowly
         assert answer_version(svc) == v1
         env = {**svc.env, "CVOPS_ROOT": str(root)}
         assert f"deployed {v2} (was {v1})" in cli(root, env, "deploy", "tiny", "--version", v2).stdout
