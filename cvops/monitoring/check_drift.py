@@ -274,7 +274,7 @@ def check_drift(root=None, cfg: MonitorConfig | dict | None = None, run_id: str 
     cfg = cfg if isinstance(cfg, MonitorConfig) else MonitorConfig(**(cfg or {}))
     now = now or datetime.now(timezone.utc)
     run = MonitorRun(run_id=run_id or new_run_id(now), created_on=now, window_end=now)
-    storage = Path(storage) if storage else central_storage_dir(root)
+    storage = storage or central_storage_dir(root)
     record = current_deployment(storage)
     if record is None:
         run.message = f"nothing is deployed in {storage}: no version to monitor"

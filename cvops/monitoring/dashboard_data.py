@@ -32,9 +32,10 @@ class Sources:
     root: Path
     db_url: str
     problem: str | None = None     # why the database cannot be read, in one line
+    image_dir: Path | None = None  # the logged images (None: `predictions/images` of a local central storage)
 
     @property
-    def images(self) -> Path: return self.storage / "predictions" / "images"
+    def images(self) -> Path: return self.image_dir or Path(self.storage) / "predictions" / "images"
 
     @property
     def db_label(self) -> str: return sa.engine.make_url(self.db_url).render_as_string(hide_password=True)
@@ -45,7 +46,7 @@ def open_sources(settings=None) -> Sources:
     s = settings or load_settings()
     refuse_insecure(s, "the dashboards", ("database",))
     engine, problem = open_for_reading(s.database_url)
-    return Sources(engine, Path(s.storage), Path(s.root), s.database_url, problem)
+    return Sources(engine, s.storage, Path(s.root), s.database_url, problem, s.images_dir)
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #197cb249
 @dataclass

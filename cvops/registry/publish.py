@@ -5,6 +5,7 @@
 # %% ../../notebooks/lib/registry/02_publish.ipynb #20fb1258
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -15,10 +16,12 @@ import yaml
 
 from .versions import (METADATA_FILE, NOTEBOOKS_DIR, VERSIONS_DIR, PointerError, current_deployment, current_version,
                                     deployment_lock, detector_files, linked_version, metadata_path, model_path, published_versions,
-                                    storage_path, version_dir, versions_dir)
+                                    storage_path, version_dir, versions_dir, latest_pointer)
+from .store import exists, is_remote, open_store, put_file, remove, write_text
 
 # %% auto #0
-__all__ = ['PublishError', 'new_version', 'publish_model', 'add_to_version', 'prune_versions', 'git_state', 'strip_local_paths',
+__all__ = ['PublishError', 'new_version', 'publish_model', 'version_uploads', 'upload_version', 'add_to_version',
+           'add_to_remote_version', 'delete_version', 'prune_versions', 'git_state', 'strip_local_paths',
            'model_metadata', 'check_quality_gate', 'pipeline_lineage', 'notebook_records', 'detector_records',
            'publish_trained_model']
 
@@ -46,6 +49,9 @@ def publish_model(src_dir, metadata: dict, storage, files: dict | None = None, v
     name = metadata["model_name"]
     src_dir = Path(src_dir)
     if not src_dir.is_dir() or not any(src_dir.iterdir()): raise PublishError(f"{src_dir}: no model files to publish")
+    if is_remote(storage):
+        version = version or new_version(name)
+        return upload_version(open_store(storage), src_dir, {**metadata, "version": version, "model_dir": f"{VERSIONS_DIR}/{version}"}, files)
     link, meta_link = model_path(storage, name), metadata_path(storage, name)
     _check_link(link); _check_link(meta_link, files_ok=True)
     version = version or new_version(name)
@@ -75,9 +81,29 @@ def publish_model(src_dir, metadata: dict, storage, files: dict | None = None, v
         raise
     return meta
 
+# %% ../../notebooks/lib/registry/02_publish.ipynb #68fc4e2d
+def version_uploads(src_dir: Path, files: dict | None) -> dict:
+    "`{path in the version: local file}` of a version: the model folder's files and `files`."
+    return {**{p.relative_to(src_dir).as_posix(): p for p in sorted(src_dir.rglob("*")) if p.is_file()},
+            **{rel: Path(f) for rel, f in (files or {}).items()}}
+
+def upload_version(store, src_dir: Path, meta: dict, files: dict | None = None) -> dict:
+    "Publish into an object store: the files, then `metadata.yaml` (the version is complete), then the latest pointer."
+    version, prefix = meta["version"], storage_path(meta["version"])
+    if exists(store, f"{prefix}/{METADATA_FILE}"): raise PublishError(f"{store.where(prefix)} already exists")
+    try:
+        for rel, f in version_uploads(src_dir, files).items(): put_file(store, f, f"{prefix}/{rel}")
+        write_text(store, f"{prefix}/{METADATA_FILE}", yaml.safe_dump(meta, sort_keys=False))
+    except BaseException:
+        remove(store, prefix, recursive=True); raise
+    pointer = {"model_name": meta["model_name"], "version": version, "published_at": meta.get("published_at")}
+    write_text(store, latest_pointer(meta["model_name"]), json.dumps(pointer, indent=2))
+    return meta
+
 # %% ../../notebooks/lib/registry/02_publish.ipynb #0711968c
 def add_to_version(storage, version: str, files, subdir: str = NOTEBOOKS_DIR) -> list[str]:
     "Copy `files` into `<version>/<subdir>/` of a published version (each appears whole); returns their storage paths."
+    if is_remote(storage): return add_to_remote_version(open_store(storage), version, files, subdir)
     dest = version_dir(storage, version)
     if not dest.is_dir(): raise PublishError(f"{dest}: no such published version")
     (dest / subdir).mkdir(exist_ok=True)
@@ -89,7 +115,25 @@ def add_to_version(storage, version: str, files, subdir: str = NOTEBOOKS_DIR) ->
         out.append(storage_path(version, subdir, f.name))
     return out
 
+def add_to_remote_version(store, version: str, files, subdir: str = NOTEBOOKS_DIR) -> list[str]:
+    "`add_to_version` on an object store: one PUT per file (each appears whole)."
+    if not exists(store, storage_path(version, METADATA_FILE)): raise PublishError(f"{store.where(storage_path(version))}: no such published version")
+    out = []
+    for f in map(Path, files):
+        put_file(store, f, storage_path(version, subdir, f.name))
+        out.append(storage_path(version, subdir, f.name))
+    return out
+
 # %% ../../notebooks/lib/registry/02_publish.ipynb #c3c7d0dd
+def delete_version(storage, version: str):
+    "Take a version away whole: locally one rename out of sight, then delete; on an object store its metadata first (it is no longer listed), then the rest."
+    if is_remote(storage):
+        store = open_store(storage)
+        remove(store, storage_path(version, METADATA_FILE)); remove(store, storage_path(version), recursive=True); return
+    trash = versions_dir(storage) / f".tmp-del-{uuid.uuid4().hex}"
+    os.rename(version_dir(storage, version), trash)
+    shutil.rmtree(trash)
+
 def prune_versions(storage, name, keep: int, protect=()) -> list[str]:
     """Delete the oldest versions of model `name` beyond the newest `keep`, except those in `protect`, the deployed one and
     the one it replaced (the pointer's `version` and `previous_version`) and the current one; returns the deleted. Runs under
@@ -99,13 +143,10 @@ def prune_versions(storage, name, keep: int, protect=()) -> list[str]:
     with deployment_lock(storage):
         try: record = current_deployment(storage) or {}
         except PointerError as e: raise PublishError(f"old versions of {name} not pruned: {e}") from None
-        spared = ({v for v in protect if v} | {record.get("version"), record.get("previous_version")}
-                  | {current_version(storage, name), linked_version(metadata_path(storage, name))})
+        spared = ({v for v in protect if v} | {record.get("version"), record.get("previous_version")} | {current_version(storage, name)}
+                  | (set() if is_remote(storage) else {linked_version(metadata_path(storage, name))}))
         doomed = [v for v in published_versions(storage, name)[:-keep] if v not in spared]
-        for v in doomed:
-            trash = versions_dir(storage) / f".tmp-del-{uuid.uuid4().hex}"
-            os.rename(version_dir(storage, v), trash)
-            shutil.rmtree(trash)
+        for v in doomed: delete_version(storage, v)
     return doomed
 
 # %% ../../notebooks/lib/registry/02_publish.ipynb #12c95e6c

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import yaml
 
+from .store import exists, glob, is_remote, local_copy, object_lock, open_store, read_text, write_text
+
 # %% auto #0
-__all__ = ['MODELS_DIR', 'VERSIONS_DIR', 'METADATA_FILE', 'NOTEBOOKS_DIR', 'DETECTORS_DIR', 'REF_DIR', 'POINTER_FILE',
-           'HISTORY_FILE', 'LOCK_FILE', 'models_dir', 'metadata_path', 'model_path', 'versions_dir', 'version_dir',
-           'storage_path', 'detector_path', 'ref_data_path', 'head_name', 'detector_files', 'version_detectors',
-           'DeployError', 'published_models', 'published_versions', 'linked_version', 'current_version',
-           'resolve_version', 'version_metadata', 'PointerError', 'current_deployment', 'write_durably',
-           'deployment_history', 'move_pointer', 'deployment_lock']
+__all__ = ['MODELS_DIR', 'VERSIONS_DIR', 'METADATA_FILE', 'NOTEBOOKS_DIR', 'LATEST_SUFFIX', 'DETECTORS_DIR', 'REF_DIR',
+           'POINTER_FILE', 'HISTORY_FILE', 'LOCK_FILE', 'models_dir', 'metadata_path', 'model_path', 'versions_dir',
+           'version_dir', 'latest_pointer', 'storage_path', 'detector_path', 'ref_data_path', 'head_name',
+           'detector_files', 'version_detectors', 'DeployError', 'published_models', 'published_versions',
+           'linked_version', 'current_version', 'version_folder', 'resolve_version', 'version_metadata', 'PointerError',
+           'where', 'read_file', 'current_deployment', 'write_durably', 'deployment_history', 'move_pointer',
+           'deployment_lock']
 
 # %% ../../notebooks/lib/registry/01_versions.ipynb #33a4201a
 MODELS_DIR, VERSIONS_DIR = "models", ".versions"
@@ -32,6 +35,12 @@ def metadata_path(storage, model_name) -> Path: return models_dir(storage) / f"{
 def model_path(storage, model_name) -> Path: return models_dir(storage) / model_name
 def versions_dir(storage) -> Path: return models_dir(storage) / VERSIONS_DIR
 def version_dir(storage, version) -> Path: return versions_dir(storage) / version
+
+LATEST_SUFFIX = ".latest.json"
+
+def latest_pointer(model_name: str) -> str:
+    "On an object store, the pointer object naming a model's current version (what the `models/<name>` link is locally)."
+    return f"{MODELS_DIR}/{model_name}{LATEST_SUFFIX}"
 
 def storage_path(version: str, *parts) -> str:
     "A path inside version folder `version`, relative to central storage (what metadata records)."
@@ -70,12 +79,16 @@ class DeployError(RuntimeError):
         super().__init__(message); self.status = status
 
 def published_models(storage) -> list[str]:
-    "Names of the models published in `storage`."
+    "Names of the models published in `storage` (on an object store: those with a latest pointer)."
+    if is_remote(storage):
+        return sorted(p.rsplit("/", 1)[1][:-len(LATEST_SUFFIX)] for p in glob(open_store(storage), latest_pointer("*")))
     d = models_dir(storage)
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
 
 def published_versions(storage, name: str) -> list[str]:
-    "Complete versions of model `name`, oldest first."
+    "Complete versions of model `name` (their metadata.yaml is there), oldest first."
+    if is_remote(storage):
+        return sorted(p.split("/")[2] for p in glob(open_store(storage), f"{MODELS_DIR}/{VERSIONS_DIR}/{name}@*/{METADATA_FILE}"))
     d = versions_dir(storage)
     if not d.is_dir(): return []
     return sorted(p.name for p in d.iterdir() if p.is_dir() and p.name.startswith(f"{name}@") and (p / METADATA_FILE).exists())
@@ -88,20 +101,27 @@ def linked_version(link) -> str | None:
     return parts[1] if len(parts) > 1 and parts[0] == VERSIONS_DIR else None
 
 def current_version(storage, model_name):
-    "The version the `<model_name>` link points at (None before the first publish)."
-    return linked_version(model_path(storage, model_name))
+    "The version the `<model_name>` link (on an object store: its latest pointer) points at (None before the first publish)."
+    if not is_remote(storage): return linked_version(model_path(storage, model_name))
+    try: return json.loads(read_text(open_store(storage), latest_pointer(model_name))).get("version")
+    except FileNotFoundError: return None
+
+def version_folder(storage, version: str) -> Path:
+    "The local folder of a published version: in central storage, or its local copy (downloaded once, `local_copy`) from an object store."
+    if is_remote(storage): return local_copy(open_store(storage), storage_path(version), version)
+    return version_dir(storage, version)
 
 def resolve_version(storage, name: str, version: str | None = None) -> tuple[str, Path]:
-    "(version, folder) of a published model version; the current one (else the latest) when `version` is None."
+    "(version, local folder) of a published model version; the current one (else the latest) when `version` is None."
     if name not in published_models(storage):
         raise DeployError(f"no published model named '{name}' (published: {', '.join(published_models(storage)) or 'none'})", 404)
     versions = published_versions(storage, name)
     if version is None:
-        latest = yaml.safe_load(metadata_path(storage, name).read_text()).get("version")
+        latest = current_version(storage, name) if is_remote(storage) else yaml.safe_load(metadata_path(storage, name).read_text()).get("version")
         version = latest if latest in versions else (versions[-1] if versions else None)
     if version not in versions:
         raise DeployError(f"model '{name}' has no published version '{version}' (versions: {', '.join(versions[-5:]) or 'none'})", 404)
-    return version, version_dir(storage, version)
+    return version, version_folder(storage, version)
 
 def version_metadata(folder) -> dict:
     "The metadata published inside a version folder."
@@ -116,10 +136,18 @@ class PointerError(DeployError):
     "The deployment pointer exists but cannot be read (empty, cut short, not a deployment record)."
     def __init__(self, message: str): super().__init__(message, 503)
 
+def where(storage, rel: str) -> str:
+    "Where file `rel` of central storage is, for messages (a path or an s3:// URL)."
+    return open_store(storage).where(rel) if is_remote(storage) else str(Path(storage) / rel)
+
+def read_file(storage, rel: str) -> str:
+    "The text of file `rel` of central storage (local or object store; `FileNotFoundError` when absent)."
+    return read_text(open_store(storage), rel) if is_remote(storage) else (Path(storage) / rel).read_text()
+
 def current_deployment(storage) -> dict | None:
     "The deployment record the pointer holds, or None when nothing was deployed; `PointerError` when it is unreadable."
-    p = Path(storage) / POINTER_FILE
-    try: text = p.read_text()
+    p = where(storage, POINTER_FILE)
+    try: text = read_file(storage, POINTER_FILE)
     except FileNotFoundError: return None
     except (OSError, UnicodeDecodeError) as e: raise PointerError(f"the deployment pointer {p} is unreadable: {type(e).__name__}: {e}") from None
     try: record = json.loads(text)
@@ -160,22 +188,36 @@ def _append_history(storage, record: dict):
 
 def deployment_history(storage, limit: int | None = None) -> list[dict]:
     "Deployments, newest first (a line cut short by a crash is skipped)."
-    p = Path(storage) / HISTORY_FILE
-    if not p.exists(): return []
+    try: text = read_file(storage, HISTORY_FILE)
+    except FileNotFoundError: return []
     rows = []
-    for l in p.read_text().splitlines():
+    for l in text.splitlines():
         try: rows.append(json.loads(l))
         except ValueError: continue
     return rows[::-1][:limit] if limit else rows[::-1]
 
+def _append_remote_history(store, record: dict):
+    "Read-modify-write of the history object (the caller holds the deployment lock: one writer at a time)."
+    try: text = read_text(store, HISTORY_FILE)
+    except FileNotFoundError: text = ""
+    write_text(store, HISTORY_FILE, text + json.dumps(record) + "\n")
+
 def move_pointer(storage, record: dict):
-    "Make `record` the current deployment (fsynced file, atomic rename, fsynced folder) and append it to the history."
+    """Make `record` the current deployment (fsynced file, atomic rename, fsynced folder; on an object store one PUT) and
+    append it to the history."""
+    if is_remote(storage):
+        write_text(open_store(storage), POINTER_FILE, json.dumps(record, indent=2))
+        return _append_remote_history(open_store(storage), record)
     write_durably(Path(storage) / POINTER_FILE, json.dumps(record, indent=2))
     _append_history(storage, record)
 
 @contextmanager
 def deployment_lock(storage, timeout: float = 120):
-    "The one lock deploy, rollback and prune take (`flock` on `deployments/.lock`, across processes and threads)."
+    "The one lock deploy, rollback and prune take (`flock` on `deployments/.lock`; on an object store a lock object, `object_lock`)."
+    if is_remote(storage):
+        refuse = lambda why: DeployError(f"another deploy, rollback or prune holds {why}; try again", 409)
+        with object_lock(open_store(storage), LOCK_FILE, timeout, on_timeout=refuse): yield
+        return
     p = Path(storage) / LOCK_FILE
     p.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout

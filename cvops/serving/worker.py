@@ -283,7 +283,7 @@ class WorkerState(HotSwap):
         _configure_tensorflow(s)
         self.engine = make_engine(s.database_url)
         if os.environ.get("CVOPS_SCHEMA_READY") != s.database_url: migrate(self.engine)
-        self.plog = PredictionLog(self.engine, s.var / "spill", ImageStore(s.storage / "predictions" / "images"),
+        self.plog = PredictionLog(self.engine, s.var / "spill", ImageStore(s.images_dir),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
         self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side).start()
