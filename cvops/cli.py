@@ -52,7 +52,10 @@ def cmd_build(args):
 def cmd_export_airflow(args):
     "Write the Airflow DAGs of pipeline.yaml and pipeline.monitor.yaml."
     from cvops.pipeline.airflow import export_airflow
-    files = export_airflow(find_project_root(), args.out, args.config, args.prefix, args.retries, args.monitor_interval)
+    bad = [q for q in args.queue or [] if not all(q.partition("=")[::2])]
+    if bad: raise ConfigError(f"--queue {bad[0]}: expected TASK=QUEUE, e.g. train=gpu")
+    queues = dict(q.split("=", 1) for q in args.queue or [])
+    files = export_airflow(find_project_root(), args.out, args.config, args.prefix, args.retries, args.monitor_interval, queues)
     for f in files: print(f"wrote {f}")
     print(f"Airflow reads them from its dags_folder: AIRFLOW__CORE__DAGS_FOLDER={files[0].parent} (see docs/airflow.md)")
 
@@ -212,7 +215,9 @@ def add_export_commands(sub):
             [("--out", dict(default="airflow/dags", help="folder for the DAG files (default: %(default)s)")), CONFIG_ARG,
              ("--prefix", dict(default="cvops", help="DAG ids PREFIX_train and PREFIX_monitor (default: %(default)s)")),
              ("--retries", dict(type=int, default=1, help="retries of a failed Airflow task, 2 minutes apart (default: %(default)s)")),
-             ("--monitor-interval", dict(metavar="INTERVAL", help="the drift check's schedule, e.g. 1d (default: MONITOR_INTERVAL or 1w)"))])
+             ("--monitor-interval", dict(metavar="INTERVAL", help="the drift check's schedule, e.g. 1d (default: MONITOR_INTERVAL or 1w)")),
+             ("--queue", dict(action="append", metavar="TASK=QUEUE", help="run TASK on the workers of this Celery queue, e.g. "
+                              "train=gpu (repeatable; the other tasks: Airflow's default queue)"))])
 
 def settings_list(cls) -> str:
     "The environment variables of a settings class, for a command's --help (from `cvops.settings`, so it cannot go stale)."
