@@ -13,6 +13,8 @@ DASHBOARD_PORT ?= 8866
 SERVICE_PORT ?= 8000
 SERVICE_WORKERS ?= 2
 VAR    := var
+AIRFLOW_VENV  ?= .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.cvops-airflow-installed
 export PLOOMBER_STATS_ENABLED := false
 export DISABLE_DEEPCHECKS_ANONYMOUS_TELEMETRY := True
 export DVC_NO_ANALYTICS := 1
@@ -20,7 +22,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv dataset run serve stop monitor dashboard test test-fast bench mlflow lab nb-inject nb-clean docs status clean
+.PHONY: help setup system-deps venv airflow dataset run serve stop monitor dashboard test test-fast bench mlflow lab nb-inject nb-clean docs status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +53,22 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade "pip<26"
 	$(BIN)/pip install -r requirements.txt -c constraints.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Airflow lives in an environment of its own, so .venv stays lean: the exported DAGs run the project's
+# .venv/bin/cvops, never Airflow's python. uv (in .venv, or on PATH) installs it in seconds; pip otherwise.
+AIRFLOW_UV = $(firstword $(wildcard $(BIN)/uv) $(shell command -v uv 2>/dev/null))
+
+airflow: $(AIRFLOW_STAMP) ## Airflow 3 in its own environment, .venv-airflow (constraints-airflow.txt); see docs/airflow.md
+	@echo "Airflow $$($(AIRFLOW_VENV)/bin/airflow version 2>/dev/null) in $(AIRFLOW_VENV); export the DAGs with: $(BIN)/cvops export airflow"
+
+$(AIRFLOW_STAMP): requirements-airflow.txt constraints-airflow.txt
+	@test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	@if [ -n "$(AIRFLOW_UV)" ]; then \
+	  $(AIRFLOW_UV) pip install -q --python $(AIRFLOW_VENV)/bin/python -r requirements-airflow.txt -c constraints-airflow.txt \
+	  && $(AIRFLOW_UV) pip check -q --python $(AIRFLOW_VENV)/bin/python; \
+	else $(AIRFLOW_VENV)/bin/python -m pip install -q -r requirements-airflow.txt -c constraints-airflow.txt \
+	  && $(AIRFLOW_VENV)/bin/python -m pip check; fi
 	@touch $@
 
 dataset: setup ## build datasets/fashion-mnist (git + DVC, tags v1.0.0 and v2.0.0) unless it exists

@@ -11,10 +11,10 @@ import sys
 from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
-__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy',
-           'cmd_models', 'cmd_monitor', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune', 'cmd_db_migrate',
-           'command', 'group', 'add_pipeline_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands',
-           'make_parser', 'failure_summary', 'main']
+__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_serve', 'cmd_stop',
+           'cmd_deploy', 'cmd_models', 'cmd_monitor', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune',
+           'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands', 'settings_list',
+           'add_service_commands', 'add_monitor_commands', 'make_parser', 'failure_summary', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -42,10 +42,22 @@ def cmd_config_check(args):
     print(f"{args.config}: ok (model {cfg.model.model_name}, dataset {cfg.dataset.name} {cfg.dataset.tag or ''})")
 
 def cmd_build(args):
-    "Validate the config, then build the pipeline (only outdated tasks run)."
+    "Validate the config, then build the pipeline (only outdated tasks run), or only the tasks named by --task."
     from cvops.pipeline.build import build
-    report = build(args.config, find_project_root(), force=args.force)
-    if report is not None: print(report)
+    report = build(args.config, find_project_root(), force=args.force, tasks=getattr(args, "task", None))
+    if isinstance(report, dict):   # --task: a line per task
+        for name, ran in report.items(): print(f"{name}: {'built' if ran else 'up to date, skipped (--force rebuilds it)'}")
+    elif report is not None: print(report)
+
+def cmd_export_airflow(args):
+    "Write the Airflow DAGs of pipeline.yaml and pipeline.monitor.yaml."
+    from cvops.pipeline.airflow import export_airflow
+    bad = [q for q in args.queue or [] if not all(q.partition("=")[::2])]
+    if bad: raise ConfigError(f"--queue {bad[0]}: expected TASK=QUEUE, e.g. train=gpu")
+    queues = dict(q.split("=", 1) for q in args.queue or [])
+    files = export_airflow(find_project_root(), args.out, args.config, args.prefix, args.retries, args.monitor_interval, queues)
+    for f in files: print(f"wrote {f}")
+    print(f"Airflow reads them from its dags_folder: AIRFLOW__CORE__DAGS_FOLDER={files[0].parent} (see docs/airflow.md)")
 
 # %% ../notebooks/lib/90_cli.ipynb #005511bd
 def cmd_serve(args):
@@ -103,7 +115,7 @@ def cmd_monitor(args):
     for h in logging.getLogger().handlers: h.setLevel(logging.WARNING)   # Ploomber's and papermill's INFO lines stay out
     logging.getLogger("traitlets").setLevel(logging.ERROR)               # nbconvert's note on image alt texts
     root = find_project_root()
-    from cvops.settings import InsecureSettings, load_settings, refuse_insecure
+    from cvops.settings import InsecureSettings, refuse_insecure
     try: refuse_insecure(load_settings(root=root), "the monitor", ("database",))
     except InsecureSettings as e: raise ConfigError(str(e)) from None
     if args.every is None:
@@ -219,7 +231,26 @@ def add_pipeline_commands(sub):
     command(group(sub, "config", "check a config file"), "check", cmd_config_check,
             "validate a config file and its dataset path/tag", args=[CONFIG_ARG])
     command(sub, "build", cmd_build, "validate the config and build the pipeline (prepare -> validate -> train -> evaluate -> publish)",
-            args=[CONFIG_ARG, ("--force", dict(action="store_true", help="rerun every task, even up-to-date ones"))])
+            args=[CONFIG_ARG, ("--force", dict(action="store_true", help="rerun every task, even up-to-date ones")),
+                  ("--task", dict(action="append", metavar="NAME", help="build only this task of pipeline.yaml (repeatable), with its "
+                                  "hooks, as `ploomber task NAME` does; its upstream must be up to date; skipped when up to date "
+                                  "unless --force. The Airflow DAG of `cvops export airflow` runs each task this way"))])
+
+def add_export_commands(sub):
+    "export airflow."
+    command(group(sub, "export", "export the pipeline to another orchestrator (Airflow)"), "airflow", cmd_export_airflow,
+            "write Airflow 3 DAGs: pipeline.yaml (triggered) and the drift check (scheduled)",
+            "Write OUT/PREFIX_train.py, one Airflow task per task of pipeline.yaml with the same dependencies, each running "
+            "`cvops build --config CONFIG --task NAME` in the project folder (CVOPS_ROOT on the worker, default this folder) "
+            "with the project's environment (CVOPS_BIN, default .venv/bin/cvops), triggered by hand (schedule=None; run conf "
+            "{\"force\": true} rebuilds every task); and OUT/PREFIX_monitor.py, `cvops monitor` every MONITOR_INTERVAL. "
+            "Airflow itself lives in its own environment: `make airflow`. See docs/airflow.md.",
+            [("--out", dict(default="airflow/dags", help="folder for the DAG files (default: %(default)s)")), CONFIG_ARG,
+             ("--prefix", dict(default="cvops", help="DAG ids PREFIX_train and PREFIX_monitor (default: %(default)s)")),
+             ("--retries", dict(type=int, default=1, help="retries of a failed Airflow task, 2 minutes apart (default: %(default)s)")),
+             ("--monitor-interval", dict(metavar="INTERVAL", help="the drift check's schedule, e.g. 1d (default: MONITOR_INTERVAL or 1w)")),
+             ("--queue", dict(action="append", metavar="TASK=QUEUE", help="run TASK on the workers of this Celery queue, e.g. "
+                              "train=gpu (repeatable; the other tasks: Airflow's default queue)"))])
 
 def settings_list(cls) -> str:
     "The environment variables of a settings class, for a command's --help (from `cvops.settings`, so it cannot go stale)."
@@ -280,7 +311,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "
                                 "Run from the project folder (the one with pipeline.yaml).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_pipeline_commands(sub); add_service_commands(sub); add_monitor_commands(sub)
+    add_pipeline_commands(sub); add_service_commands(sub); add_monitor_commands(sub); add_export_commands(sub)
     return p
 
 # %% ../notebooks/lib/90_cli.ipynb #c11a0b7e

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import resolve_path
+from ..config import ConfigError, resolve_path
 from .hooks import load_checked_config
 
 # %% auto #0
-__all__ = ['build']
+__all__ = ['build', 'build_tasks']
 
 # %% ../../notebooks/lib/pipeline/02_build.ipynb #6bd99fc0
 def build(config_path="configs/config.yaml", root=".", force: bool = False, tasks: list | None = None):
-    "Validate `config_path` and build the pipeline in `root` with it; returns Ploomber's build report."
+    "Validate `config_path` and build the pipeline in `root` with it: Ploomber's build report; with `tasks`, only those (`build_tasks`)."
     import yaml
     from ploomber.spec import DAGSpec
     root = Path(root).resolve()
@@ -24,7 +24,27 @@ def build(config_path="configs/config.yaml", root=".", force: bool = False, task
     # the file's own mapping, not the validated one: task parameters then equal what
     # `ploomber build` reads through env.yaml, and neither way reruns the other's work
     dag = DAGSpec(str(root / "pipeline.yaml"), env=yaml.safe_load(path.read_text())).to_dag()
-    if tasks:
-        for t in tasks: dag[t].build(force=True)
-        return None
+    if tasks: return build_tasks(dag, tasks, force)
     return dag.build(force=force)
+
+# %% ../../notebooks/lib/pipeline/02_build.ipynb #b3d8f04c
+def build_tasks(dag, names: list, force: bool = False) -> dict:
+    "Build the tasks `names` of the Ploomber `dag`, in order, with their hooks; `{name: ran?}` (an up-to-date task is skipped unless `force`)."
+    import traceback
+    from ploomber.constants import TaskStatus
+    from ploomber.exceptions import DAGBuildError, TaskBuildError
+    unknown = [n for n in names if n not in dag]
+    if unknown: raise ConfigError(f"--task {unknown[0]}: no such task in pipeline.yaml (tasks: {', '.join(dag)})")
+    ran = {}
+    for name in names:
+        dag.render(show_progress=False)   # statuses as of now: an earlier name may have changed them
+        task, status = dag[name], dag[name].exec_status
+        if status == TaskStatus.WaitingUpstream:
+            stale = [u for u in task.upstream if dag[u].exec_status != TaskStatus.Skipped]
+            raise ConfigError(f"{name}: its upstream {', '.join(stale)} is not up to date; build it first (cvops build --task {stale[0]}, or cvops build)")
+        ran[name] = force or status != TaskStatus.Skipped
+        if not ran[name]: continue
+        try: task.build(force=True)
+        except TaskBuildError as e:   # reported as `cvops build` reports a failed build: the cause last
+            raise DAGBuildError("".join(traceback.format_exception(e))) from None
+    return ran

@@ -1,0 +1,126 @@
+"""The pipeline under Airflow 3, end to end: `cvops export airflow` writes the DAGs of a tiny
+project; in Airflow's own environment (`make airflow`: .venv-airflow) with a throwaway
+AIRFLOW_HOME (SQLite), `DagBag` imports them without errors, their graphs are pipeline.yaml's and
+pipeline.monitor.yaml's as Ploomber reads them, and `dag.test()` runs the training DAG (then the
+monitor DAG): the version is published and deployed in the project's central storage, every task's
+notebook is rendered, `cvops models` lists it."""
+import json
+import shutil
+import subprocess
+import time
+import warnings
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, base_config
+from cvops.testing import need, repo_root
+
+pytestmark = pytest.mark.e2e
+AIRFLOW_VENV = REPO / ".venv-airflow"
+
+# Runs in Airflow's environment: argv = dags folder, then the DAG ids to run with dag.test(), in order.
+IN_AIRFLOW = r'''
+import json, sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder=sys.argv[1])
+dags = bag.dags.values()
+out = {"import_errors": {k: str(v) for k, v in bag.import_errors.items()},
+       "graphs": {d.dag_id: {t.task_id: sorted(t.upstream_task_ids) for t in d.tasks} for d in dags},
+       "schedules": {d.dag_id: str(d.schedule) for d in dags}, "catchup": {d.dag_id: d.catchup for d in dags},
+       "retries": {d.dag_id: sorted({t.retries for t in d.tasks}) for d in dags},
+       "queues": {t.task_id: t.queue for d in dags for t in d.tasks}, "runs": {}}
+for dag_id in sys.argv[2:]:
+    if out["import_errors"]: break
+    run = bag.dags[dag_id].test()
+    state = lambda s: str(getattr(s, "value", s))
+    out["runs"][dag_id] = {"state": state(run.state), "tasks": {ti.task_id: state(ti.state) for ti in run.get_task_instances()}}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def airflow_bin():
+    "Airflow's environment, made or brought up to date by `make airflow` (a stamp: nothing to do when it is there)."
+    proc = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), f"VENV={BIN.parent}", "-o", str(BIN.parent / ".cvops-installed"),
+                           "airflow"], capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0 or not (AIRFLOW_VENV / "bin" / "airflow").exists():
+        need("Airflow's own environment (.venv-airflow)", f"`make airflow` failed (it installs from PyPI):\n{proc.stdout[-1500:]}\n{proc.stderr[-1500:]}")
+    return AIRFLOW_VENV / "bin"
+
+
+def ploomber_graph(spec, env: dict) -> dict:
+    "Each task of a Ploomber spec with its upstream task names, read by Ploomber itself."
+    from ploomber.spec import DAGSpec
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dag = DAGSpec(str(spec), env=env).to_dag()
+    return {name: sorted(dag[name].upstream) for name in dag}
+
+
+def in_airflow(airflow_bin, env, *args, timeout=1500) -> subprocess.CompletedProcess:
+    "A command of Airflow's environment; `timeout` only guards against a hang (2 cores: the DAG runs take ~4 min)."
+    proc = subprocess.run([str(airflow_bin / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{args[:2]} exited {proc.returncode}\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def test_exported_dags_import_match_the_pipeline_and_run(project, tiny_fashion_repo, airflow_bin, tmp_path):
+    started = time.monotonic()
+    cfg = base_config(dataset={"path": str(tiny_fashion_repo)}, deploy={"max_regression": 1.0})
+    project.write_config(cfg)
+    shutil.copy(repo_root() / "pipeline.monitor.yaml", project.path / "pipeline.monitor.yaml")
+    shutil.copytree(repo_root() / "notebooks" / "monitor", project.path / "notebooks" / "monitor")
+
+    out = project.run("cvops", "export", "airflow", "--out", "dags", "--monitor-interval", "1d", "--queue", "train=gpu").stdout
+    dags = project.path / "dags"
+    assert f"wrote {dags / 'cvops_train.py'}\nwrote {dags / 'cvops_monitor.py'}\n" in out, out
+    assert "schedule=None," in (dags / "cvops_train.py").read_text()
+
+    home = tmp_path / "airflow-home"
+    env = {**project.env, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(dags), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+           "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING", "CVOPS_BIN": str(BIN / "cvops")}  # the tasks run this venv's cvops
+    in_airflow(airflow_bin, env, "airflow", "db", "migrate")
+    exported = time.monotonic()
+    proc = in_airflow(airflow_bin, env, "python", "-c", IN_AIRFLOW, str(dags), "cvops_train", "cvops_monitor")
+    ran = time.monotonic()
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result["import_errors"] == {}, result["import_errors"]
+
+    # the graphs are the pipelines' own, as Ploomber reads them (upstream declared in the task notebooks)
+    train_graph = ploomber_graph(project.path / "pipeline.yaml", cfg)
+    assert train_graph["train"] == ["prepare_data", "validate_data"] and "publish" in train_graph["deploy"]
+    monitor_graph = ploomber_graph(project.path / "pipeline.monitor.yaml", {"monitor": cfg["monitor"], "run_id": "x"})
+    assert result["graphs"] == {"cvops_train": train_graph, "cvops_monitor": monitor_graph} == {
+        "cvops_train": train_graph, "cvops_monitor": {"check_drift": []}}, result["graphs"]
+    assert result["schedules"] == {"cvops_train": "None", "cvops_monitor": "1 day, 0:00:00"}, result["schedules"]
+    assert result["catchup"] == {"cvops_train": False, "cvops_monitor": False} and set(map(tuple, result["retries"].values())) == {(1,)}
+    assert {t: q for t, q in result["queues"].items() if q != "default"} == {"train": "gpu"}, result["queues"]   # dag.test() ignores queues
+
+    # the training DAG ran every task, each through Ploomber in the project folder
+    runs = result["runs"]
+    assert runs["cvops_train"] == {"state": "success", "tasks": {t: "success" for t in train_graph}}, (runs, proc.stderr[-5000:])
+    products = project.products("test_model")
+    for task in train_graph:   # every task's rendered notebook, as `cvops build` keeps it
+        nb = json.loads((products / task / f"{task}.ipynb").read_text())
+        assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), task
+        assert "<html" in (products / task / f"{task}.html").read_text()[:2000].lower(), task
+    # publish's on_finish hook published: the version, with the records of the tasks that made it, in central storage
+    storage = project.path / "central_storage"
+    meta = yaml.safe_load((storage / "models" / "test_model.yaml").read_text())
+    version_dir = storage / "models" / meta["model_dir"]
+    assert (version_dir / "model.keras").is_file() and meta["training"]["epochs_run"] == 1
+    assert list(meta["lineage"]["notebooks"]) == [t for t in train_graph if t != "deploy"]
+    for task, rec in meta["lineage"]["notebooks"].items():
+        assert (storage / rec["html"]).read_bytes() == (products / task / f"{task}.html").read_bytes(), task
+    models = project.run("cvops", "models").stdout
+    assert models.splitlines() == ["test_model", f"  * {meta['version']}"], models   # published and deployed
+
+    # the monitor DAG ran `cvops monitor` once: a drift check of the deployed version, its record kept
+    assert runs["cvops_monitor"] == {"state": "success", "tasks": {"check_drift": "success"}}, runs
+    (record,) = (project.path / "products" / "monitor").iterdir()
+    report = json.loads((record / "report.json").read_text())
+    assert report["model_version"] == meta["version"] and (record / "check_drift.html").is_file(), report
+    print(f"export + airflow db migrate: {exported - started:.0f} s; DagBag + dag.test() of both DAGs: {ran - exported:.0f} s; "
+          f"in all {time.monotonic() - started:.0f} s")
