@@ -12,9 +12,9 @@ from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
 __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_serve', 'cmd_stop', 'cmd_deploy',
-           'cmd_models', 'cmd_monitor', 'cmd_log_replay', 'cmd_log_prune', 'cmd_db_migrate', 'command', 'group',
-           'add_pipeline_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands', 'make_parser',
-           'failure_summary', 'main']
+           'cmd_models', 'cmd_monitor', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune', 'cmd_db_migrate',
+           'command', 'group', 'add_pipeline_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands',
+           'make_parser', 'failure_summary', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -115,12 +115,29 @@ def cmd_monitor(args):
     try: seconds = parse_interval(args.every) if args.every else load_settings(MonitorSettings, root).seconds
     except ValueError as e: raise ConfigError(f"--every: {e}") from None
     monitor_section(args.config, root)                      # a bad config stops here, not at every run
+    settings = load_settings(MonitorSettings, root)
+    metrics = serve_monitor_metrics(settings, seconds)
     def stop(*_): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
-    print(f"monitoring the serving version every {args.every or load_settings(MonitorSettings, root).interval} ({seconds:g} s); "
-          "records under products/monitor/", flush=True)
-    try: run_every(seconds, root, args.config, out=lambda line: print(line, flush=True))
+    print(f"monitoring the serving version every {args.every or settings.interval} ({seconds:g} s); records under products/monitor/"
+          + (f"; metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics" if metrics else ""), flush=True)
+    try: run_every(seconds, root, args.config, out=lambda line: print(line, flush=True), on_run=metrics.record if metrics else None)
     except KeyboardInterrupt: print("monitor stopped", flush=True)
+
+def serve_monitor_metrics(settings, seconds: float):
+    """Serve the monitor's Prometheus metrics (`cvops.monitoring.metrics`, and the process's own) on
+    MONITOR_METRICS_HOST:MONITOR_METRICS_PORT in a thread; returns the `MonitorMetrics` to record runs in (None when the port is 0)."""
+    if not settings.metrics_port: return None
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+    from cvops.monitoring.metrics import MonitorMetrics
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)                     # process_start_time_seconds: MonitorStale before the first run
+    metrics = MonitorMetrics(registry, seconds)
+    try: start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+    except OSError as e:
+        raise ConfigError(f"MONITOR_METRICS_PORT: cannot serve the monitor's metrics on {settings.metrics_host}:{settings.metrics_port} "
+                          f"({e.strerror or e}); choose a free port, or 0 for none") from None
+    return metrics
 
 # %% ../notebooks/lib/90_cli.ipynb #ea885146
 def _log_parts():
@@ -237,7 +254,9 @@ def add_monitor_commands(sub):
             "Run the monitoring pipeline (pipeline.monitor.yaml): the serving version's logged predictions of the window "
             "in the config's `monitor` section against its reference data (drift tests), live accuracy from feedback; "
             "one drift_reports row per test, the rendered notebook under products/monitor/<run id>/. On drift: a warning "
-            f"and a POST to MONITOR_WEBHOOK_URL (if set). Settings from the environment and .env: {settings_list(MonitorSettings)}.",
+            "and a POST to MONITOR_WEBHOOK_URL (if set). With --every it serves Prometheus metrics (drift p-values, alert, "
+            "live accuracy, runs by outcome, last run time) on MONITOR_METRICS_HOST:MONITOR_METRICS_PORT/metrics (0: none). "
+            f"Settings from the environment and .env: {settings_list(MonitorSettings)}.",
             [CONFIG_ARG, ("--every", dict(nargs="?", const="", default=None, metavar="INTERVAL",
                                           help="keep running, one check every INTERVAL (e.g. 1w, 1d, 30m, 10s; default: MONITOR_INTERVAL, 1w)"))])
     log_actions = group(sub, "log", "the prediction log: replay rows kept on disk, apply retention")

@@ -103,6 +103,10 @@ class MonitorSettings(StorageSettings):
     interval: str = Field("1w", validation_alias=_env("MONITOR_INTERVAL"), description="how often `cvops monitor --every` checks")
     webhook_url: Optional[str] = Field(None, validation_alias=_env("MONITOR_WEBHOOK_URL"), description="POSTed a JSON summary on drift")
     webhook_timeout: float = Field(5.0, gt=0, le=60, validation_alias=_env("MONITOR_WEBHOOK_TIMEOUT"), description="seconds the webhook may take")
+    metrics_host: str = Field("127.0.0.1", validation_alias=_env("MONITOR_METRICS_HOST"),
+                              description="address `cvops monitor --every` serves its Prometheus metrics on (`0.0.0.0` in a container)")
+    metrics_port: int = Field(9102, ge=0, le=65535, validation_alias=_env("MONITOR_METRICS_PORT"),
+                              description="port of the monitor's Prometheus metrics (`/metrics`); 0: none served")
 
     @field_validator("interval")
     @classmethod

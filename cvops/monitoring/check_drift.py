@@ -143,6 +143,12 @@ class MonitorRun:
         return _jsonable({k: getattr(self, k) for k in ("run_id", "created_on", "model_name", "model_version", "window_start",
                                                           "window_end", "n_rows", "message", "rows")})
 
+    @classmethod
+    def from_report(cls, report: dict) -> "MonitorRun":
+        "The run a report (`to_dict()`, the pipeline's `report.json`) describes."
+        return cls(**{k: report.get(k) for k in ("run_id", "created_on", "model_name", "model_version", "n_rows", "message")},
+                   window_start=_utc(report.get("window_start")), window_end=_utc(report.get("window_end")), rows=report.get("rows") or [])
+
 # %% ../../notebooks/lib/monitoring/03_check_drift.ipynb #3bb67ceb
 def read_run_window(engine, run: MonitorRun, cfg: MonitorConfig, now: datetime) -> tuple[pd.DataFrame, dict]:
     "The run's window (sets `run.n_rows` and `run.window_start`) and its description for the rows' details."
@@ -365,16 +371,16 @@ def build_monitor(root=None, config_path="configs/config.yaml", run_id: str | No
 
 def report_lines(report: dict) -> list[str]:
     "The summary of a run's report: a head line, then one line per test."
-    run = MonitorRun(**{k: report.get(k) for k in ("run_id", "created_on", "model_name", "model_version", "n_rows", "message")},
-                     window_start=_utc(report.get("window_start")), window_end=_utc(report.get("window_end")), rows=report.get("rows") or [])
-    return run.summary_lines() + ([f"  record: {report['records']}"] if report.get("records") else [])
+    return MonitorRun.from_report(report).summary_lines() + ([f"  record: {report['records']}"] if report.get("records") else [])
 
-def run_every(seconds: float, root=None, config_path="configs/config.yaml", runs: int | None = None, out=print) -> int:
-    "Run the monitoring pipeline every `seconds` (for ever, or `runs` times); a failed run is logged, not fatal. Returns failures."
+def run_every(seconds: float, root=None, config_path="configs/config.yaml", runs: int | None = None, out=print, on_run=None) -> int:
+    """Run the monitoring pipeline every `seconds` (for ever, or `runs` times); a failed run is logged, not fatal. Returns failures.
+    `on_run(report)` after each run (`None` for a failed one): `cvops monitor --every` updates its Prometheus metrics there."""
     import time
     failures, n = 0, 0
     while runs is None or n < runs:
         t0 = time.monotonic()
+        report = None
         try:
             report = build_monitor(root, config_path)
             for line in report_lines(report): out(line)
@@ -383,6 +389,7 @@ def run_every(seconds: float, root=None, config_path="configs/config.yaml", runs
         except Exception as e:
             failures += 1
             log.error("monitor run failed: %s: %s", type(e).__name__, str(e).strip().splitlines()[-1][:500] if str(e).strip() else "")
+        if on_run is not None: on_run(report)
         n += 1
         if runs is not None and n >= runs: break
         time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
