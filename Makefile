@@ -96,7 +96,7 @@ test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
 
 stack-rehearsal: venv ## start docker-compose.yml natively (cvops.rehearsal: same commands, env, config files) on a tiny config and print the figures
-	$(BIN)/pytest -q -s -p no:randomly tests/test_stack_rehearsal.py 2>&1 | \
+	$(BIN)/pytest -q -s -p no:randomly --basetemp=$(VAR)/stack-rehearsal tests/test_stack_rehearsal.py 2>&1 | \
 	  grep -E '^(stack up|  [a-z_-]+ +(healthy|completed|not run|started)|rehearsal figures|  [a-z ]+: |    +[0-9]+  |total|[0-9]+ (passed|failed|skipped)|FAILED|E  )' ; \
 	  exit $${PIPESTATUS[0]}
 
