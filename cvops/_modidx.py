@@ -780,6 +780,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'cvops.rehearsal.Proc.start': ('rehearsal.html#proc.start', 'cvops/rehearsal.py'),
                                  'cvops.rehearsal.Proc.stop': ('rehearsal.html#proc.stop', 'cvops/rehearsal.py'),
                                  'cvops.rehearsal.Proc.tail': ('rehearsal.html#proc.tail', 'cvops/rehearsal.py'),
+                                 'cvops.rehearsal.Proc.terminate': ('rehearsal.html#proc.terminate', 'cvops/rehearsal.py'),
                                  'cvops.rehearsal.Stack': ('rehearsal.html#stack', 'cvops/rehearsal.py'),
                                  'cvops.rehearsal.Stack.__init__': ('rehearsal.html#stack.__init__', 'cvops/rehearsal.py'),
                                  'cvops.rehearsal.Stack.image': ('rehearsal.html#stack.image', 'cvops/rehearsal.py'),

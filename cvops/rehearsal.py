@@ -221,7 +221,8 @@ def health_probe(svc: dict) -> tuple | None:
     test = hc.get("test")
     if hc.get("disable") or not test or test == ["NONE"]: return None
     text = test if isinstance(test, str) else " ".join(test[1:])
-    if m := re.search(r"https?://[^\s'\")]+", text): return ("http", m[0])
+    if m := re.search(r"https?://[^\s'\")]+", text):   # the default port made explicit, so the rewrite table sees it
+        return ("http", re.sub(r"^(http://[^/:]+)(?=/|$)", r"\g<1>:80", re.sub(r"^(https://[^/:]+)(?=/|$)", r"\g<1>:443", m[0])))
     if "pg_isready" in text: return ("pg_isready", text)
     raise ComposeError(f"a healthcheck the rehearsal cannot translate: {text}")
 
@@ -269,18 +270,21 @@ class Proc:
         try: return self.log.read_text(errors="replace")[-chars:]
         except OSError: return ""
 
-    def stop(self):
-        "Safe to call twice, or before `start`."
+    def terminate(self):
+        "SIGTERM to its process group (the stop signal of every service here), without waiting."
+        if self.alive():
+            try: os.killpg(self.popen.pid, signal.SIGTERM)   # the group: gunicorn's and MLflow's workers, nginx's...
+            except ProcessLookupError: pass
+
+    def stop(self, deadline: float | None = None):
+        "SIGTERM (unless sent), wait until `deadline` (default: now + its grace), SIGKILL the group. Safe to call twice, or before `start`."
         if self.popen is None: return
-        for sig, wait in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 10)):
-            try: os.killpg(self.popen.pid, sig)   # the group: gunicorn's and MLflow's workers, nginx's, whatever it started
-            except ProcessLookupError: break
-            try: self.popen.wait(wait)
-            except subprocess.TimeoutExpired: continue
-            if sig == signal.SIGTERM:
-                try: os.killpg(self.popen.pid, signal.SIGKILL)   # children that outlive their parent
-                except ProcessLookupError: pass
-            break
+        self.terminate()
+        try: self.popen.wait(max(0.1, (deadline or time.time() + self.grace) - time.time()))
+        except subprocess.TimeoutExpired: pass
+        try: os.killpg(self.popen.pid, signal.SIGKILL)   # what outlived the grace period, and children that outlive their parent
+        except ProcessLookupError: pass
+        self.popen.wait(10)
 
 # %% ../notebooks/lib/96_rehearsal.ipynb #4ccdf259
 def envsubst(text: str, env: dict) -> str:
@@ -372,9 +376,11 @@ def program(name: str) -> str | None:
 class Stack:
     "The compose stack as processes of this machine under `base` (see REWRITES); a context manager that stops everything on exit."
 
-    def __init__(self, base, repo=None, overrides: dict | None = None, interval: str = "2s", skip=(), timeout: float = 420):
+    def __init__(self, base, repo=None, overrides: dict | None = None, config: dict | None = None, interval: str = "2s", skip=(),
+                 timeout: float = 420):
         self.base, self.repo, self.interval, self.timeout = Path(base).resolve(), Path(repo or repo_root()), interval, timeout
         text = (self.repo / "docker-compose.yml").read_text()
+        self.config = config or yaml.safe_load((self.repo / "configs" / "config.yaml").read_text())   # the workspace's configs/config.yaml
         self.secrets = throwaway_secrets(text, read_dotenv(self.repo / ".env"))
         self.compose, self.variables = load_compose(self.repo, {**self.secrets, **(overrides or {})})
         self.services = self.compose["services"]
@@ -399,7 +405,7 @@ class Stack:
         return dockerfile_defaults(self.repo / (build.get("context", ".") if isinstance(build, dict) else build) /
                                    (build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"))
 
-# %% ../notebooks/lib/96_rehearsal.ipynb #b2db232c
+# %% ../notebooks/lib/96_rehearsal.ipynb #48c4993a
 def _stack_env(self, name: str, replica: int = 0) -> dict:
     "The environment of one process of service `name`: the image's ENV, then compose's environment, natively; PATH has the venv first."
     svc, native = self.services[name], self.native(name, replica)
@@ -436,7 +442,7 @@ def _stack_spawn(self, name: str, argv=None, env=None, replica: int = 0, suffix:
 
 Stack.env, Stack.argv, Stack.spawn = _stack_env, _stack_argv, _stack_spawn
 
-# %% ../notebooks/lib/96_rehearsal.ipynb #2038285e
+# %% ../notebooks/lib/96_rehearsal.ipynb #46b30eca
 def _start_postgres(self, name: str):
     env = self.env(name)
     pg = self.pg = PostgresCluster(self.base / "postgres")
@@ -504,12 +510,13 @@ WEED_SERVERS = ("master.port", "master.port.grpc", "volume.port", "volume.port.g
 
 def _start_seaweedfs(self, name: str):
     argv = [a if a != f"-ip={name}" else "-ip=127.0.0.1" for a in self.argv(name)]   # its advertised address: the service name
-    self.spawn(name, argv + [f"-{k}={free_port()}" for k in WEED_SERVERS])
+    # its Iceberg and Lance catalogue listeners have fixed ports (8181...) that may be taken here; nothing in the stack uses them
+    self.spawn(name, argv + [f"-{k}={free_port()}" for k in WEED_SERVERS] + ["-s3.port.iceberg=0", "-s3.port.lance=0"])
 
 Stack.start_postgres, Stack.start_nginx, Stack.start_prometheus = _start_postgres, _start_nginx, _start_prometheus
 Stack.start_node_exporter, Stack.start_seaweedfs = _start_node_exporter, _start_seaweedfs
 
-# %% ../notebooks/lib/96_rehearsal.ipynb #711992e4
+# %% ../notebooks/lib/96_rehearsal.ipynb #7471e739
 def _stack_healthy(self, name: str) -> bool:
     "Whether the service's healthcheck, translated, passes for every replica."
     kind, target = health_probe(self.services[name]) or (None, None)
@@ -539,6 +546,10 @@ def _stack_ready(self, dep: str, condition: str) -> bool:
 def _stack_start(self):
     "Start every service, each once its depends_on conditions hold; TimeoutError (naming what waits on what) after `timeout` s."
     self.logs.mkdir(parents=True, exist_ok=True)
+    (self.workspace / "configs").mkdir(parents=True, exist_ok=True)
+    (self.workspace / "configs" / "config.yaml").write_text(yaml.safe_dump(self.config, sort_keys=False))
+    if not (self.workspace / "env.yaml").exists(): (self.workspace / "env.yaml").symlink_to("configs/config.yaml")
+    for volume in self.compose.get("volumes") or {}: (self.volumes / volume).mkdir(parents=True, exist_ok=True)   # as Compose creates them
     for rel in WORKSPACE_FILES:
         src, dst = self.repo / rel, self.workspace / rel
         if src.is_dir(): shutil.copytree(src, dst, dirs_exist_ok=True)
@@ -561,9 +572,11 @@ def _stack_start(self):
     return self
 
 def _stack_stop(self):
-    "Stop every process (reverse start order; SIGTERM, its grace period, SIGKILL of the group), then the PostgreSQL cluster. Safe to call twice."
-    for name in reversed(self.order):
-        for p in reversed(self.procs.get(name, [])): p.stop()
+    "Stop every process: SIGTERM to all (reverse start order), wait for each up to its grace period, SIGKILL its group; then the PostgreSQL cluster. Safe to call twice."
+    procs = [p for name in reversed(self.order) for p in reversed(self.procs.get(name, []))]
+    for p in procs: p.terminate()
+    started = time.time()
+    for p in procs: p.stop(started + p.grace)
     if self.pg is not None:
         self.pg.remove(); self.pg = None
 
@@ -571,7 +584,7 @@ Stack.healthy, Stack.poll, Stack.ready, Stack.start, Stack.stop = _stack_healthy
 Stack.__enter__ = lambda self: self.start()
 Stack.__exit__ = lambda self, *exc: self.stop()
 
-# %% ../notebooks/lib/96_rehearsal.ipynb #edfb5d97
+# %% ../notebooks/lib/96_rehearsal.ipynb #62a9497d
 def _stack_url(self, name: str, path: str = "/", replica: int = 0) -> str:
     "`http://127.0.0.1:<port><path>` of a service (replica `replica`)."
     return f"http://127.0.0.1:{self.ports[name][replica]}{path}"
