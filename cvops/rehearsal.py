@@ -377,7 +377,8 @@ class Stack:
     "The compose stack as processes of this machine under `base` (see REWRITES); a context manager that stops everything on exit."
 
     def __init__(self, base, repo=None, overrides: dict | None = None, config: dict | None = None, interval: str = "2s", skip=(),
-                 timeout: float = 420):
+                 timeout: float = 420, central_storage: str | None = None):
+        self.central_storage, self.bucket_made = central_storage, False   # None: the compose file's shared volume; s3://...: the object store
         self.base, self.repo, self.interval, self.timeout = Path(base).resolve(), Path(repo or repo_root()), interval, timeout
         text = (self.repo / "docker-compose.yml").read_text()
         self.config = config or yaml.safe_load((self.repo / "configs" / "config.yaml").read_text())   # the workspace's configs/config.yaml
@@ -411,6 +412,7 @@ def _stack_env(self, name: str, replica: int = 0) -> dict:
     svc, native = self.services[name], self.native(name, replica)
     env = {"PATH": f"{BIN}:{SYSTEM_PATH}", "HOME": os.environ.get("HOME", "/root"), "LANG": "C.UTF-8"}
     env.update(native.env({**self.image(name)[0], **service_environment(svc)}))
+    if "CVOPS_CENTRAL_STORAGE" in env: env.update(self.storage_env())
     if env.get("CVOPS_VAR_ROOT") and not env.get("CVOPS_VAR_DIR"):   # services/dl_service/entrypoint.sh: CVOPS_VAR_ROOT/<host name>
         env["CVOPS_VAR_DIR"] = f"{env['CVOPS_VAR_ROOT']}/{name}-{replica + 1}"
     return env
@@ -440,7 +442,13 @@ def _stack_spawn(self, name: str, argv=None, env=None, replica: int = 0, suffix:
     self.procs.setdefault(name, []).append(proc)
     return proc
 
-Stack.env, Stack.argv, Stack.spawn = _stack_env, _stack_argv, _stack_spawn
+def _storage_env(self) -> dict:
+    "The one switch to the object store (`central_storage` an s3:// URL): every process that reads CVOPS_CENTRAL_STORAGE gets the URL, the seaweedfs service's S3 endpoint and .env's key pair."
+    if not self.central_storage: return {}
+    return {"CVOPS_CENTRAL_STORAGE": self.central_storage, "S3_ENDPOINT_URL": f"http://127.0.0.1:{self.ports['seaweedfs'][0]}",
+            "AWS_ACCESS_KEY_ID": self.variables["S3_ACCESS_KEY"], "AWS_SECRET_ACCESS_KEY": self.variables["S3_SECRET_KEY"]}
+
+Stack.env, Stack.argv, Stack.spawn, Stack.storage_env = _stack_env, _stack_argv, _stack_spawn, _storage_env
 
 # %% ../notebooks/lib/96_rehearsal.ipynb #46b30eca
 def _start_postgres(self, name: str):
@@ -565,6 +573,7 @@ def _stack_start(self):
                 for r in range(len(self.ports[name])): self.spawn(name, replica=r)
             self.state[name] = "started"
         self.poll()
+        if self.central_storage and not self.bucket_made and self.state.get("seaweedfs") == "healthy": self.make_bucket()
         if time.time() > deadline:
             waiting = {n: self.state.get(n, "waiting for " + ", ".join(depends_on(self.services[n]))) for n in pending + [n for n, s in self.state.items() if s == "started"]}
             raise TimeoutError(f"the stack did not come up within {self.timeout:.0f} s: {waiting}")
@@ -580,6 +589,19 @@ def _stack_stop(self):
     if self.pg is not None:
         self.pg.remove(); self.pg = None
 
+def _make_bucket(self):
+    "The bucket of `central_storage` on the object store (what an operator creates once, before the stack is used)."
+    import s3fs
+    env = self.storage_env()
+    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"], client_kwargs={"endpoint_url": env["S3_ENDPOINT_URL"]})
+    def made():
+        try: fs.mkdir(self.central_storage.removeprefix("s3://").split("/")[0]); return True
+        except FileExistsError: return True
+        except Exception: return False   # the S3 gateway still starting
+    wait_until("the central storage bucket", made, 60)
+    self.bucket_made = True
+
+Stack.make_bucket = _make_bucket
 Stack.healthy, Stack.poll, Stack.ready, Stack.start, Stack.stop = _stack_healthy, _stack_poll, _stack_ready, _stack_start, _stack_stop
 Stack.__enter__ = lambda self: self.start()
 Stack.__exit__ = lambda self, *exc: self.stop()
