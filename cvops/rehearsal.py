@@ -302,10 +302,10 @@ def native_nginx_conf(rendered: str, native: Native) -> str:
     out = re.sub(r"(?<=\s)(/etc/nginx/[^\s;]*)", lambda m: native.text(m[1]), native._hosts(out))
     return out
 
-def nginx_main_conf(conf_d: Path, temp: Path) -> str:
-    "The nginx image's /etc/nginx/nginx.conf (workers, events, mime types, `include conf.d/*.conf`), with temp paths in the rehearsal's folder."
+def nginx_main_conf(conf_d: Path, temp: Path, user: str | None = None) -> str:
+    "The nginx image's /etc/nginx/nginx.conf (workers, events, mime types, `include conf.d/*.conf`), with temp paths in the rehearsal's folder; `user`: its workers' user."
     temps = "\n".join(f"    {k}_temp_path {temp / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    return (f"worker_processes 2;\nevents {{ worker_connections 1024; }}\nhttp {{\n    include /etc/nginx/mime.types;\n"
+    return ((f"user {user};\n" if user else "") + f"worker_processes 2;\nevents {{ worker_connections 1024; }}\nhttp {{\n    include /etc/nginx/mime.types;\n"
             f"    default_type application/octet-stream;\n    sendfile on;\n    keepalive_timeout 65;\n{temps}\n"
             f"    include {conf_d}/*.conf;\n}}\n")
 
@@ -483,12 +483,13 @@ def _start_nginx(self, name: str):
         if target.startswith("/docker-entrypoint.d/") and target.endswith(".sh"):
             run = subprocess.run(["sh", script], env={**env, "DASHBOARD_HTPASSWD": htpasswd}, capture_output=True, text=True, timeout=60)
             if run.returncode: raise RuntimeError(f"nginx: {target} exited {run.returncode}: {run.stdout}{run.stderr}")
-    if os.geteuid() == 0 and Path(htpasswd).exists(): shutil.chown(htpasswd, "nobody")   # the script's chown to the image's worker user
     for target, template in native.paths.items():
         if target.startswith("/etc/nginx/templates/") and target.endswith(".template"):
             conf = native_nginx_conf(envsubst(Path(template).read_text(), env), native)
             (d / "conf.d" / Path(target).name.removesuffix(".template")).write_text(conf)
-    (d / "nginx.conf").write_text(nginx_main_conf(d / "conf.d", d / "temp"))
+    # as root, the workers run as root too: the rehearsal's folder (a test's private temp folder) is closed to the image's
+    # unprivileged worker user, and they read the password file and write request bodies there
+    (d / "nginx.conf").write_text(nginx_main_conf(d / "conf.d", d / "temp", "root" if os.geteuid() == 0 else None))
     nginx = program("nginx")
     if nginx is None: raise FileNotFoundError("nginx: not installed (apt-get install nginx)")
     self.spawn(name, [nginx, "-c", d / "nginx.conf", "-p", f"{d}/", "-e", d / "error.log", "-g", f"daemon off; pid {d / 'nginx.pid'};"], env)

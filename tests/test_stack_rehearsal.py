@@ -16,6 +16,7 @@ Prometheus). On a tiny config:
 `make stack-rehearsal` runs this test and prints its figures. Everything listens on 127.0.0.1 and is stopped pass or fail.
 """
 import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # tiny_version trains in this process: no TensorFlow start-up lines in the report
 import shutil
 import threading
 import time
@@ -64,11 +65,19 @@ class ThroughNginx:
     def __init__(self, url: str, rate: float = 6):
         self.base, self.gap, self.local = url, 1 / rate, threading.local()
 
-    def predict(self, data, filename="x.png", content_type="image/png", heatmap=False, timeout=30):
+    def _pace(self):
         wait = getattr(self.local, "next", 0) - time.monotonic()
         if wait > 0: time.sleep(wait)
         self.local.next = time.monotonic() + self.gap
+
+    def predict(self, data, filename="x.png", content_type="image/png", heatmap=False, timeout=30):
+        self._pace()
         return requests.post(f"{self.base}/predict?heatmap=false", files={"file": (filename, data, content_type)}, timeout=timeout)
+
+    def feedback(self, request_id: str, label: str, token: str):
+        self._pace()
+        return requests.post(f"{self.base}/feedback", json={"request_id": request_id, "labels": [label]},
+                             headers={"Authorization": f"Bearer {token}"}, timeout=30)
 
 
 def _mlflow_runs(st: Stack, experiment: str) -> list:
@@ -112,13 +121,13 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         figures["build"] = f"MLflow runs {len(runs)} (experiment rehearsal), version {version} in {where}, served by both replicas"
 
         # predictions through nginx land in PostgreSQL; half get feedback (the monitor's live accuracy)
-        answers = [ThroughNginx(nginx).predict(images[i % len(images)]) for i in range(N_PREDICTIONS)]
+        client = ThroughNginx(nginx)
+        answers = [client.predict(images[i % len(images)]) for i in range(N_PREDICTIONS)]
         ok = [a for a in answers if a.status_code == 200]
         assert len(ok) == N_PREDICTIONS, [(a.status_code, a.text[:200]) for a in answers if a.status_code != 200][:3]
         assert {a.headers["X-Model-Version"] for a in ok} == {version}
-        token = {"Authorization": f"Bearer {st.variables['CVOPS_FEEDBACK_TOKEN']}"}
         for a in ok[::2]:
-            f = requests.post(f"{nginx}/feedback", json={"request_id": a.json()["request_id"], "labels": [a.json()["top_class"]]}, headers=token, timeout=30)
+            f = client.feedback(a.json()["request_id"], a.json()["top_class"], st.variables["CVOPS_FEEDBACK_TOKEN"])
             assert f.status_code == 200, f.text
         rows = wait_until("the predictions in PostgreSQL", lambda: (n := st.sql("SELECT count(*) FROM predictions")[0][0]) >= len(ok) and n, 60)
         assert rows == len(ok), (rows, len(ok))
