@@ -137,6 +137,21 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         drift = wait_until("drift_reports rows", lambda: st.sql("SELECT count(*) FROM drift_reports WHERE model_version = %s", (version,))[0][0], 300, interval=3)
         figures["monitor"] = f"{drift} drift_reports rows for {version}"
 
+        # Prometheus: a series for every Grafana panel query and every alert rule's selectors (while the monitor's latest run
+        # is on the built version, with data and feedback: its p-values and live accuracy are served)
+        rules = requests.get(st.url("prometheus", "/api/v1/rules"), timeout=10).json()["data"]["groups"]
+        queries = [(t, q) for t, q in dashboard_queries(st.repo / "services" / "grafana" / "dashboards" / "cvops.json")]
+        queries += [(r["name"], s) for g in rules for r in g["rules"] for s in metric_selectors(r["query"])]
+        assert rules and queries
+        def all_found():
+            got = {q: _series(st, q) for _, q in queries}
+            return got if all(got.values()) else None
+        try: got = wait_until("a series for every query", all_found, 90, interval=2)
+        except TimeoutError:
+            got = {q: _series(st, q) for _, q in queries}
+            raise AssertionError("queries without series: " + "; ".join(q for q, n in got.items() if not n)) from None
+        figures["prometheus"] = f"{len(queries)} queries ({len(rules)} rule groups), every one with series"
+
         # a deploy from the workspace reaches both replicas through nginx, 0 failed requests under load
         for k, v in st.storage_env().items(): monkeypatch.setenv(k, v)   # this process publishes the second version
         other = tiny_version(st.central_storage or st.volumes / "central_storage", "tiny", detectors=False)
@@ -158,20 +173,6 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         assert requests.get(f"{nginx}/dashboards/", timeout=30).status_code == 401
         dash = requests.get(f"{nginx}/dashboards/", auth=(st.variables["DASHBOARD_USER"], st.variables["DASHBOARD_PASSWORD"]), timeout=60)
         assert dash.status_code == 200, dash.status_code
-
-        # Prometheus: a series for every Grafana panel query and every alert rule's selectors
-        rules = requests.get(st.url("prometheus", "/api/v1/rules"), timeout=10).json()["data"]["groups"]
-        queries = [(t, q) for t, q in dashboard_queries(st.repo / "services" / "grafana" / "dashboards" / "cvops.json")]
-        queries += [(r["name"], s) for g in rules for r in g["rules"] for s in metric_selectors(r["query"])]
-        assert rules and queries
-        def all_found():
-            got = {q: _series(st, q) for _, q in queries}
-            return got if all(got.values()) else None
-        try: got = wait_until("a series for every query", all_found, 90, interval=2)
-        except TimeoutError:
-            got = {q: _series(st, q) for _, q in queries}
-            raise AssertionError("queries without series: " + "; ".join(q for q, n in got.items() if not n)) from None
-        figures["prometheus"] = f"{len(queries)} queries ({len(rules)} rule groups), every one with series"
 
         # a burst past nginx's rate + burst gets 429s; then predictions go through again
         def burst(out):
