@@ -22,7 +22,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: help setup system-deps venv airflow dataset run serve stop monitor dashboard test test-fast bench mlflow lab nb-inject nb-clean docs status clean
+.PHONY: help setup system-deps venv airflow dataset run serve stop monitor dashboard test test-fast stack-rehearsal bench mlflow lab nb-inject nb-clean docs status clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -112,6 +112,11 @@ test: setup ## run every test: notebook checks (nbval), integration and end-to-e
 
 test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
+
+stack-rehearsal: venv ## start docker-compose.yml natively (cvops.rehearsal: same commands, env, config files) on a tiny config and print the figures
+	$(BIN)/pytest -q -s -p no:randomly --basetemp=$(VAR)/stack-rehearsal tests/test_stack_rehearsal.py 2>&1 | \
+	  grep -E '^(stack up|  [a-z_-]+ +(healthy|completed|not run|started)|rehearsal figures|  [a-z ]+: |    +[0-9]+  |total|[0-9]+ (passed|failed|skipped)|FAILED|E  )' ; \
+	  exit $${PIPESTATUS[0]}
 
 bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); monitoring run on 100k rows -> bench/results/
 	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
