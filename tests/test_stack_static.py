@@ -20,6 +20,7 @@ from cvops.testing import need
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "docker-compose.yml"
 GPU_OVERRIDE = REPO / "docker-compose.gpu.yml"
+S3_OVERRIDE = REPO / "docker-compose.s3.yml"
 NGINX_TEMPLATE = REPO / "services" / "nginx" / "default.conf.template"
 HTPASSWD_SCRIPT = REPO / "services" / "nginx" / "40-dashboard-htpasswd.sh"
 INIT_SCRIPT = REPO / "services" / "postgres" / "init-databases.sh"
@@ -84,12 +85,12 @@ def one_shots(c: dict) -> set:
 # --- the compose file against the specification and docker-compose -------------------------------
 
 def test_compose_file_matches_the_compose_specification(tmp_path):
-    "check-jsonschema's bundled Compose-spec schema (offline) accepts the stack and the GPU override, and refuses a broken copy."
+    "check-jsonschema's bundled Compose-spec schema (offline) accepts the stack and the GPU and object-store overrides, and refuses a broken copy."
     exe = Path(sys.executable).parent / "check-jsonschema"
     if not exe.exists(): need("check-jsonschema", "pip install -r requirements.txt -c constraints.txt")
     def check(*files):
         return subprocess.run([str(exe), "--builtin-schema", "vendor.compose-spec", *map(str, files)], capture_output=True, text=True, timeout=120)
-    ok = check(COMPOSE, GPU_OVERRIDE)
+    ok = check(COMPOSE, GPU_OVERRIDE, S3_OVERRIDE)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     broken = compose()
     broken["services"]["nginx"]["restart_policy"] = "always"   # not a Compose key (restart is)
@@ -102,9 +103,17 @@ def test_compose_file_is_valid(tmp_path):
     "Debian's docker-compose (no Docker engine needed) parses the file with .env, and stops on a secret missing from .env."
     exe = shutil.which("docker-compose")
     if exe is None: need("docker-compose", "not installed (.ci/run installs it: apt-get install docker-compose)")
-    for files in ([], ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"]):
+    for files in ([], ["-f", "docker-compose.yml", "-f", "docker-compose.gpu.yml"], ["-f", "docker-compose.yml", "-f", "docker-compose.s3.yml"]):
         proc = subprocess.run([exe, *files, "config", "-q"], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
+    merged = subprocess.run([exe, "-f", "docker-compose.yml", "-f", "docker-compose.s3.yml", "config"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    services = yaml.safe_load(merged.stdout)["services"]   # the override reaches every process that reads central storage
+    for name in ("jupyter", "dl_service", "monitor", "dashboards"):
+        env = services[name]["environment"]
+        assert env["CVOPS_CENTRAL_STORAGE"] == "s3://cvops/central_storage" and env["S3_ENDPOINT_URL"] == "http://seaweedfs:8333", (name, env)
+        assert "DB_URL" in env and "seaweedfs" in services[name]["depends_on"], name   # merged with, not instead of, the base
+    assert "s3://cvops/mlflow" in services["mlflow"]["command"]
     shutil.copy(COMPOSE, tmp_path)
     env = {k: v for k, v in dotenv().items() if k != "POSTGRES_PASSWORD"}
     (tmp_path / ".env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
