@@ -2,9 +2,12 @@
 project; in Airflow's own environment (`make airflow`: .venv-airflow) with a throwaway
 AIRFLOW_HOME (SQLite), `DagBag` imports them without errors, their graphs are pipeline.yaml's and
 pipeline.monitor.yaml's as Ploomber reads them, and `dag.test()` runs the training DAG (then the
-monitor DAG): the version is published and deployed in the project's central storage, every task's
-notebook is rendered, `cvops models` lists it."""
+monitor DAG) with central storage on an object store (a real SeaweedFS, `CVOPS_CENTRAL_STORAGE=s3://...` in the
+environment the tasks run with): the version, with every task's rendered notebook, is published and deployed on the store
+(read back through the registry API, nothing lands in the local central_storage/), the task notebooks are also kept under
+products/, `cvops models` lists it from the store, and the monitor's drift check reads the deployed version from it."""
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -14,7 +17,10 @@ import pytest
 import yaml
 
 from conftest import BIN, REPO, base_config
-from cvops.testing import need, repo_root
+from cvops.registry.store import exists, open_store
+from cvops.registry.versions import (METADATA_FILE, current_deployment, deployment_history, published_models, published_versions,
+                                     read_file, storage_path)
+from cvops.testing import need, repo_root, seaweedfs_or_need
 
 pytestmark = pytest.mark.e2e
 AIRFLOW_VENV = REPO / ".venv-airflow"
@@ -66,8 +72,22 @@ def in_airflow(airflow_bin, env, *args, timeout=1500) -> subprocess.CompletedPro
     return proc
 
 
-def test_exported_dags_import_match_the_pipeline_and_run(project, tiny_fashion_repo, airflow_bin, tmp_path):
+@pytest.fixture
+def weed(tmp_path, monkeypatch):
+    "A real SeaweedFS; this process's environment reaches it too (the registry API reads the store back)."
+    store = seaweedfs_or_need(tmp_path / "seaweedfs")
+    store.start(timeout=300)   # a loaded machine
+    try:
+        for k, v in store.env().items(): monkeypatch.setenv(k, v)
+        monkeypatch.setenv("CVOPS_VAR_DIR", str(tmp_path / "var"))
+        yield store
+    finally: store.stop()
+
+
+def test_exported_dags_import_match_the_pipeline_and_run(project, tiny_fashion_repo, airflow_bin, weed, tmp_path):
     started = time.monotonic()
+    central = f"s3://{weed.bucket}/central-airflow"   # the DAG tasks, `cvops models` and this test: all on the store
+    project.env.update({**weed.env(), "CVOPS_CENTRAL_STORAGE": central, "CVOPS_VAR_DIR": os.environ["CVOPS_VAR_DIR"]})
     cfg = base_config(dataset={"path": str(tiny_fashion_repo)}, deploy={"max_regression": 1.0})
     project.write_config(cfg)
     shutil.copy(repo_root() / "pipeline.monitor.yaml", project.path / "pipeline.monitor.yaml")
@@ -106,21 +126,30 @@ def test_exported_dags_import_match_the_pipeline_and_run(project, tiny_fashion_r
         nb = json.loads((products / task / f"{task}.ipynb").read_text())
         assert any(c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), task
         assert "<html" in (products / task / f"{task}.html").read_text()[:2000].lower(), task
-    # publish's on_finish hook published: the version, with the records of the tasks that made it, in central storage
-    storage = project.path / "central_storage"
-    meta = yaml.safe_load((storage / "models" / "test_model.yaml").read_text())
-    version_dir = storage / "models" / meta["model_dir"]
-    assert (version_dir / "model.keras").is_file() and meta["training"]["epochs_run"] == 1
+    # publish published on the object store (read back through the registry API): the version, with the records of the tasks
+    # that made it (publish's own added by its on_finish hook); deploy moved the store's deployment pointer to it
+    assert published_models(central) == ["test_model"]
+    (version,) = published_versions(central, "test_model")
+    meta = yaml.safe_load(read_file(central, storage_path(version, METADATA_FILE)))
+    assert meta["version"] == version == json.loads((products / "publish" / "metadata.json").read_text())["version"]
+    assert exists(open_store(central), storage_path(version, "model.keras")) and meta["training"]["epochs_run"] == 1
     assert list(meta["lineage"]["notebooks"]) == [t for t in train_graph if t != "deploy"]
-    for task, rec in meta["lineage"]["notebooks"].items():
-        assert (storage / rec["html"]).read_bytes() == (products / task / f"{task}.html").read_bytes(), task
+    for task, rec in meta["lineage"]["notebooks"].items():   # the rendered notebooks inside the published version, on the store
+        assert read_file(central, rec["html"]) == (products / task / f"{task}.html").read_text(), task
+        assert json.loads(read_file(central, rec["ipynb"])) == json.loads((products / task / f"{task}.ipynb").read_text()), task
+    deployed = current_deployment(central)
+    assert (deployed["model_name"], deployed["version"], deployed["previous_version"]) == ("test_model", version, None), deployed
+    assert [r["version"] for r in deployment_history(central)] == [version]
+    assert json.loads((products / "deploy" / "deployment.json").read_text())["version"] == version
+    assert [p for p in (project.path / "central_storage").rglob("*") if p.is_file()] == []   # nothing in the local central storage
     models = project.run("cvops", "models").stdout
-    assert models.splitlines() == ["test_model", f"  * {meta['version']}"], models   # published and deployed
+    assert models.splitlines() == ["test_model", f"  * {version}"], models   # published and deployed, listed from the store
 
-    # the monitor DAG ran `cvops monitor` once: a drift check of the deployed version, its record kept
+    # the monitor DAG ran `cvops monitor` once: a drift check of the version deployed on the store, its record kept
     assert runs["cvops_monitor"] == {"state": "success", "tasks": {"check_drift": "success"}}, runs
     (record,) = (project.path / "products" / "monitor").iterdir()
     report = json.loads((record / "report.json").read_text())
     assert report["model_version"] == meta["version"] and (record / "check_drift.html").is_file(), report
+    assert (tmp_path / "var" / "cache" / "versions" / version / "detectors").is_dir()   # its detectors: downloaded from the store
     print(f"export + airflow db migrate: {exported - started:.0f} s; DagBag + dag.test() of both DAGs: {ran - exported:.0f} s; "
           f"in all {time.monotonic() - started:.0f} s")
