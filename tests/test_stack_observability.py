@@ -32,13 +32,13 @@ import requests
 import yaml
 
 from cvops.testing import BIN, Service, encode, free_port, monitor_env, monitor_project, need, tiny_version, wait_predictions_logged
+from cvops.rehearsal import GRAFANA_VARS, metric_selectors   # the same parsing the rehearsal uses
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "services" / "prometheus"
 GRAFANA = REPO / "services" / "grafana"
 JOBS = {"cvops_service", "cvops_monitor", "node", "prometheus"}
 # Grafana's own variables in the dashboard's queries, as Grafana fills them in for a 1 s scrape interval and a short range
-GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "1s", "$__range": "10m"}
 # a filesystem the node-exporter must not skip here: a CI container's root is often overlay (the Debian default excludes it)
 FS_TYPES_EXCLUDE = ("^(autofs|binfmt_misc|bpf|cgroup2?|configfs|debugfs|devpts|devtmpfs|fusectl|hugetlbfs|iso9660|mqueue|nsfs|proc|"
                     "procfs|pstore|rpc_pipefs|securityfs|selinuxfs|squashfs|sysfs|tracefs)$")
@@ -185,22 +185,10 @@ def _query(prom_url: str, expr: str) -> list:
     return body["data"]["result"]
 
 
-def rule_selectors(expr: str) -> list:
-    "The metric selectors of a PromQL expression (metric names of this stack, with their label matchers)."
-    out = []
-    tokens = re.finditer(r'"(?:[^"\\]|\\.)*"|\{[^}]*\}|[A-Za-z_:][\w:]*', expr)
-    toks = [(m.group(), m.start(), m.end()) for m in tokens]
-    for i, (tok, _, end) in enumerate(toks):
-        if not re.fullmatch(r"(cvops|node|process)_[\w:]*|up", tok): continue
-        nxt = toks[i + 1] if i + 1 < len(toks) else None
-        out.append(tok + (nxt[0] if nxt and nxt[0].startswith("{") and not expr[end:nxt[1]].strip() else ""))
-    return out
-
-
-def test_rule_selectors_are_found():
-    assert rule_selectors('sum by (instance) (rate(cvops_http_requests_total{route!~"/metrics|/health",status=~"5.."}[5m])) / up{job="x"}') == \
+def test_metric_selectors_are_found():
+    assert metric_selectors('sum by (instance) (rate(cvops_http_requests_total{route!~"/metrics|/health",status=~"5.."}[5m])) / up{job="x"}') == \
         ['cvops_http_requests_total{route!~"/metrics|/health",status=~"5.."}', 'up{job="x"}']
-    assert rule_selectors('time() - (max by (instance) (cvops_monitor_last_run_timestamp_seconds) or process_start_time_seconds{job="cvops_monitor"})') == \
+    assert metric_selectors('time() - (max by (instance) (cvops_monitor_last_run_timestamp_seconds) or process_start_time_seconds{job="cvops_monitor"})') == \
         ["cvops_monitor_last_run_timestamp_seconds", 'process_start_time_seconds{job="cvops_monitor"}']
 
 
@@ -288,7 +276,7 @@ def test_prometheus_finds_series_for_every_dashboard_query_and_alert_rule(tmp_pa
         dash = _dashboard_queries()
         exprs = [(title, expr, _fill(expr)) for title, expr in dash]
         rules = requests.get(f"{prom_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
-        selectors = [(r["name"], s) for g in rules for r in g["rules"] for s in rule_selectors(r["query"])]
+        selectors = [(r["name"], s) for g in rules for r in g["rules"] for s in metric_selectors(r["query"])]
 
         def counts():
             got = {q: len(_query(prom_url, q)) for q in [e for _, _, e in exprs] + [s for _, s in selectors]}
@@ -308,7 +296,7 @@ def test_prometheus_finds_series_for_every_dashboard_query_and_alert_rule(tmp_pa
         assert {g["name"] for g in rules} == {g["name"] for g in alerts["groups"]}
         assert sorted(r["name"] for g in rules for r in g["rules"]) == sorted(r["alert"] for g in alerts["groups"] for r in g["rules"])
         assert all(r["health"] != "err" for g in rules for r in g["rules"]), [(r["name"], r.get("lastError")) for g in rules for r in g["rules"]]
-        assert all(rule_selectors(r["query"]) for g in rules for r in g["rules"])
+        assert all(metric_selectors(r["query"]) for g in rules for r in g["rules"])
         serving = _query(prom_url, "max by (instance, version) (cvops_model_serving) == 1")
         assert [s["metric"]["version"] for s in serving] == [v.version], serving
 
