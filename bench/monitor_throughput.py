@@ -112,8 +112,8 @@ def main():
     ref = feature_frame({"uae": ru, "bbsd": rb}, classes=CLASSES)
     try:
         from cvops.monitoring.check_drift import window_frame
-        from cvops.predlog.queries import read_window
-        h7_reader = (read_window, window_frame)
+        from cvops.predlog.queries import read_window as monitor_read_window   # not this file's read_window (the JSON-era reader)
+        h7_reader = (monitor_read_window, window_frame)
     except Exception as e:  # noqa: BLE001  (the monitor module is optional here)
         h7_reader = None; print(f"cvops.monitoring.check_drift reader not timed: {type(e).__name__}: {e}")
     with tempfile.TemporaryDirectory() as tmp:
