@@ -48,11 +48,12 @@ system-deps: ## install Debian's dataset-fashion-mnist (the default dataset) if 
 
 venv: $(STAMP)
 
+# One line on the console, the installers' output in $(INSTALL_LOG): uv (bootstrapped with pip, pinned in
+# constraints.txt) installs in under a minute; pip is the fallback where uv cannot be installed.
+INSTALL_LOG := $(VAR)/install.log
+
 $(STAMP): requirements.txt constraints.txt pyproject.toml
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade "pip<26"
-	$(BIN)/pip install -r requirements.txt -c constraints.txt
-	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	@scripts/install_venv.sh "$(PYTHON)" "$(VENV)" "$(INSTALL_LOG)"
 	@touch $@
 
 # Airflow lives in an environment of its own, so .venv stays lean: the exported DAGs run the project's
