@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
@@ -126,6 +125,7 @@ def sample_splits(source: ImageSource, n_train: Optional[int] = 55000, n_valid: 
 # %% ../../notebooks/lib/data/01_dataset.ipynb #68c4fbad
 def annotation_frame(paths: Sequence[str], splits: Sequence[str], onehot: np.ndarray, class_names) -> pd.DataFrame:
     "The annotation table: `path`, `split`, then one 0/1 column per class in class order."
+    import pandas as pd   # here, not at the top: `cvops build` checks a dataset through this module, and pandas takes a second to import
     df = pd.DataFrame({"path": list(paths), "split": list(splits)})
     for i, c in enumerate(class_names): df[c] = np.asarray(onehot)[:, i].astype(int)
     return df
@@ -193,6 +193,7 @@ def is_dataset_repo(path) -> bool:
 
 def split_counts(path) -> dict:
     "Images per split from `annotation_df.csv` in `path`."
+    import pandas as pd
     df = pd.read_csv(Path(path)/"annotation_df.csv", usecols=["split"])
     return {s: int((df.split == s).sum()) for s in SPLITS}
 
