@@ -14,7 +14,7 @@ from .config import ConfigError, find_project_root, resolve_path
 __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_serve', 'cmd_stop',
            'cmd_deploy', 'cmd_models', 'cmd_monitor', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune',
            'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands', 'settings_list',
-           'add_service_commands', 'add_monitor_commands', 'make_parser', 'failure_summary', 'main']
+           'add_service_commands', 'add_monitor_commands', 'make_parser', 'failure_summary', 'is_build_error', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -42,12 +42,16 @@ def cmd_config_check(args):
     print(f"{args.config}: ok (model {cfg.model.model_name}, dataset {cfg.dataset.name} {cfg.dataset.tag or ''})")
 
 def cmd_build(args):
-    "Validate the config, then build the pipeline (only outdated tasks run), or only the tasks named by --task."
-    from cvops.pipeline.build import build
-    report = build(args.config, find_project_root(), force=args.force, tasks=getattr(args, "task", None))
-    if isinstance(report, dict):   # --task: a line per task
-        for name, ran in report.items(): print(f"{name}: {'built' if ran else 'up to date, skipped (--force rebuilds it)'}")
-    elif report is not None: print(report)
+    "Validate the config, then build the pipeline (only outdated tasks run; a line per task as it ends), or only the tasks named by --task."
+    from cvops.pipeline.build import build, summary_lines
+    root, tasks = find_project_root(), getattr(args, "task", None)
+    say = lambda line: print(line, flush=True)
+    if not tasks: say(f"building the pipeline with {args.config} (a task runs when its code, parameters or inputs changed)")
+    report = build(args.config, root, force=args.force, tasks=tasks, progress=say)
+    if tasks:   # a line per task
+        for name, ran in report.items(): say(f"{name}: {'built' if ran else 'up to date, skipped (--force rebuilds it)'}")
+    else:
+        for line in summary_lines(report, root): say(line)
 
 def cmd_export_airflow(args):
     "Write the Airflow DAGs of pipeline.yaml and pipeline.monitor.yaml."
@@ -323,14 +327,19 @@ def failure_summary(report: str) -> str:
     causes = [c for c in re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", report, flags=re.M) if c[0] not in _WRAPPERS]
     return f"{causes[-1][0]}: {causes[-1][1]}" if causes else "see the report above"
 
+def is_build_error(e: BaseException) -> bool:
+    "Whether `e` is Ploomber's `DAGBuildError`, without importing Ploomber (seconds): where it is not loaded, `e` cannot be one."
+    mod = sys.modules.get("ploomber.exceptions")
+    return mod is not None and isinstance(e, mod.DAGBuildError)
+
 def main(argv=None) -> int:
-    from ploomber.exceptions import DAGBuildError
     args = make_parser().parse_args(argv)
     try: args.func(args)
     except _user_errors() as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DAGBuildError as e:
+    except Exception as e:
+        if not is_build_error(e): raise
         print(e, file=sys.stderr)
         print(f"error: the pipeline failed ({failure_summary(str(e))}); executed notebooks are under products/", file=sys.stderr)
         return 1

@@ -69,12 +69,14 @@ class Project:
                 for p in sorted(root.rglob("*"))} if root.exists() else {}
 
     def ran_tasks(self, output: str) -> dict:
-        "Ploomber's build table -> {task: ran?}."
+        "{task: ran?} from `cvops build`'s task lines (`  name  ran in 3.1 s`, `  name  up to date`) or Ploomber's build table."
         table = {}
         for line in output.splitlines():
             parts = line.split()
             if len(parts) >= 2 and parts[1] in ("True", "False"):
                 table[parts[0]] = parts[1] == "True"
+            elif line.startswith("  ") and parts[1:3] in (["ran", "in"], ["up", "to"]):
+                table[parts[0]] = parts[1] == "ran"
         return table
 
 

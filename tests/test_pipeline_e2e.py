@@ -23,6 +23,25 @@ def _metadata(project, name):
     return yaml.safe_load((project.path / "central_storage" / "models" / f"{name}.yaml").read_text())
 
 
+# Every line `cvops build` may print: its header, a line per task, the train task's epochs, the closing summary.
+BUILD_LINE = re.compile(r"building the pipeline with \S+ \(.*\)|  \w+ +(ran in [\d.]+ s|ran in \d+ min \d\d s|up to date)"
+                        r"|  train +epoch \d+/\d+  val_accuracy [\d.]+  val_loss [\d.]+  \([\d.]+ s\)"
+                        r"|pipeline built in .+: \d+ of \d+ tasks ran.*|  (test accuracy|deployed version|rendered notebooks): +\S.*")
+
+
+def check_quiet_build(project, proc, tasks):
+    """`cvops build`'s console holds its own lines only: no library warning, traceback, TensorFlow/CUDA start-up line,
+    papermill or Ploomber progress bar, kernel message ("Task was destroyed but it is pending!"); nothing on stderr.
+    What the notebooks' kernels wrote outside their cells is in var/kernels.log, a header per kernel."""
+    assert proc.stderr == "", proc.stderr[-3000:]
+    stray = [line for line in proc.stdout.splitlines() if not BUILD_LINE.fullmatch(line)]
+    assert not stray, f"lines cvops build should not print: {stray[:20]}"
+    assert re.search(r"^  test accuracy: +0\.\d{4} \(products/\w+/evaluate/metrics\.json\)$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^  train +epoch 1/1  val_accuracy", proc.stdout, re.M), proc.stdout
+    kernels = (project.path / "var" / "kernels.log").read_text()
+    assert kernels.count(" UTC: kernel python3 started in ") == len(tasks), kernels[-3000:]
+
+
 NOISE = re.compile(r"cuda|onednn|absl|WARNING|Warning:|tensorflow/core|E0000", re.I)
 BASE64 = re.compile(r"base64,[A-Za-z0-9+/=\s]+")
 
@@ -61,6 +80,7 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}, deploy=no_gate))
     build = project.run("cvops", "build")
     assert project.ran_tasks(build.stdout) == {t: True for t in ALL_TASKS}, build.stdout
+    check_quiet_build(project, build, ALL_TASKS)
 
     products = project.products("test_model")
     assert sorted(p.name for p in (project.path / "products").iterdir()) == ["test_model"]

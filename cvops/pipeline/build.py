@@ -5,37 +5,148 @@
 # %% ../../notebooks/lib/pipeline/02_build.ipynb #11f43791
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, resolve_path
 from .hooks import load_checked_config
 
 # %% auto #0
-__all__ = ['build', 'build_tasks']
+__all__ = ['BUILDS_DIR', 'build_inputs', 'build_record_path', 'BuildReport', 'unchanged_build', 'build', 'fmt_seconds',
+           'EpochWatch', 'task_line', 'build_tasks', 'summary_lines']
+
+# %% ../../notebooks/lib/pipeline/02_build.ipynb #091d972d
+BUILDS_DIR = "products/.builds"
+
+def _file_state(path: Path) -> str:
+    try: st = path.stat()
+    except OSError: return f"{path}\0missing\0"
+    return f"{path}\0{st.st_size}\0{st.st_mtime_ns}\0"
+
+def build_inputs(root, config_path, products: dict) -> str | None:
+    "A digest of what Ploomber's up-to-date decision rests on (`products`: `{task: {key: path}}` of the last build); None: it cannot tell."
+    import yaml
+    from importlib.metadata import version
+    root, config_path = Path(root).resolve(), Path(config_path)
+    spec, config = (root / "pipeline.yaml").read_bytes(), config_path.read_bytes()
+    sections = yaml.safe_load(config) or {}
+    if not set(re.findall(rb"{{\s*(\w+)", spec)) <= {k.encode() for k in sections} | {b"here"}: return None
+    h = hashlib.sha256(f"ploomber {version('ploomber')}\0{root}\0".encode() + config + b"\0" + spec)
+    for task in yaml.safe_load(spec).get("tasks") or []: h.update(b"\0" + (root / task["source"]).read_bytes())
+    paths = sorted(str(p) for prods in products.values() for p in (prods.values() if isinstance(prods, dict) else [prods]))
+    for p in map(Path, paths): h.update((_file_state(p) + _file_state(p.parent / f".{p.name}.metadata")).encode())
+    return h.hexdigest()
+
+def build_record_path(root, config_path) -> Path:
+    "Where the last complete build with this config file is recorded."
+    key = hashlib.sha1(str(Path(config_path).resolve()).encode()).hexdigest()[:16]
+    return Path(root).resolve() / BUILDS_DIR / f"{key}.json"
 
 # %% ../../notebooks/lib/pipeline/02_build.ipynb #6bd99fc0
-def build(config_path="configs/config.yaml", root=".", force: bool = False, tasks: list | None = None):
-    "Validate `config_path` and build the pipeline in `root` with it: Ploomber's build report; with `tasks`, only those (`build_tasks`)."
-    import yaml
-    from ploomber.spec import DAGSpec
+@dataclass
+class BuildReport:
+    "What `build` did: per task, the seconds it ran (None: up to date, skipped); its products; the whole build's seconds."
+    tasks: dict
+    products: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ran(self) -> dict: return {name: s is not None for name, s in self.tasks.items()}
+
+def unchanged_build(root, path) -> BuildReport | None:
+    "The last complete build with config `path` when none of its inputs changed since (every task up to date), else None."
+    record = build_record_path(root, path)
+    try: last = json.loads(record.read_text())
+    except (OSError, ValueError): return None
+    if last.get("inputs") is None or build_inputs(root, path, last["products"]) != last["inputs"]: return None
+    return BuildReport({name: None for name in last["tasks"]}, last["products"])
+
+def build(config_path="configs/config.yaml", root=".", force: bool = False, tasks: list | None = None, progress=None):
+    "Validate `config_path` and build the pipeline in `root` with it (`BuildReport`); with `tasks`, only those (`{name: ran?}`)."
+    t0, say = time.perf_counter(), progress or (lambda line: None)
     root = Path(root).resolve()
     path = resolve_path(config_path, root)
     load_checked_config(path, root)
+    if not (force or tasks) and (report := unchanged_build(root, path)):
+        for name in report.tasks: say(task_line(name, None))
+        report.seconds = time.perf_counter() - t0
+        return report
+    import yaml
+    from ploomber.spec import DAGSpec
+    record = build_record_path(root, path); record.unlink(missing_ok=True)
     # the file's own mapping, not the validated one: task parameters then equal what
     # `ploomber build` reads through env.yaml, and neither way reruns the other's work
     dag = DAGSpec(str(root / "pipeline.yaml"), env=yaml.safe_load(path.read_text())).to_dag()
     if tasks: return build_tasks(dag, tasks, force)
-    return dag.build(force=force)
+    done = {}
+    build_tasks(dag, list(dag), force, on_task=lambda name, s: done.__setitem__(name, s), progress=say)
+    report = BuildReport(done, {name: dag[name].product.to_json_serializable() for name in dag}, time.perf_counter() - t0)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"inputs": build_inputs(root, path, report.products), "tasks": list(done), "products": report.products}))
+    return report
+
+# %% ../../notebooks/lib/pipeline/02_build.ipynb #c3b766f1
+def fmt_seconds(s: float) -> str:
+    "`4.1 s`, `3 min 02 s`."
+    return f"{s:.1f} s" if s < 60 else f"{int(s // 60)} min {int(s % 60):02d} s"
+
+class EpochWatch:
+    "While `task` (one with an `mlflow_run` product) runs: a line per epoch its MLflow run records, read every `interval` s."
+    KEYS = ("val_accuracy", "val_loss", "epoch_seconds")
+
+    def __init__(self, task, progress, interval: float = 5.0):
+        named = task.product.to_json_serializable()   # {key: path} of a task with several products
+        self.run_file = Path(named["mlflow_run"]) if isinstance(named, dict) and "mlflow_run" in named else None
+        self.name, self.progress, self.interval = task.name, progress, interval
+        self.epochs = ((getattr(task, "params", None) or {}).get("train") or {}).get("epochs")
+        self.seen, self.client, self.stop = 0, None, threading.Event()
+
+    def __enter__(self):
+        self.t0 = time.time()
+        if self.run_file is not None:
+            self.thread = threading.Thread(target=self.watch, daemon=True, name=f"epochs of {self.name}"); self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.run_file is not None:
+            self.stop.set(); self.thread.join()
+            if exc[0] is None: self.poll()   # the last epochs, before the task's own line
+
+    def watch(self):
+        while not self.stop.wait(self.interval):
+            try: self.poll()
+            except Exception: pass   # progress is a courtesy: a store that cannot be read now is read next time
+
+    def poll(self):
+        from cvops.training.tracking import run_client
+        if not self.run_file.exists() or self.run_file.stat().st_mtime < self.t0 - 1: return   # the run of an earlier build
+        if self.client is None: self.client, self.run_id = run_client(self.run_file)
+        hist = {k: {m.step: m.value for m in self.client.get_metric_history(self.run_id, k)} for k in self.KEYS}
+        for step in sorted(hist["epoch_seconds"])[self.seen:]:
+            vals = "  ".join(f"{k} {hist[k][step]:.4f}" for k in self.KEYS[:2] if step in hist[k])
+            self.progress(f"  {self.name:<16} epoch {step + 1}{f'/{self.epochs}' if self.epochs else ''}  {vals}  "
+                          f"({fmt_seconds(hist['epoch_seconds'][step])})")
+            self.seen += 1
 
 # %% ../../notebooks/lib/pipeline/02_build.ipynb #b3d8f04c
-def build_tasks(dag, names: list, force: bool = False) -> dict:
+def task_line(name: str, seconds: float | None, failed: bool = False) -> str:
+    "A task's line in `cvops build`'s output."
+    what = f"failed after {fmt_seconds(seconds)}" if failed else "up to date" if seconds is None else f"ran in {fmt_seconds(seconds)}"
+    return f"  {name:<16} {what}"
+
+def build_tasks(dag, names: list, force: bool = False, on_task=None, progress=None) -> dict:
     "Build the tasks `names` of the Ploomber `dag`, in order, with their hooks; `{name: ran?}` (an up-to-date task is skipped unless `force`)."
     import traceback
     from ploomber.constants import TaskStatus
     from ploomber.exceptions import DAGBuildError, TaskBuildError
     unknown = [n for n in names if n not in dag]
     if unknown: raise ConfigError(f"--task {unknown[0]}: no such task in pipeline.yaml (tasks: {', '.join(dag)})")
-    ran = {}
+    ran, say = {}, progress or (lambda line: None)
     for name in names:
         dag.render(show_progress=False)   # statuses as of now: an earlier name may have changed them
         task, status = dag[name], dag[name].exec_status
@@ -43,8 +154,35 @@ def build_tasks(dag, names: list, force: bool = False) -> dict:
             stale = [u for u in task.upstream if dag[u].exec_status != TaskStatus.Skipped]
             raise ConfigError(f"{name}: its upstream {', '.join(stale)} is not up to date; build it first (cvops build --task {stale[0]}, or cvops build)")
         ran[name] = force or status != TaskStatus.Skipped
-        if not ran[name]: continue
-        try: task.build(force=True)
-        except TaskBuildError as e:   # reported as `cvops build` reports a failed build: the cause last
-            raise DAGBuildError("".join(traceback.format_exception(e))) from None
+        t0 = time.perf_counter()
+        if ran[name]:
+            try:
+                with EpochWatch(task, say): task.build(force=True)
+            except TaskBuildError as e:   # reported as `cvops build` reports a failed build: the cause last
+                say(task_line(name, time.perf_counter() - t0, failed=True))
+                raise DAGBuildError("".join(traceback.format_exception(e))) from None
+        seconds = time.perf_counter() - t0 if ran[name] else None
+        say(task_line(name, seconds))
+        if on_task: on_task(name, seconds)
     return ran
+
+# %% ../../notebooks/lib/pipeline/02_build.ipynb #42b8ec3f
+def _json(path) -> dict:
+    try: return json.loads(Path(path).read_text())
+    except (OSError, ValueError): return {}
+
+def summary_lines(report: BuildReport, root=".") -> list[str]:
+    "The closing lines of `cvops build`: time and tasks run, the test accuracy, the deployed version, where the rendered notebooks are."
+    root = Path(root).resolve()
+    rel = lambda p: Path(p).relative_to(root).as_posix() if Path(p).is_relative_to(root) else str(p)
+    n = sum(report.ran.values())
+    lines = [f"pipeline built in {fmt_seconds(report.seconds)}: {n} of {len(report.tasks)} tasks ran"
+             + (f", {len(report.tasks) - n} were up to date" if n < len(report.tasks) else "")]
+    named = {k: v for prods in report.products.values() if isinstance(prods, dict) for k, v in prods.items()}
+    acc = _json(named["metrics"]).get("accuracy") if "metrics" in named else None
+    if isinstance(acc, (int, float)): lines.append(f"  test accuracy:      {acc:.4f} ({rel(named['metrics'])})")
+    dep = _json(named["deployment"]) if "deployment" in named else {}
+    if dep.get("version"): lines.append(f"  deployed version:   {dep['version']}")
+    html = [Path(p["html"]) for p in report.products.values() if isinstance(p, dict) and "html" in p]
+    if html: lines.append(f"  rendered notebooks: {rel(html[0].parent.parent)}/<task>/<task>.html")
+    return lines
