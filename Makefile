@@ -73,15 +73,15 @@ $(AIRFLOW_STAMP): requirements-airflow.txt constraints-airflow.txt
 	@touch $@
 
 dataset: setup ## build datasets/fashion-mnist (git + DVC, tags v1.0.0 and v2.0.0) unless it exists
-	$(BIN)/cvops dataset build
+	@$(BIN)/cvops dataset build
 
+# The console: one line for the install (its log in var/install.log), a line per pipeline task (and the train
+# task's epochs), the test accuracy, the service's URLs; the notebooks' kernels write their own output to var/kernels.log.
 run: dataset ## set up, build + deploy the pipeline on the default config, start the service, print the URLs
-	$(BIN)/cvops build
+	@$(BIN)/cvops build
 	@$(MAKE) --no-print-directory serve
-	@echo
-	@echo "Rendered notebooks (audit records): products/<model_name>/<task>/<task>.html"
-	@echo "Published model:                    central_storage/models/$$($(BIN)/python -c 'import yaml;print(yaml.safe_load(open("configs/config.yaml"))["model"]["model_name"])').yaml"
-	@echo "Experiments:                        make mlflow  ->  http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "  experiments and the model registry (MLflow): make mlflow, then http://127.0.0.1:$(MLFLOW_PORT)/"
+	@echo "  dashboards (drift monitor, service activity): make dashboard, then http://127.0.0.1:$(DASHBOARD_PORT)/"
 
 serve: venv ## start the prediction service in the background (gunicorn, 2 workers); log in var/service.log
 	@mkdir -p $(VAR)
