@@ -476,6 +476,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'cvops.predlog.queries.read_frame': ('predlog/queries.html#read_frame', 'cvops/predlog/queries.py'),
                                        'cvops.predlog.queries.read_window': ( 'predlog/queries.html#read_window',
                                                                               'cvops/predlog/queries.py'),
+                                       'cvops.predlog.queries.utc_times': ('predlog/queries.html#utc_times', 'cvops/predlog/queries.py'),
                                        'cvops.predlog.queries.write_drift_reports': ( 'predlog/queries.html#write_drift_reports',
                                                                                       'cvops/predlog/queries.py')},
             'cvops.predlog.schema': { 'cvops.predlog.schema._api_log_columns': ( 'predlog/schema.html#_api_log_columns',

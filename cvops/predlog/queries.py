@@ -17,9 +17,9 @@ import sqlalchemy as sa
 from .schema import api_log, drift_reports, feedback, make_engine, predictions, unpack_features
 
 # %% auto #0
-__all__ = ['DRIFT_REPORT_COLUMNS', 'PREDICTION_COLUMNS', 'open_for_reading', 'read_frame', 'json_loader', 'read_window',
-           'json_features', 'logged_features', 'write_drift_reports', 'previous_run_alerts', 'drift_history',
-           'api_requests', 'prediction_rows', 'prediction_counts']
+__all__ = ['WINDOW_COLUMNS', 'DRIFT_REPORT_COLUMNS', 'PREDICTION_COLUMNS', 'open_for_reading', 'read_frame', 'json_loader',
+           'utc_times', 'read_window', 'json_features', 'logged_features', 'write_drift_reports', 'previous_run_alerts',
+           'drift_history', 'api_requests', 'prediction_rows', 'prediction_counts']
 
 # %% ../../notebooks/lib/predlog/05_queries.ipynb #d0151bf5
 def open_for_reading(url: str) -> tuple:
@@ -54,19 +54,31 @@ def json_loader():
         return orjson.loads
     except ImportError: return json.loads
 
+def utc_times(values) -> pd.Series:
+    "Times as the database returns them (SQLite: ISO text, naive UTC; PostgreSQL: aware datetimes) -> aware UTC, vectorised."
+    s = pd.Series(values, dtype=object)
+    return pd.to_datetime(s, utc=True, format="ISO8601") if len(s) and isinstance(s.iloc[0], str) else pd.to_datetime(s, utc=True)
+
+WINDOW_COLUMNS = ["request_id", "created_on", "top_class", "features", "labels", "feature_blob", "feature_dims"]
+
 def read_window(engine, model_version: str, window_days: float | None = None, window_rows: int | None = None,
                 now: datetime | None = None) -> pd.DataFrame:
-    "Rows (newest first): request_id, created_on, top_class, features (JSON text, older rows), labels (JSON text or None), feature_blob, feature_dims."
+    "Rows (newest first): request_id, created_on (UTC), top_class, features (JSON text of rows without a feature blob: older releases), labels (JSON text or None), feature_blob, feature_dims."
     p, f = predictions, feedback
     now = now or datetime.now(timezone.utc)
-    q = (sa.select(p.c.request_id, p.c.created_on, p.c.top_class, sa.cast(p.c.features, sa.Text).label("features"),
+    # per row, only what the monitor reads: the times as the driver gives them (parsed below, all at once), the JSON
+    # features only of rows without a blob
+    q = (sa.select(p.c.request_id, sa.type_coerce(p.c.created_on, sa.String).label("created_on"), p.c.top_class,
+                   sa.case((p.c.feature_blob.is_(None), sa.cast(p.c.features, sa.Text))).label("features"),
                    sa.cast(f.c.labels, sa.Text).label("labels"), p.c.feature_blob, p.c.feature_dims)
          .select_from(p.outerjoin(f, f.c.request_id == p.c.request_id))
          .where(p.c.model_version == model_version).order_by(p.c.created_on.desc()))
     if window_days: q = q.where(p.c.created_on >= now - timedelta(days=window_days))
     if window_rows: q = q.limit(window_rows)
     with engine.connect() as c: rows = c.execute(q).all()
-    return pd.DataFrame(rows, columns=["request_id", "created_on", "top_class", "features", "labels", "feature_blob", "feature_dims"])
+    df = pd.DataFrame(rows, columns=WINDOW_COLUMNS)
+    df["created_on"] = utc_times(df["created_on"])
+    return df
 
 # %% ../../notebooks/lib/predlog/05_queries.ipynb #7ac3cb1d
 def json_features(texts) -> dict:
