@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from ..predlog.queries import open_for_reading, prediction_rows
+from ..predlog.queries import api_requests, drift_history, open_for_reading, prediction_counts, prediction_rows
 
 # %% auto #0
-__all__ = ['TEST_COLUMNS', 'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame', 'serving_summary',
-           'time_bin', 'status_class', 'request_volume', 'status_counts', 'latency_percentiles', 'latency_summary',
-           'recent_errors', 'deployments', 'with_features', 'monitor_settings', 'monitoring_window',
-           'class_distribution', 'latest_verdicts', 'run_verdict', 'live_accuracy_history', 'drift_contributors',
-           'gradcam_overlays', 'top_drift_inputs']
+__all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame',
+           'serving_summary', 'time_bin', 'status_class', 'request_volume', 'status_counts', 'latency_percentiles',
+           'latency_summary', 'recent_errors', 'deployments', 'with_features', 'monitor_settings', 'monitoring_window',
+           'DriftMonitorData', 'drift_monitor_data', 'service_activity_data', 'class_distribution', 'latest_verdicts',
+           'run_verdict', 'live_accuracy_history', 'drift_contributors', 'gradcam_overlays', 'top_drift_inputs']
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #c64d5cb5
 @dataclass
@@ -177,24 +177,48 @@ def monitor_settings(root):
     try: return load_config(Path(root) / "configs" / "config.yaml").monitor
     except Exception: return MonitorConfig()
 
+MAX_WINDOW_ROWS = 10_000   # a configured window without a row limit (monitor.window_rows: null) shows at most this many
+
 def monitoring_window(src: Sources, serving: Serving, history: pd.DataFrame | None = None, cfg=None) -> tuple[pd.DataFrame, str]:
-    "The serving version's predictions in its latest drift run's window (else the config's window), and where the window comes from."
+    """The serving version's predictions in its latest drift run's window (else the config's window), and where the window comes from.
+    Always bounded in SQL: a run's window by its row limit or the rows it read, the config's by its row limit or `MAX_WINDOW_ROWS`."""
     runs = history[(history.model_version == serving.version) & (history.test != "live_accuracy")] if history is not None else pd.DataFrame()
     if len(runs):
         last = runs[runs.created_on == runs.created_on.max()].iloc[0]
         window = (last.details.get("window") or {}) if isinstance(last.details, dict) else {}
         rows = prediction_rows(src.engine, serving.version, since=None if pd.isna(last.window_start) else last.window_start,
                               until=None if pd.isna(last.window_end) else last.window_end,
-                              limit=window.get("window_rows") or int(last.n_rows) or None)
+                              limit=window.get("window_rows") or int(last.n_rows))
         return rows, (f"the window of the latest drift run ({last.created_on:%Y-%m-%d %H:%M} UTC): "
                       f"{len(rows):,} predictions from {_when(last.window_start)} to {_when(last.window_end)}")
     cfg = cfg or monitor_settings(src.root)
     since = datetime.now(timezone.utc) - timedelta(days=cfg.window_days) if cfg.window_days else None
-    rows = prediction_rows(src.engine, serving.version, since=since, limit=cfg.window_rows)
-    return rows, (f"no drift run yet; the configured window (last {cfg.window_days} days, at most {cfg.window_rows} rows): "
+    limit = cfg.window_rows or MAX_WINDOW_ROWS
+    rows = prediction_rows(src.engine, serving.version, since=since, limit=limit)
+    return rows, (f"no drift run yet; the configured window (last {cfg.window_days} days, at most {limit:,} rows): "
                   f"{len(rows):,} predictions")
 
 def _when(t) -> str: return "the start" if t is None or pd.isna(t) else f"{t:%Y-%m-%d %H:%M}"
+
+# %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #7b987489
+@dataclass
+class DriftMonitorData:
+    "What the drift monitor dashboard reads from the database (`drift_monitor_data`)."
+    history: pd.DataFrame          # the drift reports (one row per test per run) of the period shown
+    window: pd.DataFrame | None    # the predictions of the monitoring window (None: nothing serves)
+    window_from: str               # where that window comes from
+    counts: pd.DataFrame           # time, version and top class of each prediction of the period shown
+
+def drift_monitor_data(src: Sources, serving: Serving | None, days: float, now: datetime | None = None) -> DriftMonitorData:
+    "Every database read of the drift monitor dashboard: the serving version's drift reports and all predictions of the last `days` days, its monitoring window."
+    since = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    history = drift_history(src.engine, serving.version if serving else None, since=since)
+    window, window_from = monitoring_window(src, serving, history) if serving else (None, "")
+    return DriftMonitorData(history, window, window_from, prediction_counts(src.engine, since))
+
+def service_activity_data(src: Sources, days: float, now: datetime | None = None) -> pd.DataFrame:
+    "Every database read of the service activity dashboard: the `api_log` rows of the last `days` days."
+    return api_requests(src.engine, since=(now or datetime.now(timezone.utc)) - timedelta(days=days))
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #8fced5bc
 def class_distribution(current: pd.DataFrame, reference: pd.DataFrame | None, classes) -> pd.DataFrame:

@@ -163,7 +163,7 @@ def prediction_rows(engine, model_version: str | None = None, since=None, until=
     if model_version is not None: stmt = stmt.where(t.model_version == model_version)
     if since is not None: stmt = stmt.where(t.created_on >= since)
     if until is not None: stmt = stmt.where(t.created_on <= until)
-    if limit: stmt = stmt.limit(limit)
+    if limit is not None: stmt = stmt.limit(limit)
     return read_frame(engine, predictions, stmt, PREDICTION_COLUMNS).iloc[::-1].reset_index(drop=True)
 
 def prediction_counts(engine, since=None) -> pd.DataFrame:
