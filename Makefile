@@ -119,7 +119,7 @@ stack-rehearsal: venv ## start docker-compose.yml natively (cvops.rehearsal: sam
 	  grep -E '^(stack up|  [a-z_-]+ +(healthy|completed|not run|started)|rehearsal figures|  [a-z ]+: |    +[0-9]+  |total|[0-9]+ (passed|failed|skipped)|FAILED|E  )' ; \
 	  exit $${PIPESTATUS[0]}
 
-bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); monitoring run on 100k rows -> bench/results/
+bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); a whole monitoring run over 100k logged predictions -> bench/results/
 	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
 	$(BIN)/python bench/service_throughput.py
 	$(BIN)/python bench/drift_quality.py
