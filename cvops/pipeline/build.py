@@ -21,7 +21,7 @@ __all__ = ['BUILDS_DIR', 'build_inputs', 'build_record_path', 'BuildReport', 'un
            'EpochWatch', 'task_line', 'build_tasks', 'summary_lines']
 
 # %% ../../notebooks/lib/pipeline/02_build.ipynb #091d972d
-BUILDS_DIR = "products/.builds"
+BUILDS_DIR = "var/builds"
 
 def _file_state(path: Path) -> str:
     try: st = path.stat()
