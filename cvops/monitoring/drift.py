@@ -61,7 +61,9 @@ def mmd_permutation(ref: np.ndarray, cur: np.ndarray, permutations: int, rng) ->
     k = np.exp(-d2 / med)                              # 2 sigma² = median squared distance
     w0 = np.r_[np.full(n, 1 / n), np.full(m, -1 / m)]
     w = np.stack([w0] + [w0[rng.permutation(N)] for _ in range(permutations)], axis=1)
-    mmd2 = np.einsum("ij,ij->j", w, k @ w)
+    # the (N x N) @ (N x permutations) product, most of a monitoring run's tests, in float32: twice as fast; MMD² moves
+    # by about 1e-5 of itself, far below the spread of the permuted values, so the p-values stay as in float64
+    mmd2 = np.einsum("ij,ij->j", w, k.astype(np.float32) @ w.astype(np.float32))
     return float(mmd2[0]), permutation_p_value(mmd2[0], mmd2[1:]), {"sigma": float(np.sqrt(med / 2)), "permutations": permutations}
 
 # %% ../../notebooks/lib/monitoring/02_drift.ipynb #e88c73c8
