@@ -1252,6 +1252,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'cvops.training.train.keep_best_callback': ( 'training/train.html#keep_best_callback',
                                                                                    'cvops/training/train.py'),
                                       'cvops.training.train.kept_epoch': ('training/train.html#kept_epoch', 'cvops/training/train.py'),
+                                      'cvops.training.train.learning_rate_schedule': ( 'training/train.html#learning_rate_schedule',
+                                                                                       'cvops/training/train.py'),
                                       'cvops.training.train.log_training_inputs': ( 'training/train.html#log_training_inputs',
                                                                                     'cvops/training/train.py'),
                                       'cvops.training.train.make_callbacks': ( 'training/train.html#make_callbacks',

@@ -51,15 +51,17 @@ def build_model(cfg: ModelConfig, n_classes: int, seed: int = 0):
     return keras.Model(inputs, probs, name=cfg.model_name)
 
 # %% ../../notebooks/lib/training/01_model.ipynb #ec4dd2e6
-def compile_model(model, cfg_model: ModelConfig, optimizer: str, learning_rate: float):
-    "Compile with the loss and metrics that fit single- or multi-label classification."
+def compile_model(model, cfg_model: ModelConfig, optimizer: str, learning_rate, label_smoothing: float = 0.0):
+    """Compile with the loss and metrics that fit single- or multi-label classification; `learning_rate`: a number or a
+    Keras schedule; `label_smoothing` applies to the single-label loss."""
     import keras
     opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
            "rmsprop": keras.optimizers.RMSprop}[optimizer](learning_rate=learning_rate)
     if cfg_model.multilabel:
         loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(multi_label=True, name="auc")]
     else:
-        loss, metrics = "categorical_crossentropy", [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing else "categorical_crossentropy"
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     model.compile(optimizer=opt, loss=loss, metrics=metrics)
     return model
 
