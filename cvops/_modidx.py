@@ -1208,6 +1208,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'cvops/training/model.py'),
                                       'cvops.training.model.load_trained_model': ( 'training/model.html#load_trained_model',
                                                                                    'cvops/training/model.py'),
+                                      'cvops.training.model.multiply_adds': ( 'training/model.html#multiply_adds',
+                                                                              'cvops/training/model.py'),
                                       'cvops.training.model.read_model_info': ( 'training/model.html#read_model_info',
                                                                                 'cvops/training/model.py'),
                                       'cvops.training.model.save_trained_model': ( 'training/model.html#save_trained_model',
