@@ -119,7 +119,7 @@ stack-rehearsal: venv ## start docker-compose.yml natively (cvops.rehearsal: sam
 	  exit $${PIPESTATUS[0]}
 
 bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); monitoring run on 100k rows -> bench/results/
-	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
+	$(BIN)/python bench/train_throughput.py --rounds 1
 	$(BIN)/python bench/service_throughput.py
 	$(BIN)/python bench/drift_quality.py
 	$(BIN)/python bench/drift_e2e.py
