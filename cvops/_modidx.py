@@ -87,6 +87,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cvops.data.dataset.synthetic_image': ('data/dataset.html#synthetic_image', 'cvops/data/dataset.py'),
                                     'cvops.data.dataset.write_class_folder_layout': ( 'data/dataset.html#write_class_folder_layout',
                                                                                       'cvops/data/dataset.py'),
+                                    'cvops.data.dataset.write_images': ('data/dataset.html#write_images', 'cvops/data/dataset.py'),
                                     'cvops.data.dataset.write_split_layout': ( 'data/dataset.html#write_split_layout',
                                                                                'cvops/data/dataset.py')},
             'cvops.data.prepare': { 'cvops.data.prepare.PreparedData': ('data/prepare.html#prepareddata', 'cvops/data/prepare.py'),
