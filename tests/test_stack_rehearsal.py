@@ -41,13 +41,14 @@ CONFIG = {   # the smallest config the pipeline tests build (tests/conftest.py b
     "monitor": {"reference_size": 100, "permutations": 50, "max_test_rows": 200, "window_days": 1, "window_rows": 60, "min_rows": 20},
 }
 N_PREDICTIONS = 60
-# THE switch of central storage: the object store (SeaweedFS, s3://) once central storage through fsspec is merged
-# (cvops.testing.SeaweedFS comes with it), else the compose file's shared volume; REHEARSAL_STORAGE=local forces the volume
-import cvops.testing
-CENTRAL_STORAGE = ("s3://cvops/central_storage" if hasattr(cvops.testing, "SeaweedFS") and os.environ.get("REHEARSAL_STORAGE") != "local"
-                   else None)
-# rehearsal-only settings (overrides of .env, as the shell's environment would be): the monitor checks every 20 s, not weekly
-OVERRIDES = {"MONITOR_INTERVAL": "20s"}
+# Central storage and MLflow's artefacts on the object store: docker-compose.s3.yml merged onto docker-compose.yml, as
+# `docker-compose -f docker-compose.yml -f docker-compose.s3.yml` would (the stack's SeaweedFS runs either way);
+# REHEARSAL_STORAGE=local rehearses the base file alone (the shared central_storage and mlartifacts volumes)
+COMPOSE_OVERRIDES = [] if os.environ.get("REHEARSAL_STORAGE", "s3") == "local" else ["docker-compose.s3.yml"]
+# rehearsal-only settings (as the shell's environment would win over .env): the monitor checks every 20 s, not weekly
+VARIABLES = {"MONITOR_INTERVAL": "20s"}
+# what this process (publishing the second version) takes from the workspace's environment to reach central storage
+STORAGE_VARIABLES = ("CVOPS_CENTRAL_STORAGE", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def _programs():
@@ -103,9 +104,9 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
     build_dataset_repo(tmp_path / "fm", tmp_path / "remote", n_train=400, n_valid=100, n_test=200, progress=False)
     config = {**CONFIG, "dataset": {**CONFIG["dataset"], "path": str(tmp_path / "fm")}}
     images = [encode(im) for im in tiny_images([0, 1, 2] * 10, seed=3)]
-    st = Stack(tmp_path / "stack", overrides=OVERRIDES, config=config, central_storage=CENTRAL_STORAGE)
+    st = Stack(tmp_path / "stack", overrides=COMPOSE_OVERRIDES, variables=VARIABLES, config=config)
     with st:
-        print(f"\nstack up in {time.time() - t0:.0f} s:\n{st.report()}")
+        print(f"\nstack up in {time.time() - t0:.0f} s from {' + '.join(st.files)}:\n{st.report()}")
         nginx = st.url("nginx", "")
         before = [requests.post(f"{nginx}/predict", files={"file": ("x.png", images[0], "image/png")}, timeout=30) for _ in range(3)]
         assert [r.status_code for r in before] == [503] * 3, [r.text for r in before]   # nothing deployed yet
@@ -117,8 +118,7 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         models = st.workspace_run("cvops", "models").stdout
         version = next(l.split()[-1] for l in models.splitlines() if l.strip().startswith("*"))
         wait_until("both replicas serve the built version", lambda: _served(st) == [version] * 2, 60)
-        where = st.central_storage or "the central_storage volume's folder"
-        figures["build"] = f"MLflow runs {len(runs)} (experiment rehearsal), version {version} in {where}, served by both replicas"
+        figures["build"] = f"MLflow runs {len(runs)} (experiment rehearsal), version {version} in {st.central_storage}, served by both replicas"
 
         # predictions through nginx land in PostgreSQL; half get feedback (the monitor's live accuracy)
         client = ThroughNginx(nginx)
@@ -153,8 +153,10 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         figures["prometheus"] = f"{len(queries)} queries ({len(rules)} rule groups), every one with series"
 
         # a deploy from the workspace reaches both replicas through nginx, 0 failed requests under load
-        for k, v in st.storage_env().items(): monkeypatch.setenv(k, v)   # this process publishes the second version
-        other = tiny_version(st.central_storage or st.volumes / "central_storage", "tiny", detectors=False)
+        workspace = st.env("jupyter")
+        for k in STORAGE_VARIABLES:                                   # this process publishes the second version
+            if k in workspace: monkeypatch.setenv(k, workspace[k])
+        other = tiny_version(st.central_storage, "tiny", detectors=False)
         with PredictionLoad(ThroughNginx(nginx), images, n=2) as load:
             time.sleep(2)
             st.workspace_run("cvops", "deploy", "tiny", "--version", other.version)
