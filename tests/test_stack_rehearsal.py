@@ -1,12 +1,15 @@
-"""The production stack, rehearsed natively from docker-compose.yml itself (cvops.rehearsal.Stack): a throwaway PostgreSQL
+"""The production stack, rehearsed natively from docker-compose.yml itself, with docker-compose.s3.yml merged onto it
+(REHEARSAL_STORAGE=local: the base file alone) as `docker-compose -f ... -f ...` does (cvops.rehearsal.Stack): a throwaway PostgreSQL
 cluster with the compose init script, the one-shot migrate, MLflow, SeaweedFS, 2 dl_service replicas, Voila, the monitor,
 Debian's nginx with the rendered template, Debian's prometheus and node-exporter, each with the compose command,
 environment and config files (only hosts, ports and volume paths rewritten; Grafana is not run, its queries go to
 Prometheus). On a tiny config:
 
 - `cvops build` from the workspace (the jupyter service's environment) lands its run in the MLflow server (REST API) and
-  its version in central storage (`cvops models` shows it deployed), and both replicas serve it;
-- predictions sent THROUGH NGINX land in PostgreSQL: the predictions rows equal the 200s;
+  its version in central storage (`cvops models` shows it deployed), and both replicas serve it; MLflow's artefacts are
+  where its command puts them (with the override: SeaweedFS);
+- predictions sent THROUGH NGINX land in PostgreSQL: the predictions rows equal the 200s; their images are read back
+  where the dashboards read them (with the override: objects under the s3:// central storage);
 - a deploy from the workspace (`cvops deploy`) reaches both replicas, with 0 failed requests through nginx under load;
 - the monitor writes drift_reports rows;
 - Prometheus's HTTP API returns series for every Grafana panel query and every alert rule's metric selectors;
@@ -20,11 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # tiny_version trains in th
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
+from cvops.predlog.images import open_image_store
+from cvops.registry.store import ObjectStore, find
 from cvops.rehearsal import Stack, dashboard_queries, metric_selectors, wait_until
+from cvops.settings import StorageSettings, load_settings
 from cvops.testing import PredictionLoad, encode, need, postgres_bindir, tiny_images, tiny_version
 
 pytestmark = pytest.mark.e2e
@@ -119,6 +126,15 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         version = next(l.split()[-1] for l in models.splitlines() if l.strip().startswith("*"))
         wait_until("both replicas serve the built version", lambda: _served(st) == [version] * 2, 60)
         figures["build"] = f"MLflow runs {len(runs)} (experiment rehearsal), version {version} in {st.central_storage}, served by both replicas"
+        # MLflow's artefacts where its command (the override's, with it) puts them: objects of the stack's SeaweedFS, or the volume
+        ml = st.argv("mlflow")
+        dest = ml[ml.index("--artifacts-destination") + 1]
+        if dest.startswith("s3://"):
+            me = st.env("mlflow")
+            artefacts = find(ObjectStore(dest, me["MLFLOW_S3_ENDPOINT_URL"], me["AWS_ACCESS_KEY_ID"], me["AWS_SECRET_ACCESS_KEY"]), "")
+        else: artefacts = [p for p in Path(dest).rglob("*") if p.is_file()]
+        assert artefacts, dest
+        figures["artefacts"] = f"{len(artefacts)} MLflow artefacts in {dest}"
 
         # predictions through nginx land in PostgreSQL; half get feedback (the monitor's live accuracy)
         client = ThroughNginx(nginx)
@@ -132,6 +148,20 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         rows = wait_until("the predictions in PostgreSQL", lambda: (n := st.sql("SELECT count(*) FROM predictions")[0][0]) >= len(ok) and n, 60)
         assert rows == len(ok), (rows, len(ok))
         figures["predictions"] = f"{len(answers)} through nginx, {len(ok)} answered 200, {rows} rows in PostgreSQL"
+
+        # their images, where the dashboards read them (with the override: objects under the s3:// central storage)
+        dash = st.env("dashboards")
+        for k in STORAGE_VARIABLES:
+            if k in dash: monkeypatch.setenv(k, dash[k])
+        monkeypatch.setenv("CVOPS_VAR_DIR", str(tmp_path / "reader-var"))
+        logged = [r[0] for r in st.sql("SELECT DISTINCT image_path FROM predictions")]
+        store = open_image_store(load_settings(StorageSettings, root=st.workspace))
+        def all_readable():
+            try: return all(store.read(p) for p in logged)
+            except FileNotFoundError: return False
+        assert logged and all(logged)
+        wait_until("the logged images where the dashboards read them", all_readable, 90)
+        figures["images"] = f"{len(logged)} logged images read back from {dash['CVOPS_CENTRAL_STORAGE']}/predictions/images"
 
         # the monitor (its compose command, every 20 s here) writes drift rows for the serving version
         drift = wait_until("drift_reports rows", lambda: st.sql("SELECT count(*) FROM drift_reports WHERE model_version = %s", (version,))[0][0], 300, interval=3)
