@@ -113,7 +113,10 @@ test: setup ## run every test: notebook checks (nbval), integration and end-to-e
 test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
 
-stack-rehearsal: venv ## start docker-compose.yml natively (cvops.rehearsal: same commands, env, config files) on a tiny config and print the figures
+# The rehearsal merges docker-compose.s3.yml onto docker-compose.yml (central storage and MLflow's artefacts on SeaweedFS,
+# as `docker-compose -f docker-compose.yml -f docker-compose.s3.yml`); REHEARSAL_STORAGE=local rehearses the base file alone.
+stack-rehearsal: venv ## start docker-compose.yml + docker-compose.s3.yml natively (cvops.rehearsal: same commands, env, config files) on a tiny config and print the figures
+	@mkdir -p $(VAR)   # pytest makes --basetemp itself, but not its parent
 	$(BIN)/pytest -q -s -p no:randomly --basetemp=$(VAR)/stack-rehearsal tests/test_stack_rehearsal.py 2>&1 | \
 	  grep -E '^(stack up|  [a-z_-]+ +(healthy|completed|not run|started)|rehearsal figures|  [a-z ]+: |    +[0-9]+  |total|[0-9]+ (passed|failed|skipped)|FAILED|E  )' ; \
 	  exit $${PIPESTATUS[0]}
