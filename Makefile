@@ -114,13 +114,16 @@ test: setup ## run every test: notebook checks (nbval), integration and end-to-e
 test-fast: venv ## everything but the end-to-end pipeline runs
 	$(BIN)/pytest -m "not e2e"
 
-stack-rehearsal: venv ## start docker-compose.yml natively (cvops.rehearsal: same commands, env, config files) on a tiny config and print the figures
+# The rehearsal merges docker-compose.s3.yml onto docker-compose.yml (central storage and MLflow's artefacts on SeaweedFS,
+# as `docker-compose -f docker-compose.yml -f docker-compose.s3.yml`); REHEARSAL_STORAGE=local rehearses the base file alone.
+stack-rehearsal: venv ## start docker-compose.yml + docker-compose.s3.yml natively (cvops.rehearsal: same commands, env, config files) on a tiny config and print the figures
+	@mkdir -p $(VAR)   # pytest makes --basetemp itself, but not its parent
 	$(BIN)/pytest -q -s -p no:randomly --basetemp=$(VAR)/stack-rehearsal tests/test_stack_rehearsal.py 2>&1 | \
 	  grep -E '^(stack up|  [a-z_-]+ +(healthy|completed|not run|started)|rehearsal figures|  [a-z ]+: |    +[0-9]+  |total|[0-9]+ (passed|failed|skipped)|FAILED|E  )' ; \
 	  exit $${PIPESTATUS[0]}
 
 bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); a whole monitoring run over 100k logged predictions -> bench/results/
-	$(BIN)/python bench/train_throughput.py --epochs 5 --rounds 2
+	$(BIN)/python bench/train_throughput.py --rounds 1
 	$(BIN)/python bench/service_throughput.py
 	$(BIN)/python bench/drift_quality.py
 	$(BIN)/python bench/drift_e2e.py

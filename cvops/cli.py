@@ -157,15 +157,15 @@ def serve_monitor_metrics(settings, seconds: float):
 
 # %% ../notebooks/lib/90_cli.ipynb #ea885146
 def _log_parts():
-    from cvops.predlog.images import ImageStore
+    from cvops.predlog.images import open_image_store
     from cvops.predlog.schema import make_engine, migrate
     from cvops.settings import load_settings
     s = load_settings()
     eng = make_engine(s.database_url); migrate(eng)
-    return s, eng, ImageStore(s.images_dir)
+    return s, eng, open_image_store(s)
 
 def cmd_log_replay(args):
-    "Write what waits on disk to the database: dead workers' WAL segments, spill files and (unless --no-rejected) refused rows."
+    "Write what waits on disk to the database: dead workers' WAL segments, spill files and (unless --no-rejected) refused rows; then upload the images staged for an object store."
     from cvops.predlog.writer import OUTAGE, PredictionLog
     s, eng, images = _log_parts()
     try: out = PredictionLog(eng, s.var / "spill", images).replay_all(rejected=not args.no_rejected)
@@ -173,6 +173,9 @@ def cmd_log_replay(args):
     finally: eng.dispose()
     print(f"replayed {out['wal_rows']} rows from write-ahead logs of stopped workers, {out['spill_files']} spill files, "
           f"{out['rejected_written']} refused rows; {out['rejected_left']} rows still refused (kept in {s.var / 'spill'}/rejected-*.jsonl)")
+    try: sent = images.upload()
+    except OSError as e: raise ConfigError(f"staged images not uploaded ({e}); they stay in {images.root}, try again") from None
+    if sent: print(f"uploaded {sent} images staged in {images.root}")
     if out["rejected_left"]: raise SystemExit(1)
 
 def cmd_log_prune(args):

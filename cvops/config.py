@@ -88,7 +88,9 @@ class Augmentation(Section):
 class TrainConfig(Section):
     epochs: int = Field(default=10, gt=0)
     batch_size: int = Field(default=64, gt=0)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0, description="the peak learning rate with lr_schedule: one_cycle")
+    lr_schedule: Literal["constant", "one_cycle"] = Field(default="constant", description="one_cycle: the first epoch warms up from a tenth of learning_rate, then a cosine decay to 0 over the remaining epochs")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="single-label loss only: targets mix this much of the uniform distribution")
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
     seed: int = 42
     max_images: Optional[int] = Field(default=None, gt=0)

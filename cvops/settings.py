@@ -38,7 +38,7 @@ class StorageSettings(BaseSettings):
     root: Path = Field(default_factory=lambda: find_project_root(), validation_alias=_env("CVOPS_ROOT"),
                        description="the project folder (the one with pipeline.yaml); default: found from the working directory")
     central_storage: str = Field("central_storage", validation_alias=_env("CVOPS_CENTRAL_STORAGE"),
-                                 description="published versions, the deployment pointer, logged images: a folder relative to the project, or s3://bucket/prefix on an object store (logged images then stay under var/)")
+                                 description="published versions, the deployment pointer, logged images: a folder relative to the project, or s3://bucket/prefix on an object store (logged images are staged under var/ until uploaded there)")
     var_dir: str = Field("var", validation_alias=_env("CVOPS_VAR_DIR"), description="pid file, logs, spill files, metrics")
     db_url: Optional[str] = Field(None, validation_alias=_env("DB_URL"), description="SQLAlchemy URL of the prediction log; default SQLite under var/")
     mlflow_uri: Optional[str] = Field(None, validation_alias=_env("MLFLOW_TRACKING_URI"),
@@ -58,7 +58,7 @@ class StorageSettings(BaseSettings):
         return c.rstrip("/") if c.startswith("s3://") else self.path(c)
     @property
     def images_dir(self) -> Path:
-        "The logged images: `predictions/images/` of a local central storage, else `predictions/images/` under the var folder."
+        "The logged images' local folder: `predictions/images/` of a local central storage; with an object store, where they wait (under the var folder) to be uploaded to its `predictions/images/`."
         return (self.var if isinstance(self.storage, str) else self.storage) / "predictions" / "images"
     @property
     def var(self) -> Path: return self.path(self.var_dir)

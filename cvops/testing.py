@@ -542,7 +542,7 @@ class SeaweedFS:
         return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def start(self, timeout: float = 60):
-        "Start `weed server` and wait until its S3 gateway creates the bucket (AssertionError with its log when it never does)."
+        "Start `weed server` and wait until its S3 gateway creates the bucket, or finds it when started again on its data (AssertionError with its log when it never does)."
         import s3fs
         (self.base / "s3.json").write_text(_weed_identities(self.access_key, self.secret_key))
         self.log = open(self.base / "weed.log", "w")
@@ -552,6 +552,7 @@ class SeaweedFS:
         deadline = time.time() + timeout
         while time.time() < deadline and self.proc.poll() is None:
             try: fs.mkdir(self.bucket); return self
+            except FileExistsError: return self   # a restart (after `stop()`, e.g. an outage in a test): same data, same ports
             except Exception: time.sleep(0.3)
         self.stop()
         raise AssertionError(f"SeaweedFS did not create bucket {self.bucket} within {timeout} s:\n{self.read_log()}")

@@ -1,12 +1,15 @@
-"""The production stack, rehearsed natively from docker-compose.yml itself (cvops.rehearsal.Stack): a throwaway PostgreSQL
+"""The production stack, rehearsed natively from docker-compose.yml itself, with docker-compose.s3.yml merged onto it
+(REHEARSAL_STORAGE=local: the base file alone) as `docker-compose -f ... -f ...` does (cvops.rehearsal.Stack): a throwaway PostgreSQL
 cluster with the compose init script, the one-shot migrate, MLflow, SeaweedFS, 2 dl_service replicas, Voila, the monitor,
 Debian's nginx with the rendered template, Debian's prometheus and node-exporter, each with the compose command,
 environment and config files (only hosts, ports and volume paths rewritten; Grafana is not run, its queries go to
 Prometheus). On a tiny config:
 
 - `cvops build` from the workspace (the jupyter service's environment) lands its run in the MLflow server (REST API) and
-  its version in central storage (`cvops models` shows it deployed), and both replicas serve it;
-- predictions sent THROUGH NGINX land in PostgreSQL: the predictions rows equal the 200s;
+  its version in central storage (`cvops models` shows it deployed), and both replicas serve it; MLflow's artefacts are
+  where its command puts them (with the override: SeaweedFS);
+- predictions sent THROUGH NGINX land in PostgreSQL: the predictions rows equal the 200s; their images are read back
+  where the dashboards read them (with the override: objects under the s3:// central storage);
 - a deploy from the workspace (`cvops deploy`) reaches both replicas, with 0 failed requests through nginx under load;
 - the monitor writes drift_reports rows;
 - Prometheus's HTTP API returns series for every Grafana panel query and every alert rule's metric selectors;
@@ -20,11 +23,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")   # tiny_version trains in th
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
+from cvops.predlog.images import open_image_store
+from cvops.registry.store import ObjectStore, find
 from cvops.rehearsal import Stack, dashboard_queries, metric_selectors, wait_until
+from cvops.settings import StorageSettings, load_settings
 from cvops.testing import PredictionLoad, encode, need, postgres_bindir, tiny_images, tiny_version
 
 pytestmark = pytest.mark.e2e
@@ -41,13 +48,14 @@ CONFIG = {   # the smallest config the pipeline tests build (tests/conftest.py b
     "monitor": {"reference_size": 100, "permutations": 50, "max_test_rows": 200, "window_days": 1, "window_rows": 60, "min_rows": 20},
 }
 N_PREDICTIONS = 60
-# THE switch of central storage: the object store (SeaweedFS, s3://) once central storage through fsspec is merged
-# (cvops.testing.SeaweedFS comes with it), else the compose file's shared volume; REHEARSAL_STORAGE=local forces the volume
-import cvops.testing
-CENTRAL_STORAGE = ("s3://cvops/central_storage" if hasattr(cvops.testing, "SeaweedFS") and os.environ.get("REHEARSAL_STORAGE") != "local"
-                   else None)
-# rehearsal-only settings (overrides of .env, as the shell's environment would be): the monitor checks every 20 s, not weekly
-OVERRIDES = {"MONITOR_INTERVAL": "20s"}
+# Central storage and MLflow's artefacts on the object store: docker-compose.s3.yml merged onto docker-compose.yml, as
+# `docker-compose -f docker-compose.yml -f docker-compose.s3.yml` would (the stack's SeaweedFS runs either way);
+# REHEARSAL_STORAGE=local rehearses the base file alone (the shared central_storage and mlartifacts volumes)
+COMPOSE_OVERRIDES = [] if os.environ.get("REHEARSAL_STORAGE", "s3") == "local" else ["docker-compose.s3.yml"]
+# rehearsal-only settings (as the shell's environment would win over .env): the monitor checks every 20 s, not weekly
+VARIABLES = {"MONITOR_INTERVAL": "20s"}
+# what this process (publishing the second version) takes from the workspace's environment to reach central storage
+STORAGE_VARIABLES = ("CVOPS_CENTRAL_STORAGE", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def _programs():
@@ -103,9 +111,9 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
     build_dataset_repo(tmp_path / "fm", tmp_path / "remote", n_train=400, n_valid=100, n_test=200, progress=False)
     config = {**CONFIG, "dataset": {**CONFIG["dataset"], "path": str(tmp_path / "fm")}}
     images = [encode(im) for im in tiny_images([0, 1, 2] * 10, seed=3)]
-    st = Stack(tmp_path / "stack", overrides=OVERRIDES, config=config, central_storage=CENTRAL_STORAGE)
+    st = Stack(tmp_path / "stack", overrides=COMPOSE_OVERRIDES, variables=VARIABLES, config=config)
     with st:
-        print(f"\nstack up in {time.time() - t0:.0f} s:\n{st.report()}")
+        print(f"\nstack up in {time.time() - t0:.0f} s from {' + '.join(st.files)}:\n{st.report()}")
         nginx = st.url("nginx", "")
         before = [requests.post(f"{nginx}/predict", files={"file": ("x.png", images[0], "image/png")}, timeout=30) for _ in range(3)]
         assert [r.status_code for r in before] == [503] * 3, [r.text for r in before]   # nothing deployed yet
@@ -117,8 +125,16 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         models = st.workspace_run("cvops", "models").stdout
         version = next(l.split()[-1] for l in models.splitlines() if l.strip().startswith("*"))
         wait_until("both replicas serve the built version", lambda: _served(st) == [version] * 2, 60)
-        where = st.central_storage or "the central_storage volume's folder"
-        figures["build"] = f"MLflow runs {len(runs)} (experiment rehearsal), version {version} in {where}, served by both replicas"
+        figures["build"] = f"MLflow runs {len(runs)} (experiment rehearsal), version {version} in {st.central_storage}, served by both replicas"
+        # MLflow's artefacts where its command (the override's, with it) puts them: objects of the stack's SeaweedFS, or the volume
+        ml = st.argv("mlflow")
+        dest = ml[ml.index("--artifacts-destination") + 1]
+        if dest.startswith("s3://"):
+            me = st.env("mlflow")
+            artefacts = find(ObjectStore(dest, me["MLFLOW_S3_ENDPOINT_URL"], me["AWS_ACCESS_KEY_ID"], me["AWS_SECRET_ACCESS_KEY"]), "")
+        else: artefacts = [p for p in Path(dest).rglob("*") if p.is_file()]
+        assert artefacts, dest
+        figures["artefacts"] = f"{len(artefacts)} MLflow artefacts in {dest}"
 
         # predictions through nginx land in PostgreSQL; half get feedback (the monitor's live accuracy)
         client = ThroughNginx(nginx)
@@ -132,6 +148,20 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         rows = wait_until("the predictions in PostgreSQL", lambda: (n := st.sql("SELECT count(*) FROM predictions")[0][0]) >= len(ok) and n, 60)
         assert rows == len(ok), (rows, len(ok))
         figures["predictions"] = f"{len(answers)} through nginx, {len(ok)} answered 200, {rows} rows in PostgreSQL"
+
+        # their images, where the dashboards read them (with the override: objects under the s3:// central storage)
+        dash = st.env("dashboards")
+        for k in STORAGE_VARIABLES:
+            if k in dash: monkeypatch.setenv(k, dash[k])
+        monkeypatch.setenv("CVOPS_VAR_DIR", str(tmp_path / "reader-var"))
+        logged = [r[0] for r in st.sql("SELECT DISTINCT image_path FROM predictions")]
+        store = open_image_store(load_settings(StorageSettings, root=st.workspace))
+        def all_readable():
+            try: return all(store.read(p) for p in logged)
+            except FileNotFoundError: return False
+        assert logged and all(logged)
+        wait_until("the logged images where the dashboards read them", all_readable, 90)
+        figures["images"] = f"{len(logged)} logged images read back from {dash['CVOPS_CENTRAL_STORAGE']}/predictions/images"
 
         # the monitor (its compose command, every 20 s here) writes drift rows for the serving version
         drift = wait_until("drift_reports rows", lambda: st.sql("SELECT count(*) FROM drift_reports WHERE model_version = %s", (version,))[0][0], 300, interval=3)
@@ -153,8 +183,10 @@ def test_the_compose_stack_rehearsed_natively(tmp_path, monkeypatch):
         figures["prometheus"] = f"{len(queries)} queries ({len(rules)} rule groups), every one with series"
 
         # a deploy from the workspace reaches both replicas through nginx, 0 failed requests under load
-        for k, v in st.storage_env().items(): monkeypatch.setenv(k, v)   # this process publishes the second version
-        other = tiny_version(st.central_storage or st.volumes / "central_storage", "tiny", detectors=False)
+        workspace = st.env("jupyter")
+        for k in STORAGE_VARIABLES:                                   # this process publishes the second version
+            if k in workspace: monkeypatch.setenv(k, workspace[k])
+        other = tiny_version(st.central_storage, "tiny", detectors=False)
         with PredictionLoad(ThroughNginx(nginx), images, n=2) as load:
             time.sleep(2)
             st.workspace_run("cvops", "deploy", "tiny", "--version", other.version)

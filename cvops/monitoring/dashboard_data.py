@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
+from ..predlog.images import ImageStore, open_image_store
 from ..predlog.queries import api_requests, drift_history, open_for_reading, prediction_counts, prediction_rows
 
 # %% auto #0
@@ -26,16 +27,16 @@ __all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'Sources', 'open_sources', 'Servin
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #c64d5cb5
 @dataclass
 class Sources:
-    "Where the dashboards read: the prediction-log database (None: there is none yet) and central storage."
+    "Where the dashboards read: the prediction-log database (None: there is none yet), central storage and the logged images."
     engine: object
     storage: Path
     root: Path
     db_url: str
     problem: str | None = None     # why the database cannot be read, in one line
-    image_dir: Path | None = None  # the logged images (None: `predictions/images` of a local central storage)
+    image_store: ImageStore | None = None   # the logged images (None: `predictions/images` of a local central storage)
 
     @property
-    def images(self) -> Path: return self.image_dir or Path(self.storage) / "predictions" / "images"
+    def images(self) -> ImageStore: return self.image_store or ImageStore(Path(self.storage) / "predictions" / "images")
 
     @property
     def db_label(self) -> str: return sa.engine.make_url(self.db_url).render_as_string(hide_password=True)
@@ -46,7 +47,7 @@ def open_sources(settings=None) -> Sources:
     s = settings or load_settings()
     refuse_insecure(s, "the dashboards", ("database",))
     engine, problem = open_for_reading(s.database_url)
-    return Sources(engine, s.storage, Path(s.root), s.database_url, problem, s.images_dir)
+    return Sources(engine, s.storage, Path(s.root), s.database_url, problem, open_image_store(s))
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #197cb249
 @dataclass
@@ -287,20 +288,21 @@ def drift_contributors(current: pd.DataFrame, reference: pd.DataFrame, features=
     return out.head(top) if top else out
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #3c6372d9
-def gradcam_overlays(rows: pd.DataFrame, images_dir, lv, max_side: int = 1024) -> list[dict]:
-    "For each row: its stored image's GradCAM overlay (PNG bytes) under the loaded version `lv`, or why there is none."
+def gradcam_overlays(rows: pd.DataFrame, images: ImageStore, lv, max_side: int = 1024) -> list[dict]:
+    "For each row: its stored image's GradCAM overlay (PNG bytes) under the loaded version `lv`, or why there is none (`images`: the image store, `Sources.images`)."
     from cvops.serving.inference import ImageError, check_upload, prepare_input, render_heatmap
     items, ups, xs = [], [], []
     for r in rows.itertuples(index=False):
         item = {"request_id": r.request_id, "created_on": r.created_on, "top_class": r.top_class,
                 "p": getattr(r, "p", None), "overlay": None, "problem": None}
-        path = Path(images_dir) / str(r.image_path) if isinstance(r.image_path, str) and r.image_path else None
         try:
-            if path is None or not path.exists(): raise FileNotFoundError("image no longer stored")
-            up = check_upload(path.read_bytes())
+            if not (isinstance(r.image_path, str) and r.image_path): raise FileNotFoundError(r.image_path)
+            up = check_upload(images.read(r.image_path))
             x = prepare_input(up, lv, display_max_side=max_side)   # the model input and the overlay's image from one decode
             ups.append((item, up)); xs.append(x)
-        except (OSError, ImageError) as e: item["problem"] = str(e) if isinstance(e, ImageError) else "image no longer stored"
+        except (FileNotFoundError, IsADirectoryError): item["problem"] = images.missing
+        except ImageError as e: item["problem"] = str(e)
+        except OSError as e: item["problem"] = f"the image could not be read: {e}"   # an unreachable object store: StoreError names it
         except Exception as e: item["problem"] = f"the stored image could not be decoded ({type(e).__name__})"
         items.append(item)
     if xs:

@@ -7,20 +7,27 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
 
+from ..registry.store import StoreError, is_remote, modified, open_store, put_file, read_bytes, remove_many
+
 # %% auto #0
-__all__ = ['KEEP_AS_IS', 'ImageStore']
+__all__ = ['KEEP_AS_IS', 'log', 'ImageStore', 'ObjectImageStore', 'open_image_store']
 
 # %% ../../notebooks/lib/predlog/02_images.ipynb #8ce4a29c
 KEEP_AS_IS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 class ImageStore:
     "Content-addressed, write-once image files under `root`."
+    missing = "image no longer stored"   # what the dashboards say when a row's image is not there
+
     def __init__(self, root): self.root = Path(root)
+    def __repr__(self): return f"ImageStore({str(self.root)!r})"
 
     def put(self, data: bytes, fmt: str) -> tuple[str, str]:
         "Store `data` (a `fmt` image) once; returns (sha256, path relative to the store)."
@@ -28,7 +35,9 @@ class ImageStore:
         ext = KEEP_AS_IS.get(fmt, "png")
         rel = f"{sha[:2]}/{sha}.{ext}"
         path = self.root / rel
-        if path.exists(): os.utime(path); return sha, rel
+        if path.exists():
+            try: os.utime(path); return sha, rel
+            except FileNotFoundError: pass   # deleted meanwhile (retention, an upload): stored again below
         if fmt not in KEEP_AS_IS:
             from PIL import Image
             out = io.BytesIO(); Image.open(io.BytesIO(data)).save(out, "PNG"); data = out.getvalue()
@@ -37,6 +46,10 @@ class ImageStore:
         tmp.write_bytes(data); os.replace(tmp, path)
         return sha, rel
 
+    def read(self, rel: str) -> bytes:
+        "The bytes of image `rel` (`FileNotFoundError` when it is not stored)."
+        return (self.root / rel).read_bytes()
+
     def prune(self, retention_days: float) -> int:
         "Delete images not seen for `retention_days` (0: keep everything); returns how many."
         if not retention_days or not self.root.exists(): return 0
@@ -44,3 +57,91 @@ class ImageStore:
         old = [p for p in self.root.glob("*/*") if p.is_file() and p.stat().st_mtime < cutoff]
         for p in old: p.unlink(missing_ok=True)
         return len(old)
+
+    # a local store is where the images stay: nothing to upload, no uploader thread
+    def upload(self) -> int: return 0
+    def start(self) -> "ImageStore": return self
+    def stop(self, timeout: float = 0): pass
+
+# %% ../../notebooks/lib/predlog/02_images.ipynb #e25d0755
+log = logging.getLogger("cvops.predlog.images")
+
+class ObjectImageStore(ImageStore):
+    """The logged images on an object store, `<folder>/<rel>` of central storage `store` (a `cvops.registry.store.ObjectStore`),
+    staged under `staging` (a local folder) until the uploader has sent them."""
+    missing = "image not on the object store (deleted by IMAGE_RETENTION_DAYS, or still waiting to be uploaded)"
+
+    def __init__(self, store, staging, folder: str = "predictions/images"):
+        super().__init__(staging)
+        self.store, self.folder = store, folder.strip("/")
+        self._stop, self._thread, self._wait, self._down = threading.Event(), None, 1.0, False
+
+    def __repr__(self): return f"ObjectImageStore({self.store.where(self.folder)!r}, staging={str(self.root)!r})"
+
+    def staged(self) -> list:
+        "The images waiting to be uploaded, oldest first."
+        found = []
+        for p in self.root.glob("*/*"):
+            if p.name.startswith("."): continue   # still being written
+            try: found.append((p.stat().st_mtime, p))
+            except FileNotFoundError: pass        # sent by another worker meanwhile
+        return [p for _, p in sorted(found)]
+
+    def upload(self) -> int:
+        "Send every staged image (one PUT each) and delete it once sent; returns how many. A `StoreError` ends the round: the rest stay staged."
+        sent = 0
+        for p in self.staged():
+            rel = f"{self.folder}/{p.relative_to(self.root).as_posix()}"
+            try: put_file(self.store, p, rel)
+            except FileNotFoundError:
+                if p.exists(): raise StoreError(f"uploading to {self.store.where(rel)}: the bucket does not exist") from None
+                continue                          # another worker of this replica sent it first
+            p.unlink(missing_ok=True); sent += 1
+        return sent
+
+    def read(self, rel: str) -> bytes:
+        "The bytes of image `rel` on the store (`FileNotFoundError` when it is not there; `StoreError` when the store cannot be reached)."
+        return read_bytes(self.store, f"{self.folder}/{rel}")
+
+    def prune(self, retention_days: float) -> int:
+        "Delete the images last uploaded (so last seen) over `retention_days` ago, on the store and staged; returns how many (0 days: none)."
+        if not retention_days: return 0
+        cutoff = time.time() - retention_days * 86400
+        old = [f"{self.folder}/{rel}" for rel, at in modified(self.store, self.folder).items() if at < cutoff]
+        remove_many(self.store, old)
+        return len(old) + super().prune(retention_days)
+
+    def start(self, interval: float = 1.0, max_wait: float = 30.0) -> "ObjectImageStore":
+        "Upload in a thread every `interval` s; after a failure wait twice as long each time (at most `max_wait` s)."
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._uploader, args=(interval, max_wait), name="image-upload", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0):
+        "End the uploader after one last round (waiting at most `timeout` s); what is still staged waits for the next start."
+        self._stop.set()
+        if self._thread is not None: self._thread.join(timeout); self._thread = None
+
+    def _uploader(self, interval: float, max_wait: float):
+        self._wait = interval
+        while not self._stop.wait(self._wait): self._round(interval, max_wait)
+        self._round(interval, max_wait)
+
+    def _round(self, interval: float, max_wait: float):
+        "One upload round; it never raises (the thread must not die): a failure is logged once per outage and retried later."
+        try: n = self.upload()
+        except Exception as e:
+            if not self._down:
+                log.warning("logged images: cannot upload to %s (%s); %d wait in %s and are sent once the store takes them",
+                            self.store.where(self.folder), str(e)[:300], len(self.staged()), self.root)
+            self._down, self._wait = True, min(max_wait, self._wait * 2)
+            return
+        if self._down: log.warning("logged images: the object store takes them again (%d sent)", n)
+        self._down, self._wait = False, interval
+
+def open_image_store(settings) -> ImageStore:
+    """The logged images of `settings` (`StorageSettings`): `predictions/images/` of a local central storage, or of an `s3://`
+    one, staged in `settings.images_dir` (under the var folder)."""
+    if is_remote(settings.storage): return ObjectImageStore(open_store(settings.storage, settings), settings.images_dir)
+    return ImageStore(settings.images_dir)

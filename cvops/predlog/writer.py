@@ -362,19 +362,21 @@ class PredictionLog(LogStats):
         if self.wal is not None: self.wal.start()
         self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
         self._thread.start()
+        if self.images is not None: self.images.start()   # an object store's uploader (a local store has none)
         if self.wal is None:
             import atexit
             atexit.register(self._spill_on_exit)   # gunicorn's timeout (SIGABRT) exits without the app's shutdown
         return self
 
     def stop(self, timeout: float = 20.0):
-        "Write everything queued; by `timeout`, what the database has not taken stays on disk (the WAL, or spill files)."
+        "Write everything queued; by `timeout`, what the database has not taken stays on disk (the WAL, or spill files), and images the object store has not taken stay staged."
         t_end = time.monotonic() + timeout
         if self.wal is not None: self.wal.stop(min(5.0, timeout / 2))
         with self.queue.cv: self._stopping = True; self.queue.cv.notify()
         if self._thread: self._thread.join(max(0.1, t_end - time.monotonic()))
         if self.wal is not None: self.wal.release()
         else: self._spill_on_exit()
+        if self.images is not None: self.images.stop(max(0.1, t_end - time.monotonic()))   # a last upload round
 
     def replay_all(self, rejected: bool = False) -> dict:
         "Without the writer thread (the CLI): dead owners' WAL segments, spill files and, with `rejected`, rejected files."

@@ -278,12 +278,12 @@ class WorkerState(HotSwap):
         self.plog = self.engine = self.batcher = None
 
     def start(self):
-        from cvops.predlog.images import ImageStore; from cvops.predlog.writer import PredictionLog; from cvops.predlog.schema import make_engine, migrate
+        from cvops.predlog.images import open_image_store; from cvops.predlog.writer import PredictionLog; from cvops.predlog.schema import make_engine, migrate
         s = self.settings
         _configure_tensorflow(s)
         self.engine = make_engine(s.database_url)
         if os.environ.get("CVOPS_SCHEMA_READY") != s.database_url: migrate(self.engine)
-        self.plog = PredictionLog(self.engine, s.var / "spill", ImageStore(s.images_dir),
+        self.plog = PredictionLog(self.engine, s.var / "spill", open_image_store(s),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
         self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side).start()

@@ -11,8 +11,8 @@ from pathlib import Path
 from ..config import ModelConfig
 
 # %% auto #0
-__all__ = ['LAST_CONV', 'PROBABILITIES', 'MODEL_FILE', 'INFO_FILE', 'build_model', 'compile_model', 'save_trained_model',
-           'read_model_info', 'load_keras_model', 'load_trained_model', 'check_trained_model']
+__all__ = ['LAST_CONV', 'PROBABILITIES', 'MODEL_FILE', 'INFO_FILE', 'build_model', 'multiply_adds', 'compile_model',
+           'save_trained_model', 'read_model_info', 'load_keras_model', 'load_trained_model', 'check_trained_model']
 
 # %% ../../notebooks/lib/training/01_model.ipynb #dd7fa8a3
 LAST_CONV = "last_conv"
@@ -50,16 +50,35 @@ def build_model(cfg: ModelConfig, n_classes: int, seed: int = 0):
     probs = layers.Activation(cfg.classifier_activation, name=PROBABILITIES)(logits)
     return keras.Model(inputs, probs, name=cfg.model_name)
 
+# %% ../../notebooks/lib/training/01_model.ipynb #70bc69df
+def multiply_adds(model) -> int:
+    """Multiply-adds per image of the model's conv and dense layers (what the CPU spends its time on; batch norm,
+    activations and pooling are left out): a conv counts output height x width x filters x kernel area x input
+    channels, a dense layer inputs x units."""
+    total = 0
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            _, h, w, filters = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += h * w * filters * kh * kw * layer.input.shape[-1]
+        elif kind == "Dense":
+            total += layer.input.shape[-1] * layer.units
+    return int(total)
+
+
 # %% ../../notebooks/lib/training/01_model.ipynb #ec4dd2e6
-def compile_model(model, cfg_model: ModelConfig, optimizer: str, learning_rate: float):
-    "Compile with the loss and metrics that fit single- or multi-label classification."
+def compile_model(model, cfg_model: ModelConfig, optimizer: str, learning_rate, label_smoothing: float = 0.0):
+    """Compile with the loss and metrics that fit single- or multi-label classification; `learning_rate`: a number or a
+    Keras schedule; `label_smoothing` applies to the single-label loss."""
     import keras
     opt = {"adam": keras.optimizers.Adam, "sgd": keras.optimizers.SGD,
            "rmsprop": keras.optimizers.RMSprop}[optimizer](learning_rate=learning_rate)
     if cfg_model.multilabel:
         loss, metrics = "binary_crossentropy", [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(multi_label=True, name="auc")]
     else:
-        loss, metrics = "categorical_crossentropy", [keras.metrics.CategoricalAccuracy(name="accuracy")]
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing) if label_smoothing else "categorical_crossentropy"
+        metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
     model.compile(optimizer=opt, loss=loss, metrics=metrics)
     return model
 

@@ -15,8 +15,8 @@ from ..data.preprocess import build_augmenter, make_dataset, split_rows
 from .model import build_model, compile_model
 
 # %% auto #0
-__all__ = ['FinalLine', 'make_callbacks', 'keep_best_callback', 'kept_epoch', 'TrainResult', 'fit_classifier', 'flatten',
-           'log_training_inputs', 'history_table', 'plot_history']
+__all__ = ['FinalLine', 'make_callbacks', 'keep_best_callback', 'learning_rate_schedule', 'kept_epoch', 'TrainResult',
+           'fit_classifier', 'flatten', 'log_training_inputs', 'history_table', 'plot_history']
 
 # %% ../../notebooks/lib/training/02_train.ipynb #2369786c
 class FinalLine:
@@ -80,6 +80,16 @@ def keep_best_callback(train_cfg: TrainConfig):
     return keras.callbacks.EarlyStopping(monitor="val_loss", mode="min", patience=train_cfg.early_stopping_patience or train_cfg.epochs,
                                          restore_best_weights=train_cfg.restore_best_weights)
 
+def learning_rate_schedule(train_cfg: TrainConfig, steps_per_epoch: int):
+    """`train.learning_rate` as it is (constant), or for `one_cycle` a Keras schedule: one epoch of linear warm-up from a
+    tenth of it, then a cosine decay to 0 by the last step (a short run ends on small steps instead of stopping mid-stride)."""
+    if train_cfg.lr_schedule == "constant": return train_cfg.learning_rate
+    import keras
+    warmup = steps_per_epoch if train_cfg.epochs > 1 else 0
+    decay = max(1, steps_per_epoch * train_cfg.epochs - warmup)
+    return keras.optimizers.schedules.CosineDecay(train_cfg.learning_rate / 10, decay, alpha=0.0,
+                                                  warmup_target=train_cfg.learning_rate, warmup_steps=warmup)
+
 def kept_epoch(history: dict, restore_best: bool = True):
     "The epoch (1-based) whose weights the model ends with: the lowest validation loss when restoring, else the last."
     n = len(history.get("loss") or history.get("val_loss") or [])
@@ -114,8 +124,8 @@ def fit_classifier(model_cfg: ModelConfig, train_cfg: TrainConfig, df, dataset_d
     valid_ds = make_dataset(df, dataset_dir, "valid", classes, size, ch, bs) if has_valid else None
     n_train = len(split_rows(df, "train", train_cfg.max_images, train_cfg.seed))
     steps = -(-n_train // bs)
-    model = compile_model(build_model(model_cfg, len(classes), seed=train_cfg.seed), model_cfg,
-                          train_cfg.optimizer, train_cfg.learning_rate)
+    model = compile_model(build_model(model_cfg, len(classes), seed=train_cfg.seed), model_cfg, train_cfg.optimizer,
+                          learning_rate_schedule(train_cfg, steps), train_cfg.label_smoothing)
     cbs = make_callbacks(train_cfg.epochs, steps, log_to_mlflow, progress_interval)
     if has_valid: cbs.append(keep_best_callback(train_cfg))
     hist = model.fit(train_ds, validation_data=valid_ds, epochs=train_cfg.epochs, verbose=0, callbacks=cbs, shuffle=False)
