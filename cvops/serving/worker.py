@@ -52,12 +52,16 @@ class Batcher:
         return await fut
 
     @staticmethod
-    def _settle(job, result=None, error=None):
-        def done():
-            if job.future.done(): return
-            if error is not None: job.future.set_exception(error)
-            else: job.future.set_result(result)
-        job.loop.call_soon_threadsafe(done)
+    def _settle(answers):
+        "Answer jobs `[(job, result, error)]`: their futures are set in their event loops, with one wake-up per loop."
+        by_loop = {}
+        for a in answers: by_loop.setdefault(a[0].loop, []).append(a)
+        def done(items):
+            for job, result, error in items:
+                if job.future.done(): continue
+                if error is not None: job.future.set_exception(error)
+                else: job.future.set_result(result)
+        for loop, items in by_loop.items(): loop.call_soon_threadsafe(done, items)
 
     def _take(self) -> list | None:
         "The next job and whatever else is queued now (at most `max_batch`); None once stopped."
@@ -72,31 +76,44 @@ class Batcher:
         return jobs
 
     def _run(self):
-        while (jobs := self._take()) is not None: self._serve(jobs)
+        while (jobs := self._take()) is not None:
+            try: self._serve(jobs)
+            except Exception as e:               # never leave a request waiting, never end the thread
+                log.exception("inference failed"); self._settle([(j, None, e) for j in jobs])
 
     def _serve(self, jobs):
-        "Decode each job for the version serving now, then one model call per heatmap setting."
-        from cvops.serving.inference import prepare_input
+        "Decode the jobs for the version serving now, then one model call per heatmap setting; every job is answered."
         import numpy as np
         lv = self.get_version()
-        if lv is None:
-            for j in jobs: self._settle(j, error=NoModelError())
-            return
-        ready = []
-        for j in jobs:
-            try: ready.append((j, prepare_input(j.upload, lv, self.display_side if j.heatmap else None)))   # the one full-size decode
-            except Exception as e:
-                self._settle(j, error=ImageError(f"the image data is truncated or corrupt: it could not be decoded ({type(e).__name__})", 400))
+        if lv is None: return self._settle([(j, None, NoModelError()) for j in jobs])
+        answers = []
+        ready = self._inputs(jobs, lv, answers)
         for flag in (True, False):
             group = [(j, x) for j, x in ready if j.heatmap == flag]
             if not group: continue
             try:
                 out = lv(np.stack([x for _, x in group]), heatmap=flag)
                 self.batches += 1; self.images += len(group)
-                for i, (j, _) in enumerate(group): self._settle(j, (lv, {k: v[i] for k, v in out.items()}))
+                answers += [(j, (lv, {k: v[i] for k, v in out.items()}), None) for i, (j, _) in enumerate(group)]
             except Exception as e:
                 log.exception("model call failed")
-                for j, _ in group: self._settle(j, error=e)
+                answers += [(j, None, e) for j, _ in group]
+        self._settle(answers)
+
+    def _inputs(self, jobs, lv, answers: list) -> list:
+        """(job, model input) of each job that decodes; those that do not go to `answers` as 400s. The jobs without a heatmap
+        are decoded together in one call (`prepare_batch`), those with one image by image, each with its display copy."""
+        from cvops.serving.inference import prepare_batch, prepare_input
+        ready, plain = [], [j for j in jobs if not j.heatmap]
+        if len(plain) > 1:
+            try: ready = list(zip(plain, prepare_batch([j.upload for j in plain], lv)))
+            except Exception: pass                  # one of them does not decode: image by image below, to answer each
+            else: jobs = [j for j in jobs if j.heatmap]
+        for j in jobs:
+            try: ready.append((j, prepare_input(j.upload, lv, self.display_side if j.heatmap else None)))   # the one full-size decode
+            except Exception as e:
+                answers.append((j, None, ImageError(f"the image data is truncated or corrupt: it could not be decoded ({type(e).__name__})", 400)))
+        return ready
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #53f66994
 _METRICS = {}
