@@ -20,8 +20,8 @@ from .inference import ImageError
 from ..settings import ServiceSettings
 
 # %% auto #0
-__all__ = ['log', 'LOAD_RETRY_MAX_S', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_model_switched', 'metrics_log_state',
-           'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap', 'WorkerState']
+__all__ = ['log', 'LOAD_RETRY_MAX_S', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_batch', 'metrics_model_switched',
+           'metrics_log_state', 'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap', 'WorkerState']
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #9ca9240a
 log = logging.getLogger("cvops.serving.worker")
@@ -35,9 +35,14 @@ class _Job:
 
 class Batcher:
     "One inference thread: batches queued uploads into one call of the serving version."
-    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024):
+    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024, on_batch=None):
+        "`on_batch(images, heatmap)` is told of each model call (the worker counts them in its metrics)."
         self.get_version, self.max_batch, self.display_side = get_version, max_batch, display_side
-        self._q: queue.Queue = queue.Queue()
+        self.on_batch = on_batch or (lambda images, heatmap: None)
+        self._q: queue.Queue = queue.Queue()      # lists of jobs (one per turn of an event loop); None: stop
+        self._pending: dict = {}                  # event loop -> jobs submitted during its current turn
+        self._lock = threading.Lock()
+        self._carry: list = []                    # jobs taken from the queue beyond `max_batch`: the next batch's
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.batches = self.images = 0
 
@@ -45,11 +50,20 @@ class Batcher:
     def stop(self): self._q.put(None); self._thread.join(10)
 
     async def submit(self, upload, heatmap: bool):
-        "Run one upload through the serving version; returns (version, outputs of this image)."
+        """Run one upload through the serving version; returns (version, outputs of this image). The uploads submitted during
+        one turn of the event loop go to the inference thread together, at the end of that turn (one wake-up, no wait)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put(_Job(upload, heatmap, fut, loop))
+        with self._lock:
+            pending = self._pending.setdefault(loop, [])
+            pending.append(_Job(upload, heatmap, fut, loop))
+            first = len(pending) == 1
+        if first: loop.call_soon(self._hand_over, loop)
         return await fut
+
+    def _hand_over(self, loop):
+        with self._lock: jobs = self._pending.pop(loop, [])
+        if jobs: self._q.put(jobs)
 
     @staticmethod
     def _settle(answers):
@@ -64,16 +78,16 @@ class Batcher:
         for loop, items in by_loop.items(): loop.call_soon_threadsafe(done, items)
 
     def _take(self) -> list | None:
-        "The next job and whatever else is queued now (at most `max_batch`); None once stopped."
-        job = self._q.get()
-        if job is None: return None
-        jobs = [job]
+        "The next jobs: what is queued now, in order, at most `max_batch` (never waiting for more); None once stopped."
+        jobs = self._carry or self._q.get()
+        if jobs is None: return None
         while len(jobs) < self.max_batch:
-            try: nxt = self._q.get_nowait()
+            try: more = self._q.get_nowait()
             except queue.Empty: break
-            if nxt is None: self._q.put(None); break
-            jobs.append(nxt)
-        return jobs
+            if more is None: self._q.put(None); break
+            jobs = jobs + more
+        self._carry = jobs[self.max_batch:]
+        return jobs[:self.max_batch]
 
     def _run(self):
         while (jobs := self._take()) is not None:
@@ -93,7 +107,7 @@ class Batcher:
             if not group: continue
             try:
                 out = lv(np.stack([x for _, x in group]), heatmap=flag)
-                self.batches += 1; self.images += len(group)
+                self.batches += 1; self.images += len(group); self.on_batch(len(group), flag)
                 answers += [(j, (lv, {k: v[i] for k, v in out.items()}), None) for i, (j, _) in enumerate(group)]
             except Exception as e:
                 log.exception("model call failed")
@@ -125,6 +139,8 @@ def _metrics():
             requests=Counter("cvops_http_requests_total", "HTTP requests by route, method and status", ["route", "method", "status"]),
             latency=Histogram("cvops_http_request_duration_seconds", "Request latency by route", ["route"],
                               buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10)),
+            batch=Histogram("cvops_inference_batch_images", "Images per model call (requests batched by a worker)", ["heatmap"],
+                            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)),
             serving=Gauge("cvops_model_serving", "1 for the model version a worker serves", ["version"], multiprocess_mode="livemax"),
             queue=Gauge("cvops_prediction_log_queue_depth", "Rows waiting to be written", multiprocess_mode="livesum"),
             spilled=Counter("cvops_prediction_log_rows_spilled_total", "Rows spilled to disk while the database was unavailable"),
@@ -140,6 +156,10 @@ def _metrics():
 def metrics_request(route: str, method: str, status: int, seconds: float):
     "Count one answered request and its latency."
     m = _metrics(); m["requests"].labels(route, method, str(status)).inc(); m["latency"].labels(route).observe(seconds)
+
+def metrics_batch(images: int, heatmap: bool):
+    "Count one model call of `images` images."
+    _metrics()["batch"].labels("true" if heatmap else "false").observe(images)
 
 def metrics_model_switched(old, new):
     m = _metrics()
@@ -303,7 +323,7 @@ class WorkerState(HotSwap):
         self.plog = PredictionLog(self.engine, s.var / "spill", ImageStore(s.images_dir),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
-        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side).start()
+        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side, metrics_batch).start()
 
     def stop(self):
         if self.batcher: self.batcher.stop()
