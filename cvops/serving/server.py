@@ -14,43 +14,21 @@ from uvicorn_worker import UvicornWorker
 from ..settings import ServiceSettings, load_settings, refuse_insecure
 
 # %% auto #0
-__all__ = ['gunicorn_options', 'refuse_taken_port', 'not_listening', 'ServiceWorker', 'run_server', 'service_running',
-           'wait_healthy', 'start_background', 'stop_background']
+__all__ = ['gunicorn_options', 'ServiceWorker', 'run_server', 'service_running', 'wait_healthy', 'start_background',
+           'stop_background']
 
 # %% ../../notebooks/lib/serving/05_server.ipynb #c0c3de8b
 def gunicorn_options(s: ServiceSettings) -> dict:
-    """gunicorn settings for the service. With more than one worker, each listens on a socket of its own (`SO_REUSEPORT`): the
-    kernel spreads new connections over the workers, where one shared socket let a worker that woke first take a whole burst."""
+    "gunicorn settings for the service."
     return {"bind": f"{s.host}:{s.port}", "workers": s.workers, "worker_class": "cvops.serving.server.ServiceWorker",
-            "reuse_port": s.workers > 1,
             "timeout": 120, "graceful_timeout": int(s.log_flush_timeout) + 15, "keepalive": 5, "preload_app": False,
             "accesslog": None, "errorlog": "-", "loglevel": "warning", "proc_name": "cvops-service",
             "forwarded_allow_ips": s.forwarded_allow_ips}   # X-Forwarded-For is believed from these proxies only
 
-def refuse_taken_port(host: str, port: int):
-    "RuntimeError (gunicorn: `Error: ...`, exit 1) when `host:port` is taken (with `SO_REUSEPORT` a second service would share it silently)."
-    import socket
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try: probe.bind(addr)
-        except OSError as e: raise RuntimeError(f"cannot serve on {host}:{port}: {e.strerror} (another service running? `make stop`)") from None
-
-def not_listening(sock):
-    """A socket bound like `sock` (`SO_REUSEPORT`) but not listening, in its place: the worker's server listens on it once the app
-    has started (uvicorn: after the lifespan start-up loaded the model), so no connection waits on a worker that is booting."""
-    import socket
-    new = socket.socket(sock.family, sock.type, sock.proto)
-    new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    new.bind(sock.getsockname())
-    sock.close()
-    return new
-
 def _on_starting(s: ServiceSettings):
-    "Once, in the master: refuse a port in use, migrate the database, reset the metrics folder."
+    "Once, in the master: migrate the database, reset the metrics folder."
     def hook(server):
         from cvops.predlog.schema import make_engine, migrate
-        if server.cfg.reuse_port: refuse_taken_port(s.host, s.port)   # gunicorn's own bind, which would say so, is the workers'
         prom = s.var / "prometheus"
         shutil.rmtree(prom, ignore_errors=True); prom.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
@@ -69,13 +47,8 @@ def _child_exit(server, worker):
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"): multiprocess.mark_process_dead(worker.pid)
 
 class ServiceWorker(UvicornWorker):
-    """The service's gunicorn worker: uvicorn on uvloop with httptools (named: a missing one is an error, not a slower service);
-    with `reuse_port`, its own socket listens only once the worker serves (`not_listening`)."""
+    "The service's gunicorn worker: uvicorn on uvloop with httptools, named (not `auto`): a missing one is an error, not a slower service."
     CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "loop": "uvloop", "http": "httptools"}
-
-    def init_process(self):
-        if self.cfg.reuse_port: self.sockets = [not_listening(sk) for sk in self.sockets]
-        super().init_process()
 
 def run_server(settings: ServiceSettings | None = None):
     "Run the service in the foreground until SIGTERM/SIGINT (then workers drain and flush their logs)."
