@@ -235,6 +235,7 @@ def _pct(sorted_xs, p):
 
 _TIME_MS = re.compile(rb'"time_ms":\s*([0-9.eE+-]+)')
 _LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)", re.I)
+_CLOSE = re.compile(rb"\r\nconnection:\s*close", re.I)
 
 
 def http_request(port: int, path: str, body: bytes, ctype: str) -> bytes:
@@ -243,8 +244,8 @@ def http_request(port: int, path: str, body: bytes, ctype: str) -> bytes:
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
 
 
-def read_answer(sock, buf: bytearray) -> tuple[int, bytes]:
-    "(status, body) of the next answer on `sock` (read by its Content-Length; what follows stays in `buf`)."
+def read_answer(sock, buf: bytearray) -> tuple[int, bytes, bool]:
+    "(status, body, closing) of the next answer on `sock` (read by its Content-Length; what follows stays in `buf`)."
     while (end := buf.find(b"\r\n\r\n")) < 0:
         chunk = sock.recv(65536)
         if not chunk: raise ConnectionError("the service closed the connection")
@@ -258,7 +259,7 @@ def read_answer(sock, buf: bytearray) -> tuple[int, bytes]:
         if not chunk: raise ConnectionError("the service closed the connection")
         buf += chunk
     body = bytes(buf[end + 4:total]); del buf[:total]
-    return int(head[9:12]), body
+    return int(head[9:12]), body, _CLOSE.search(head) is not None
 
 
 def load_cell(port: int, bodies: list, ctype: str, heatmap: bool, concurrency: int, warm: float, dur: float) -> dict:
@@ -269,7 +270,7 @@ def load_cell(port: int, bodies: list, ctype: str, heatmap: bool, concurrency: i
     requests_ = [http_request(port, path, b, ctype) for b in bodies]
     start = time.perf_counter() + 0.05
     t0, t1 = start + warm, start + warm + dur
-    per = [dict(lat=[], server=[], errors=0, statuses={}, bytes=0) for _ in range(concurrency)]
+    per = [dict(lat=[], server=[], errors=0, statuses={}, bytes=0, reconnects=0) for _ in range(concurrency)]
 
     def connect():
         sock = socket.create_connection(("127.0.0.1", port), timeout=60)
@@ -287,7 +288,8 @@ def load_cell(port: int, bodies: list, ctype: str, heatmap: bool, concurrency: i
             req = requests_[k % len(requests_)]; k += 1
             try:
                 sock.sendall(req)
-                status, payload = read_answer(sock, buf)
+                status, payload, closing = read_answer(sock, buf)
+                if closing: sock.close(); buf.clear(); sock = connect(); rec["reconnects"] += 1   # the service asked: a new connection
             except OSError as e:
                 rec["errors"] += 1; rec["statuses"][type(e).__name__] = rec["statuses"].get(type(e).__name__, 0) + 1
                 sock.close(); buf.clear(); sock = connect()
@@ -312,6 +314,7 @@ def load_cell(port: int, bodies: list, ctype: str, heatmap: bool, concurrency: i
     for r in per:
         for s, c in r["statuses"].items(): statuses[str(s)] = statuses.get(str(s), 0) + c
     return {"req_s": n / dur, "requests": n, "errors": sum(r["errors"] for r in per), "error_kinds": statuses,
+            "reconnects_asked": sum(r["reconnects"] for r in per),
             "p50_ms": _pct(lat, 50) * 1000 if lat else None, "p99_ms": _pct(lat, 99) * 1000 if lat else None,
             "server_time_ms_p50": _pct(server, 50), "server_time_ms_mean": statistics.fmean(server) if server else None,
             "client_latency_ms_mean": statistics.fmean(lat) * 1000 if lat else None,

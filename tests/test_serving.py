@@ -179,10 +179,10 @@ def _send_together(svc, uploads: list, heatmap: bool) -> list:
     return answers
 
 
-def test_raw_body_answers_as_multipart_and_requests_sent_together_are_batched(service_root, service_factory, trained_models):
+def test_raw_body_answers_as_multipart_requests_sent_together_are_batched_and_spread(service_root, service_factory, trained_models):
     """The image as the request body (Content-Type image/*) gets the answer the multipart form gets, and is logged the same; any
     other body type is a 415 naming both ways. Requests sent together are batched by the workers, and each gets its own
-    image's prediction."""
+    image's prediction. Connections opened in a burst end spread over the workers."""
     import keras
     from PIL import Image
     from cvops.data.preprocess import preprocess, to_model_input
@@ -245,12 +245,34 @@ def test_raw_body_answers_as_multipart_and_requests_sent_together_are_batched(se
     images = _metric(after, "cvops_inference_batch_images_sum") - _metric(before, "cvops_inference_batch_images_sum")
     assert images == 3 * len(picks) and calls < images, (calls, images)   # some model calls took more than one image
 
+    # 8 connections opened at once, used back to back: they end spread over both workers (a worker holding more than its
+    # share of the requests plus one answers `Connection: close`, and the client reconnects), whichever worker took the burst
+    import psutil, threading
+    def client_ports() -> set:
+        return {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == svc.port}
+    earlier = client_ports()          # connections of the requests above that this process still holds
+    png = encode(xt[0], "PNG")
+    barrier, sessions, statuses = threading.Barrier(8), [requests.Session() for _ in range(8)], []
+    def hammer(sess):
+        barrier.wait(30)
+        statuses.extend(sess.post(svc.url("/predict?heatmap=false"), data=png, headers={"Content-Type": "image/png"}, timeout=60).status_code
+                        for _ in range(60))
+    threads = [threading.Thread(target=hammer, args=(sess,)) for sess in sessions]
+    for t in threads: t.start()
+    for t in threads: t.join(300)
+    assert statuses == [200] * 480, sorted(set(statuses))
+    ours = client_ports() - earlier
+    held = {pid: sum(c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in ours for c in psutil.Process(pid).net_connections("tcp"))
+            for pid in svc.worker_pids()}
+    for sess in sessions: sess.close()
+    assert len(ours) == 8 and sum(held.values()) == 8 and max(held.values()) <= 6, (len(ours), held)
+
     # every answer logged: the raw body's row and image as the form's
     svc.stop()
     rows = {r["request_id"]: r for r in _rows(db_url, "predictions")}
     for raw_id, form_id in pairs:
         assert rows[raw_id]["image_sha256"] == rows[form_id]["image_sha256"] and rows[raw_id]["top_class"] == rows[form_id]["top_class"]
-    assert len(rows) == 8 + 3 * len(picks)
+    assert len(rows) == 8 + 3 * len(picks) + 480
 
 
 # --- 1 + 2 + 7: uploads and PUT requests ---------------------------------------------------------

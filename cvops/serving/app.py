@@ -79,9 +79,12 @@ async def answer(request: Request, app, state: WorkerState) -> tuple[bool, Respo
                                                        "retry after the time in Retry-After") if shed else why,   # else: its rows could not be kept
                                         {"Retry-After": "1"})
         if not predict: return shed, await call_route(app, request)
-        state.inflight += 1
-        try: return shed, await call_route(app, request)
-        finally: state.inflight -= 1
+        state.hold(1)
+        try:
+            response = await call_route(app, request)
+            request.state.hand_off = state.should_hand_off()   # more than its share: the client reconnects (`over_share`)
+            return shed, response
+        finally: state.hold(-1)
     except Exception as e:
         log.exception("unhandled error")
         request.state.error = f"{type(e).__name__}: {e}"
@@ -108,10 +111,12 @@ async def keep_rows(request: Request, response: Response, route: str, seconds: f
     return response
 
 async def log_every_request(request: Request, app) -> Response:
-    "The request through the routes `app`: request id, early refusals, the `api_log` row, `X-Model-Version`, metrics."
+    """The request through the routes `app`: request id, early refusals, the `api_log` row, `X-Model-Version`, metrics; and
+    `Connection: close` when this worker holds more than its share of the service's requests (`WorkerState.should_hand_off`)."""
     state: WorkerState = request.app.state.worker
     request.state.request_id = uuid.uuid4().hex
     request.state.error = request.state.prediction = request.state.image = None
+    request.state.hand_off = False
     t0 = time.perf_counter()
     shed, response = await answer(request, app, state)
     dt = time.perf_counter() - t0
@@ -121,6 +126,7 @@ async def log_every_request(request: Request, app) -> Response:
     served = (request.state.prediction or {}).get("model_version") or (state.serving.version if state.serving else None)
     response.headers["X-Request-ID"] = request.state.request_id
     response.headers["X-Model-Version"] = served or ""
+    if request.state.hand_off: response.headers["Connection"] = "close"
     metrics_request(route, request.method, response.status_code, dt)
     return response
 

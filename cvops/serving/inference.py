@@ -83,11 +83,21 @@ class LoadedVersion:
     _predict: object = field(repr=False, default=None)
     _predict_cam: object = field(repr=False, default=None)
     _prepare: object = field(repr=False, default=None)
+    _on_uint8: dict = field(repr=False, default_factory=dict)
 
     def __call__(self, batch: np.ndarray, heatmap: bool = True) -> dict:
         "uint8 batch `n x h x w x c` -> dict of numpy arrays: `probs`, `cam` (if heatmap), one per head."
-        fn = self._predict_cam if heatmap else self._predict
-        return {k: v.numpy() for k, v in fn(to_model_input(batch)).items()}
+        return {k: v.numpy() for k, v in self._uint8_call(heatmap)(batch).items()}
+
+    def _uint8_call(self, heatmap: bool):
+        "The compiled call on the uint8 batch: `to_model_input` inside the graph (no eager op per batch); traced once per setting."
+        if heatmap not in self._on_uint8:
+            import tensorflow as tf
+            fn = self._predict_cam if heatmap else self._predict
+            @tf.function(input_signature=[tf.TensorSpec([None, self.size[1], self.size[0], self.channels], tf.uint8)])
+            def call(x): return fn(to_model_input(x))
+            self._on_uint8[heatmap] = call
+        return self._on_uint8[heatmap]
 
 def _extra_heads(folder: Path, model_name: str) -> dict:
     "The version's detectors, by feature name (`<model_name>_uae.keras` -> `uae`, `cvops.registry.versions.version_detectors`)."

@@ -28,7 +28,7 @@ from .worker import NoModelError, WorkerState, freeze_heap, metrics_log_state, r
 # %% auto #0
 __all__ = ['WorkerDep', 'SettingsDep', 'NO_MODEL', 'RAW_TYPES', 'INLINE_CHECK_BYTES', 'PREDICT_BODY', 'predict_router',
            'models_router', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'feedback_router', 'ops_router', 'page_router', 'routers',
-           'worker_of', 'settings_of', 'ApiError', 'ErrorResponse', 'check_bearer', 'require_admin',
+           'worker_of', 'settings_of', 'worker_of_app', 'ApiError', 'ErrorResponse', 'check_bearer', 'require_admin',
            'require_feedback_token', 'PredictionResponse', 'read_body', 'read_upload', 'predict', 'DeployRequest',
            'DeploymentResponse', 'ServingInfo', 'wait_for_workers', 'models_current', 'deploy_version',
            'models_history', 'queued_prediction', 'lookup_prediction', 'store_feedback', 'find_prediction',
@@ -43,6 +43,10 @@ async def worker_of(request: Request) -> WorkerState:
 async def settings_of(request: Request) -> ServiceSettings:
     "The settings the worker answering `request` runs with."
     return request.app.state.worker.settings
+
+def worker_of_app(request: Request) -> WorkerState:
+    "`worker_of` as a plain call (for `/predict`, which runs on every request)."
+    return request.app.state.worker
 
 WorkerDep = Annotated[WorkerState, Depends(worker_of)]
 SettingsDep = Annotated[ServiceSettings, Depends(settings_of)]
@@ -120,10 +124,10 @@ predict_router = APIRouter(tags=["predict"])
 @predict_router.post("/predict", response_model=PredictionResponse, openapi_extra={"requestBody": PREDICT_BODY},
                      responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503)},
                      summary="Classify an image (the body itself, Content-Type image/*, or a multipart form's `file`); GradCAM heatmap and overlay unless heatmap=false")
-async def predict(request: Request, state: WorkerDep, settings: SettingsDep,
-                  heatmap: bool = Query(True, description="false: skip the heatmap and overlay (faster)")):
+async def predict(request: Request, heatmap: bool = Query(True, description="false: skip the heatmap and overlay (faster)")):
     from cvops.serving.inference import class_probabilities, render_heatmap
     t0 = time.perf_counter()
+    state = worker_of_app(request); settings = state.settings   # the hot route: no dependency to resolve per request
     data, ctype = await read_upload(request, settings.max_upload_bytes)
     if state.serving is None: raise ApiError(503, state.load_error or NO_MODEL)
     limits = (ctype, settings.max_upload_bytes, settings.max_image_pixels)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from datetime import datetime, timezone
@@ -20,8 +21,9 @@ from .inference import ImageError
 from ..settings import ServiceSettings
 
 # %% auto #0
-__all__ = ['log', 'LOAD_RETRY_MAX_S', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_batch', 'metrics_model_switched',
-           'metrics_log_state', 'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap', 'WorkerState']
+__all__ = ['log', 'LOAD_RETRY_MAX_S', 'BOARD', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_batch',
+           'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap',
+           'InflightBoard', 'over_share', 'WorkerState']
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #9ca9240a
 log = logging.getLogger("cvops.serving.worker")
@@ -306,12 +308,57 @@ class HotSwap:
         return (f"version skew: this worker serves {self.serving.version} but the deployment pointer names {self.pointer_version} "
                 f"since {age:.0f} s (VERSION_SKEW_GRACE {self.settings.version_skew_grace:g} s){why}")
 
+# %% ../../notebooks/lib/serving/02_worker.ipynb #8a2b7171
+class InflightBoard:
+    "The `/predict` requests each worker of a service holds now: slots `(pid, count)` in an anonymous shared mmap, made before the forks."
+    SLOTS = 64
+
+    def __init__(self):
+        import mmap
+        self._mm = mmap.mmap(-1, 8 * self.SLOTS)   # MAP_SHARED: forked workers see one memory
+        self.slot: int | None = None               # this worker's, once taken
+
+    def reserve(self) -> int | None:
+        "In the master, before a fork: a free slot for the next worker (None past SLOTS workers: that one is not counted)."
+        for i in range(self.SLOTS):
+            if struct.unpack_from("<i", self._mm, 8 * i)[0] == 0:
+                struct.pack_into("<ii", self._mm, 8 * i, -1, 0); return i
+        return None
+
+    def take(self, slot: int | None, pid: int):
+        "In the worker, after the fork: the slot is this worker's."
+        self.slot = slot
+        if slot is not None: struct.pack_into("<ii", self._mm, 8 * slot, pid, 0)
+
+    def release(self, slot: int | None):
+        "In the master, once the worker has exited: its slot is free, and counts nothing."
+        if slot is not None: struct.pack_into("<ii", self._mm, 8 * slot, 0, 0)
+
+    def set(self, n: int):
+        "This worker holds `n` requests now."
+        if self.slot is not None: struct.pack_into("<i", self._mm, 8 * self.slot + 4, n)
+
+    def counts(self) -> list[int]:
+        "The requests each worker holds now (the slots taken)."
+        v = struct.unpack_from(f"<{2 * self.SLOTS}i", self._mm)
+        return [v[2 * i + 1] for i in range(self.SLOTS) if v[2 * i] != 0]
+
+BOARD: InflightBoard | None = None   # set by the gunicorn master before it forks (cvops.serving.server); None in a process of its own
+
+def over_share(board: InflightBoard | None, mine: int) -> bool:
+    "Whether this worker, holding `mine` requests, holds more than its share of all the workers' plus one."
+    if board is None or board.slot is None: return False
+    counts = board.counts()
+    return len(counts) > 1 and mine > -(-sum(counts) // len(counts)) + 1
+
 # %% ../../notebooks/lib/serving/02_worker.ipynb #895ddda3
 class WorkerState(HotSwap):
     "Everything one worker process holds: the serving version (hot swap), the prediction log, the batcher."
     def __init__(self, settings: ServiceSettings):
         super().__init__(settings)
         self.inflight = 0                       # /predict requests held now (at most settings.max_queue)
+        self.board = BOARD                      # every worker's count, when gunicorn's master made one (`over_share`)
+        self.last_close = 0.0                   # when this worker last asked a client to reconnect
         self.plog = self.engine = self.batcher = None
 
     def start(self):
@@ -350,6 +397,17 @@ class WorkerState(HotSwap):
                                          self.plog.images, s.image_retention_days, s.log_retention_days)
             except Exception: log.exception("retention failed")
             await asyncio.sleep(min(60.0, s.retention_interval))
+
+    def hold(self, delta: int):
+        "One more (+1) or one fewer (-1) `/predict` request held, on the board too."
+        self.inflight += delta
+        if self.board is not None: self.board.set(self.inflight)
+
+    def should_hand_off(self) -> bool:
+        "Ask this request's client to reconnect (`Connection: close`): this worker holds more than its share, and did not ask in the last 20 ms."
+        if not over_share(self.board, self.inflight) or time.monotonic() - self.last_close < 0.02: return False
+        self.last_close = time.monotonic()
+        return True
 
     def log_problem(self) -> str | None:
         "Why the prediction log cannot keep rows now (None when it can)."
