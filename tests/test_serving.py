@@ -151,6 +151,130 @@ def test_round_trip_classes_right_and_same_preprocessing_as_training(service_roo
     assert _count(f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}", "api_log") >= 20
 
 
+# --- the raw body, micro-batching ---------------------------------------------------------------------
+def _metric(text: str, name: str) -> float:
+    "The sum of a metric's samples in a /metrics answer."
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _raw(svc, data: bytes, content_type: str, heatmap: bool = True, timeout: float = 30):
+    return requests.post(svc.url("/predict") + ("" if heatmap else "?heatmap=false"), data=data,
+                         headers={"Content-Type": content_type}, timeout=timeout)
+
+
+def _send_together(svc, uploads: list, heatmap: bool) -> list:
+    "Send every `(data, content type)` at once, one thread and one connection each (released together); the answers, in order."
+    import threading
+    barrier, answers = threading.Barrier(len(uploads)), [None] * len(uploads)
+    def one(i):
+        with requests.Session() as s:
+            s.get(svc.url("/health"), timeout=10)          # connected before the barrier
+            barrier.wait(30)
+            data, ctype = uploads[i]
+            answers[i] = s.post(svc.url("/predict") + ("" if heatmap else "?heatmap=false"), data=data,
+                                headers={"Content-Type": ctype}, timeout=60)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(uploads))]
+    for t in threads: t.start()
+    for t in threads: t.join(120)
+    return answers
+
+
+def test_raw_body_answers_as_multipart_requests_sent_together_are_batched_and_spread(service_root, service_factory, trained_models):
+    """The image as the request body (Content-Type image/*) gets the answer the multipart form gets, and is logged the same; any
+    other body type is a 415 naming both ways. Requests sent together are batched by the workers, and each gets its own
+    image's prediction. Connections opened in a burst end spread over the workers."""
+    import keras
+    from PIL import Image
+    from cvops.data.preprocess import preprocess, to_model_input
+    svc = service_factory(service_root["root"])
+    svc.wait_workers_ready(service_root["a"])
+    folder, xt, yt, acc = trained_models["a"]
+    classes = requests.get(svc.url("/models/current"), timeout=5).json()["classes"]
+    db_url = f"sqlite:///{service_root['root'] / 'var' / 'cvops.db'}"
+
+    # the raw body: the multipart answer (probabilities, heatmap), the same logged row and stored image
+    pairs = []
+    for i, (data, ctype) in enumerate([(encode(xt[0], "PNG"), "image/png"), (encode(xt[1], "JPEG", quality=95), "image/jpeg"),
+                                       (encode(xt[2], "PNG"), "application/octet-stream"), (encode(xt[3], "WEBP", lossless=True), "image/webp")]):
+        heatmap = i % 2 == 0
+        raw, form = _raw(svc, data, ctype, heatmap), svc.predict(data, "x.img", ctype, heatmap=heatmap)
+        assert raw.status_code == form.status_code == 200, (ctype, raw.text[:300], form.text[:300])
+        r, f = raw.json(), form.json()
+        assert raw.headers["content-type"] == "application/json" and raw.headers["X-Request-ID"] == r["request_id"], raw.headers
+        assert raw.headers["X-Model-Version"] == r["model_version"] == f["model_version"] == service_root["a"]
+        assert r["top_class"] == f["top_class"], (ctype, r, f)
+        np.testing.assert_allclose([r["probabilities"][c] for c in classes], [f["probabilities"][c] for c in classes], atol=1e-5)
+        assert set(r) == set(f) == {"request_id", "model_name", "model_version", "top_class", "probabilities", "time_ms", "heatmap", "overlay"}
+        if heatmap:
+            import base64
+            heat = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d[k]))), np.int16) for d in (r, f) for k in ("heatmap", "overlay")]
+            assert heat[0].shape == heat[2].shape and heat[1].shape == heat[3].shape
+            assert np.abs(heat[0] - heat[2]).max() <= 2 and np.abs(heat[1] - heat[3]).max() <= 2
+        else:
+            assert r["heatmap"] is None and r["overlay"] is None
+        pairs.append((r["request_id"], f["request_id"]))
+
+    # any other body type: 415 naming the two ways; garbage said to be an image: 415 from the image check
+    for data, ctype in ((b"hello", "text/plain"), (b'{"file": "x"}', "application/json"), (b"file=x", "application/x-www-form-urlencoded")):
+        r = _raw(svc, data, ctype)
+        assert r.status_code == 415, (ctype, r.status_code, r.text[:300])
+        err = r.json()["error"]
+        assert f"unsupported content type '{ctype}'" in err and "image/png" in err and "multipart/form-data" in err, err
+    r = _raw(svc, os.urandom(3000), "image/png")
+    assert r.status_code == 415 and "not an image" in r.json()["error"], r.text
+    r = requests.post(svc.url("/predict"), timeout=10)
+    assert r.status_code == 422 and "file" in r.json()["error"] and "required" in r.json()["error"].lower(), r.text
+
+    # requests sent together: batched by the workers, and each answered with its own image's prediction
+    model = keras.models.load_model(folder / "model.keras", compile=False)
+    picks = [int(np.flatnonzero(yt == c)[k]) for k in range(2) for c in range(len(classes)) if (yt == c).sum() > k][:16]
+    before = requests.get(svc.url("/metrics"), timeout=5).text
+    for heatmap in (False, True, False):
+        uploads = [(encode(xt[i], "PNG"), "image/png") if j % 2 else (encode(xt[i], "JPEG", quality=95), "image/jpeg")
+                   for j, i in enumerate(picks)]
+        answers = _send_together(svc, uploads, heatmap)
+        for (data, _), i, a in zip(uploads, picks, answers):
+            assert a is not None and a.status_code == 200, a.text[:300] if a is not None else "no answer"
+            expected = np.asarray(model(to_model_input(preprocess(data, (28, 28), 1)[None])))[0]
+            got = np.array([a.json()["probabilities"][c] for c in classes])
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+            assert a.json()["top_class"] == classes[int(expected.argmax())]
+            assert (a.json()["overlay"] is not None) == heatmap
+    after = requests.get(svc.url("/metrics"), timeout=5).text
+    calls = _metric(after, "cvops_inference_batch_images_count") - _metric(before, "cvops_inference_batch_images_count")
+    images = _metric(after, "cvops_inference_batch_images_sum") - _metric(before, "cvops_inference_batch_images_sum")
+    assert images == 3 * len(picks) and calls < images, (calls, images)   # some model calls took more than one image
+
+    # 8 connections opened at once, used back to back: they end spread over both workers (a worker holding more than its
+    # share of the requests plus one answers `Connection: close`, and the client reconnects), whichever worker took the burst
+    import psutil, threading
+    def client_ports() -> set:
+        return {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port == svc.port}
+    earlier = client_ports()          # connections of the requests above that this process still holds
+    png = encode(xt[0], "PNG")
+    barrier, sessions, statuses = threading.Barrier(8), [requests.Session() for _ in range(8)], []
+    def hammer(sess):
+        barrier.wait(30)
+        statuses.extend(sess.post(svc.url("/predict?heatmap=false"), data=png, headers={"Content-Type": "image/png"}, timeout=60).status_code
+                        for _ in range(60))
+    threads = [threading.Thread(target=hammer, args=(sess,)) for sess in sessions]
+    for t in threads: t.start()
+    for t in threads: t.join(300)
+    assert statuses == [200] * 480, sorted(set(statuses))
+    ours = client_ports() - earlier
+    held = {pid: sum(c.status == psutil.CONN_ESTABLISHED and c.raddr and c.raddr.port in ours for c in psutil.Process(pid).net_connections("tcp"))
+            for pid in svc.worker_pids()}
+    for sess in sessions: sess.close()
+    assert len(ours) == 8 and sum(held.values()) == 8 and max(held.values()) <= 6, (len(ours), held)
+
+    # every answer logged: the raw body's row and image as the form's
+    svc.stop()
+    rows = {r["request_id"]: r for r in _rows(db_url, "predictions")}
+    for raw_id, form_id in pairs:
+        assert rows[raw_id]["image_sha256"] == rows[form_id]["image_sha256"] and rows[raw_id]["top_class"] == rows[form_id]["top_class"]
+    assert len(rows) == 8 + 3 * len(picks) + 480
+
+
 # --- 1 + 2 + 7: uploads and PUT requests ---------------------------------------------------------
 def _send_bad_requests(svc, service_root, trained_models) -> tuple[dict, int]:
     """1 and 7: each bad request is answered with a 4xx JSON error naming the problem, and the workers still serve;

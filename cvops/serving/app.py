@@ -25,8 +25,8 @@ from ..settings import ServiceSettings, load_settings, refuse_insecure
 from .worker import WorkerState, freeze_heap, metrics_request
 
 # %% auto #0
-__all__ = ['log', 'BODY_SLACK', 'error_response', 'drain', 'route_of', 'answer', 'keep_rows', 'log_every_request', 'http_error',
-           'validation_error', 'lifespan', 'create_app']
+__all__ = ['log', 'BODY_SLACK', 'error_response', 'drain', 'route_of', 'call_route', 'answer', 'keep_rows', 'log_every_request',
+           'RequestLog', 'http_error', 'validation_error', 'lifespan', 'create_app']
 
 # %% ../../notebooks/lib/serving/04_app.ipynb #3b019a26
 log = logging.getLogger("cvops.serving.app")
@@ -50,7 +50,20 @@ def route_of(request: Request) -> str:
     r = request.scope.get("route")
     return getattr(r, "path", None) or "unmatched"
 
-async def answer(request: Request, call_next, state: WorkerState) -> tuple[bool, Response]:
+async def call_route(app, request: Request) -> Response:
+    "Run the routes (`app`, plain ASGI) on `request` and hold their answer as a `Response`: the middleware sends it once the rows are kept."
+    start, body = None, []
+    async def hold(message):
+        nonlocal start
+        if message["type"] == "http.response.start": start = message
+        elif message["type"] == "http.response.body": body.append(message.get("body", b""))
+    await app(request.scope, request.receive, hold)
+    if start is None: raise RuntimeError("the route ended without an answer")
+    response = Response(b"".join(body), start["status"])
+    response.raw_headers = [(k, v) for k, v in start["headers"] if k.lower() not in (b"x-request-id", b"x-model-version")]
+    return response
+
+async def answer(request: Request, app, state: WorkerState) -> tuple[bool, Response]:
     "(shed, response): the route's answer, or a refusal before the body is read; an error no handler took is a JSON 500."
     settings = state.settings
     declared = request.headers.get("content-length", "")
@@ -65,10 +78,13 @@ async def answer(request: Request, call_next, state: WorkerState) -> tuple[bool,
             return shed, error_response(request, 503, (f"overloaded: this worker already holds {settings.max_queue} predictions (MAX_QUEUE); "
                                                        "retry after the time in Retry-After") if shed else why,   # else: its rows could not be kept
                                         {"Retry-After": "1"})
-        if not predict: return shed, await call_next(request)
-        state.inflight += 1
-        try: return shed, await call_next(request)
-        finally: state.inflight -= 1
+        if not predict: return shed, await call_route(app, request)
+        state.hold(1)
+        try:
+            response = await call_route(app, request)
+            request.state.hand_off = state.should_hand_off()   # more than its share: the client reconnects (`over_share`)
+            return shed, response
+        finally: state.hold(-1)
     except Exception as e:
         log.exception("unhandled error")
         request.state.error = f"{type(e).__name__}: {e}"
@@ -94,23 +110,36 @@ async def keep_rows(request: Request, response: Response, route: str, seconds: f
         state.plog.log(api, pred, request.state.image, durable=False)
     return response
 
-async def log_every_request(request: Request, call_next):
-    "The service's one middleware: request id, early refusals, the `api_log` row, `X-Model-Version`, metrics."
+async def log_every_request(request: Request, app) -> Response:
+    """The request through the routes `app`: request id, early refusals, the `api_log` row, `X-Model-Version`, metrics; and
+    `Connection: close` when this worker holds more than its share of the service's requests (`WorkerState.should_hand_off`)."""
     state: WorkerState = request.app.state.worker
     request.state.request_id = uuid.uuid4().hex
     request.state.error = request.state.prediction = request.state.image = None
+    request.state.hand_off = False
     t0 = time.perf_counter()
-    shed, response = await answer(request, call_next, state)
+    shed, response = await answer(request, app, state)
     dt = time.perf_counter() - t0
     route = "/predict" if shed else route_of(request)
-    response.headers["X-Request-ID"] = request.state.request_id
     if route not in ("/metrics", "/health") and state.plog is not None:
         response = await keep_rows(request, response, route, dt, state)
     served = (request.state.prediction or {}).get("model_version") or (state.serving.version if state.serving else None)
     response.headers["X-Request-ID"] = request.state.request_id
     response.headers["X-Model-Version"] = served or ""
+    if request.state.hand_off: response.headers["Connection"] = "close"
     metrics_request(route, request.method, response.status_code, dt)
     return response
+
+class RequestLog:
+    """The service's one middleware, plain ASGI (`app.add_middleware(RequestLog)`): every HTTP request goes through
+    `log_every_request`, and its answer is sent once its rows are kept. No task or stream per request (Starlette's
+    `BaseHTTPMiddleware` costs both)."""
+    def __init__(self, app): self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http": return await self.app(scope, receive, send)
+        response = await log_every_request(Request(scope, receive), self.app)
+        await response(scope, receive, send)
 
 # %% ../../notebooks/lib/serving/04_app.ipynb #3c630792
 async def http_error(request: Request, exc: StarletteHTTPException):
@@ -146,7 +175,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     app = FastAPI(title="cvops prediction service", lifespan=lifespan,
                   description="Image classification with GradCAM; every request logged. Upload page at `/`.")
     app.state.worker = WorkerState(settings)
-    app.middleware("http")(log_every_request)
+    app.add_middleware(RequestLog)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     for router in routers: app.include_router(router)

@@ -15,7 +15,8 @@ from functools import cache
 from importlib.resources import files
 from typing import Annotated, Optional
 
-from fastapi import APIRouter, Depends, File, Header, Query, Request, UploadFile
+import orjson
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,22 +26,27 @@ from ..settings import ServiceSettings
 from .worker import NoModelError, WorkerState, freeze_heap, metrics_log_state, render_metrics, workers_serving
 
 # %% auto #0
-__all__ = ['WorkerDep', 'SettingsDep', 'NO_MODEL', 'predict_router', 'models_router', 'FEEDBACK_WAIT_S', 'REQUEST_ID',
-           'feedback_router', 'ops_router', 'page_router', 'routers', 'worker_of', 'settings_of', 'ApiError',
-           'ErrorResponse', 'check_bearer', 'require_admin', 'require_feedback_token', 'PredictionResponse', 'predict',
-           'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'wait_for_workers', 'models_current', 'deploy_version',
+__all__ = ['WorkerDep', 'SettingsDep', 'NO_MODEL', 'RAW_TYPES', 'INLINE_CHECK_BYTES', 'PREDICT_BODY', 'predict_router',
+           'models_router', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'feedback_router', 'ops_router', 'page_router', 'routers',
+           'worker_of', 'settings_of', 'worker_of_app', 'ApiError', 'ErrorResponse', 'check_bearer', 'require_admin',
+           'require_feedback_token', 'PredictionResponse', 'read_body', 'read_upload', 'predict', 'DeployRequest',
+           'DeploymentResponse', 'ServingInfo', 'wait_for_workers', 'models_current', 'deploy_version',
            'models_history', 'queued_prediction', 'lookup_prediction', 'store_feedback', 'find_prediction',
            'FeedbackRequest', 'FeedbackResponse', 'post_feedback', 'Health', 'Readiness', 'database_problem',
            'log_readiness', 'health', 'ready', 'metrics', 'upload_page', 'page']
 
 # %% ../../notebooks/lib/serving/03_routes.ipynb #e903346b
-def worker_of(request: Request) -> WorkerState:
-    "The state of the worker process answering `request` (`create_app` puts it on `app.state`)."
+async def worker_of(request: Request) -> WorkerState:
+    "The state of the worker process answering `request` (`create_app` puts it on `app.state`; async: no thread hop per request)."
     return request.app.state.worker
 
-def settings_of(request: Request) -> ServiceSettings:
+async def settings_of(request: Request) -> ServiceSettings:
     "The settings the worker answering `request` runs with."
     return request.app.state.worker.settings
+
+def worker_of_app(request: Request) -> WorkerState:
+    "`worker_of` as a plain call (for `/predict`, which runs on every request)."
+    return request.app.state.worker
 
 WorkerDep = Annotated[WorkerState, Depends(worker_of)]
 SettingsDep = Annotated[ServiceSettings, Depends(settings_of)]
@@ -71,6 +77,14 @@ def require_feedback_token(settings: SettingsDep,
 # %% ../../notebooks/lib/serving/03_routes.ipynb #6054b0f8
 NO_MODEL = ("no model is deployed: build and deploy one with `make run`, or deploy a published version with "
             "`cvops deploy <model_name>` or PUT /models/current")
+RAW_TYPES = ("image/", "application/octet-stream")   # a body that is the image itself
+INLINE_CHECK_BYTES = 1 << 18                          # uploads up to this size are checked on the event loop (a header read)
+PREDICT_BODY = {"required": True, "content": {        # the route reads the body itself (`read_upload`): its schema, for /docs
+    "image/*": {"schema": {"type": "string", "format": "binary",
+                           "description": "the image itself as the body, with its type as Content-Type (image/png, image/jpeg, ...): "
+                                          "no form to parse, the faster way"}},
+    "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+        "file": {"type": "string", "format": "binary", "description": "the image (JPEG, PNG, BMP, GIF, WebP, TIFF)"}}}}}}
 
 class PredictionResponse(BaseModel):
     request_id: str
@@ -82,19 +96,43 @@ class PredictionResponse(BaseModel):
     heatmap: Optional[str] = Field(None, description="GradCAM of the top class, JET colour map, base64 PNG")
     overlay: Optional[str] = Field(None, description="the heatmap blended over the uploaded image, base64 PNG")
 
+async def read_body(request: Request, limit: int) -> bytes:
+    "The request body, at most `limit` bytes of it (a body without a length is not read for ever)."
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk); n += len(chunk)
+        if n >= limit: break
+    return b"".join(chunks)[:limit]
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
+    """(bytes, content type) of the image a /predict request carries: the body itself (`Content-Type: image/*` or
+    `application/octet-stream`), or the `file` field of a `multipart/form-data` form. At most `max_bytes + 1` bytes are read."""
+    ctype = request.headers.get("content-type") or ""
+    kind = ctype.split(";", 1)[0].strip().lower()
+    if kind.startswith(RAW_TYPES): return await read_body(request, max_bytes + 1), kind
+    how = "send the image as the body (Content-Type: image/png, image/jpeg, ...) or as the `file` field of a multipart/form-data form"
+    if kind == "multipart/form-data":
+        async with request.form() as form:
+            f = form.get("file")
+            if f is None or isinstance(f, str): raise ApiError(422, f"body.file: Field required (a file): {how}")
+            return await f.read(max_bytes + 1), f.content_type
+    if not kind: raise ApiError(422, f"body.file: Field required: {how}")
+    raise ApiError(415, f"unsupported content type '{ctype[:100]}' for /predict: {how}")
+
 predict_router = APIRouter(tags=["predict"])
 
-@predict_router.post("/predict", response_model=PredictionResponse, responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503)},
-                     summary="Classify an uploaded image; GradCAM heatmap and overlay unless heatmap=false")
-async def predict(request: Request, state: WorkerDep, settings: SettingsDep,
-                  file: UploadFile = File(..., description="the image (JPEG, PNG, BMP, GIF, WebP, TIFF)"),
-                  heatmap: bool = Query(True, description="false: skip the heatmap and overlay (faster)")):
+@predict_router.post("/predict", response_model=PredictionResponse, openapi_extra={"requestBody": PREDICT_BODY},
+                     responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503)},
+                     summary="Classify an image (the body itself, Content-Type image/*, or a multipart form's `file`); GradCAM heatmap and overlay unless heatmap=false")
+async def predict(request: Request, heatmap: bool = Query(True, description="false: skip the heatmap and overlay (faster)")):
     from cvops.serving.inference import class_probabilities, render_heatmap
     t0 = time.perf_counter()
+    state = worker_of_app(request); settings = state.settings   # the hot route: no dependency to resolve per request
+    data, ctype = await read_upload(request, settings.max_upload_bytes)
     if state.serving is None: raise ApiError(503, state.load_error or NO_MODEL)
-    data = await file.read(settings.max_upload_bytes + 1)
+    limits = (ctype, settings.max_upload_bytes, settings.max_image_pixels)
     try:
-        upload = await asyncio.to_thread(check_upload, data, file.content_type, settings.max_upload_bytes, settings.max_image_pixels)
+        upload = check_upload(data, *limits) if len(data) <= INLINE_CHECK_BYTES else await asyncio.to_thread(check_upload, data, *limits)
         lv, out = await state.batcher.submit(upload, heatmap)
     except ImageError as e: raise ApiError(e.status, str(e))
     except NoModelError: raise ApiError(503, NO_MODEL)
@@ -108,9 +146,9 @@ async def predict(request: Request, state: WorkerDep, settings: SettingsDep,
                                 "model_name": lv.name, "model_version": lv.version, "top_class": top,
                                 "probabilities": probs, **features}   # the JSON `features` column stays NULL
     request.state.image = (upload.data, upload.format)
-    return PredictionResponse(request_id=request.state.request_id, model_name=lv.name, model_version=lv.version,
-                              top_class=top, probabilities=probs, time_ms=round((time.perf_counter() - t0) * 1000, 3),
-                              heatmap=heat, overlay=over)
+    body = {"request_id": request.state.request_id, "model_name": lv.name, "model_version": lv.version, "top_class": top,
+            "probabilities": probs, "time_ms": round((time.perf_counter() - t0) * 1000, 3), "heatmap": heat, "overlay": over}
+    return Response(orjson.dumps(body), media_type="application/json")   # a PredictionResponse, encoded once by orjson
 
 # %% ../../notebooks/lib/serving/03_routes.ipynb #461a920e
 class DeployRequest(BaseModel):

@@ -9,23 +9,28 @@ import os
 import shutil
 from pathlib import Path
 
+from uvicorn_worker import UvicornWorker
+
 from ..settings import ServiceSettings, load_settings, refuse_insecure
 
 # %% auto #0
-__all__ = ['gunicorn_options', 'run_server', 'service_running', 'wait_healthy', 'start_background', 'stop_background']
+__all__ = ['gunicorn_options', 'ServiceWorker', 'run_server', 'service_running', 'wait_healthy', 'start_background',
+           'stop_background']
 
 # %% ../../notebooks/lib/serving/05_server.ipynb #c0c3de8b
 def gunicorn_options(s: ServiceSettings) -> dict:
     "gunicorn settings for the service."
-    return {"bind": f"{s.host}:{s.port}", "workers": s.workers, "worker_class": "uvicorn_worker.UvicornWorker",
+    return {"bind": f"{s.host}:{s.port}", "workers": s.workers, "worker_class": "cvops.serving.server.ServiceWorker",
             "timeout": 120, "graceful_timeout": int(s.log_flush_timeout) + 15, "keepalive": 5, "preload_app": False,
             "accesslog": None, "errorlog": "-", "loglevel": "warning", "proc_name": "cvops-service",
             "forwarded_allow_ips": s.forwarded_allow_ips}   # X-Forwarded-For is believed from these proxies only
 
 def _on_starting(s: ServiceSettings):
-    "Once, in the master: migrate the database, reset the metrics folder."
+    "Once, in the master: migrate the database, reset the metrics folder, make the requests-held board."
     def hook(server):
         from cvops.predlog.schema import make_engine, migrate
+        from cvops.serving import worker as w
+        w.BOARD = w.InflightBoard()            # shared with the workers it forks: each one's requests held
         prom = s.var / "prometheus"
         shutil.rmtree(prom, ignore_errors=True); prom.mkdir(parents=True)
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom)
@@ -41,7 +46,23 @@ def _on_starting(s: ServiceSettings):
 
 def _child_exit(server, worker):
     from prometheus_client import multiprocess
+    from cvops.serving import worker as w
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"): multiprocess.mark_process_dead(worker.pid)
+    if w.BOARD is not None: w.BOARD.release(getattr(worker, "board_slot", None))
+
+def _pre_fork(server, worker):
+    "In the master: a slot on the requests-held board for the worker about to fork (`cvops.serving.worker.InflightBoard`)."
+    from cvops.serving import worker as w
+    worker.board_slot = w.BOARD.reserve() if w.BOARD is not None else None
+
+def _post_fork(server, worker):
+    "In the new worker: its slot on the board."
+    from cvops.serving import worker as w
+    if w.BOARD is not None: w.BOARD.take(worker.board_slot, os.getpid())
+
+class ServiceWorker(UvicornWorker):
+    "The service's gunicorn worker: uvicorn on uvloop with httptools, named (not `auto`): a missing one is an error, not a slower service."
+    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "loop": "uvloop", "http": "httptools"}
 
 def run_server(settings: ServiceSettings | None = None):
     "Run the service in the foreground until SIGTERM/SIGINT (then workers drain and flush their logs)."
@@ -49,7 +70,8 @@ def run_server(settings: ServiceSettings | None = None):
     s = settings or load_settings()
     refuse_insecure(s)
     s.var.mkdir(parents=True, exist_ok=True)
-    opts = {**gunicorn_options(s), "on_starting": _on_starting(s), "child_exit": _child_exit}
+    opts = {**gunicorn_options(s), "on_starting": _on_starting(s), "child_exit": _child_exit, "pre_fork": _pre_fork,
+            "post_fork": _post_fork}
 
     class _App(BaseApplication):
         def load_config(self):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from datetime import datetime, timezone
@@ -20,8 +21,9 @@ from .inference import ImageError
 from ..settings import ServiceSettings
 
 # %% auto #0
-__all__ = ['log', 'LOAD_RETRY_MAX_S', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_model_switched', 'metrics_log_state',
-           'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap', 'WorkerState']
+__all__ = ['log', 'LOAD_RETRY_MAX_S', 'BOARD', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_batch',
+           'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap',
+           'InflightBoard', 'over_share', 'WorkerState']
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #9ca9240a
 log = logging.getLogger("cvops.serving.worker")
@@ -35,9 +37,14 @@ class _Job:
 
 class Batcher:
     "One inference thread: batches queued uploads into one call of the serving version."
-    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024):
+    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024, on_batch=None):
+        "`on_batch(images, heatmap)` is told of each model call (the worker counts them in its metrics)."
         self.get_version, self.max_batch, self.display_side = get_version, max_batch, display_side
-        self._q: queue.Queue = queue.Queue()
+        self.on_batch = on_batch or (lambda images, heatmap: None)
+        self._q: queue.Queue = queue.Queue()      # lists of jobs (one per turn of an event loop); None: stop
+        self._pending: dict = {}                  # event loop -> jobs submitted during its current turn
+        self._lock = threading.Lock()
+        self._carry: list = []                    # jobs taken from the queue beyond `max_batch`: the next batch's
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.batches = self.images = 0
 
@@ -45,58 +52,84 @@ class Batcher:
     def stop(self): self._q.put(None); self._thread.join(10)
 
     async def submit(self, upload, heatmap: bool):
-        "Run one upload through the serving version; returns (version, outputs of this image)."
+        """Run one upload through the serving version; returns (version, outputs of this image). The uploads submitted during
+        one turn of the event loop go to the inference thread together, at the end of that turn (one wake-up, no wait)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put(_Job(upload, heatmap, fut, loop))
+        with self._lock:
+            pending = self._pending.setdefault(loop, [])
+            pending.append(_Job(upload, heatmap, fut, loop))
+            first = len(pending) == 1
+        if first: loop.call_soon(self._hand_over, loop)
         return await fut
 
+    def _hand_over(self, loop):
+        with self._lock: jobs = self._pending.pop(loop, [])
+        if jobs: self._q.put(jobs)
+
     @staticmethod
-    def _settle(job, result=None, error=None):
-        def done():
-            if job.future.done(): return
-            if error is not None: job.future.set_exception(error)
-            else: job.future.set_result(result)
-        job.loop.call_soon_threadsafe(done)
+    def _settle(answers):
+        "Answer jobs `[(job, result, error)]`: their futures are set in their event loops, with one wake-up per loop."
+        by_loop = {}
+        for a in answers: by_loop.setdefault(a[0].loop, []).append(a)
+        def done(items):
+            for job, result, error in items:
+                if job.future.done(): continue
+                if error is not None: job.future.set_exception(error)
+                else: job.future.set_result(result)
+        for loop, items in by_loop.items(): loop.call_soon_threadsafe(done, items)
 
     def _take(self) -> list | None:
-        "The next job and whatever else is queued now (at most `max_batch`); None once stopped."
-        job = self._q.get()
-        if job is None: return None
-        jobs = [job]
+        "The next jobs: what is queued now, in order, at most `max_batch` (never waiting for more); None once stopped."
+        jobs = self._carry or self._q.get()
+        if jobs is None: return None
         while len(jobs) < self.max_batch:
-            try: nxt = self._q.get_nowait()
+            try: more = self._q.get_nowait()
             except queue.Empty: break
-            if nxt is None: self._q.put(None); break
-            jobs.append(nxt)
-        return jobs
+            if more is None: self._q.put(None); break
+            jobs = jobs + more
+        self._carry = jobs[self.max_batch:]
+        return jobs[:self.max_batch]
 
     def _run(self):
-        while (jobs := self._take()) is not None: self._serve(jobs)
+        while (jobs := self._take()) is not None:
+            try: self._serve(jobs)
+            except Exception as e:               # never leave a request waiting, never end the thread
+                log.exception("inference failed"); self._settle([(j, None, e) for j in jobs])
 
     def _serve(self, jobs):
-        "Decode each job for the version serving now, then one model call per heatmap setting."
-        from cvops.serving.inference import prepare_input
+        "Decode the jobs for the version serving now, then one model call per heatmap setting; every job is answered."
         import numpy as np
         lv = self.get_version()
-        if lv is None:
-            for j in jobs: self._settle(j, error=NoModelError())
-            return
-        ready = []
-        for j in jobs:
-            try: ready.append((j, prepare_input(j.upload, lv, self.display_side if j.heatmap else None)))   # the one full-size decode
-            except Exception as e:
-                self._settle(j, error=ImageError(f"the image data is truncated or corrupt: it could not be decoded ({type(e).__name__})", 400))
+        if lv is None: return self._settle([(j, None, NoModelError()) for j in jobs])
+        answers = []
+        ready = self._inputs(jobs, lv, answers)
         for flag in (True, False):
             group = [(j, x) for j, x in ready if j.heatmap == flag]
             if not group: continue
             try:
                 out = lv(np.stack([x for _, x in group]), heatmap=flag)
-                self.batches += 1; self.images += len(group)
-                for i, (j, _) in enumerate(group): self._settle(j, (lv, {k: v[i] for k, v in out.items()}))
+                self.batches += 1; self.images += len(group); self.on_batch(len(group), flag)
+                answers += [(j, (lv, {k: v[i] for k, v in out.items()}), None) for i, (j, _) in enumerate(group)]
             except Exception as e:
                 log.exception("model call failed")
-                for j, _ in group: self._settle(j, error=e)
+                answers += [(j, None, e) for j, _ in group]
+        self._settle(answers)
+
+    def _inputs(self, jobs, lv, answers: list) -> list:
+        """(job, model input) of each job that decodes; those that do not go to `answers` as 400s. The jobs without a heatmap
+        are decoded together in one call (`prepare_batch`), those with one image by image, each with its display copy."""
+        from cvops.serving.inference import prepare_batch, prepare_input
+        ready, plain = [], [j for j in jobs if not j.heatmap]
+        if len(plain) > 1:
+            try: ready = list(zip(plain, prepare_batch([j.upload for j in plain], lv)))
+            except Exception: pass                  # one of them does not decode: image by image below, to answer each
+            else: jobs = [j for j in jobs if j.heatmap]
+        for j in jobs:
+            try: ready.append((j, prepare_input(j.upload, lv, self.display_side if j.heatmap else None)))   # the one full-size decode
+            except Exception as e:
+                answers.append((j, None, ImageError(f"the image data is truncated or corrupt: it could not be decoded ({type(e).__name__})", 400)))
+        return ready
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #53f66994
 _METRICS = {}
@@ -108,6 +141,8 @@ def _metrics():
             requests=Counter("cvops_http_requests_total", "HTTP requests by route, method and status", ["route", "method", "status"]),
             latency=Histogram("cvops_http_request_duration_seconds", "Request latency by route", ["route"],
                               buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10)),
+            batch=Histogram("cvops_inference_batch_images", "Images per model call (requests batched by a worker)", ["heatmap"],
+                            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)),
             serving=Gauge("cvops_model_serving", "1 for the model version a worker serves", ["version"], multiprocess_mode="livemax"),
             queue=Gauge("cvops_prediction_log_queue_depth", "Rows waiting to be written", multiprocess_mode="livesum"),
             spilled=Counter("cvops_prediction_log_rows_spilled_total", "Rows spilled to disk while the database was unavailable"),
@@ -123,6 +158,10 @@ def _metrics():
 def metrics_request(route: str, method: str, status: int, seconds: float):
     "Count one answered request and its latency."
     m = _metrics(); m["requests"].labels(route, method, str(status)).inc(); m["latency"].labels(route).observe(seconds)
+
+def metrics_batch(images: int, heatmap: bool):
+    "Count one model call of `images` images."
+    _metrics()["batch"].labels("true" if heatmap else "false").observe(images)
 
 def metrics_model_switched(old, new):
     m = _metrics()
@@ -269,12 +308,57 @@ class HotSwap:
         return (f"version skew: this worker serves {self.serving.version} but the deployment pointer names {self.pointer_version} "
                 f"since {age:.0f} s (VERSION_SKEW_GRACE {self.settings.version_skew_grace:g} s){why}")
 
+# %% ../../notebooks/lib/serving/02_worker.ipynb #8a2b7171
+class InflightBoard:
+    "The `/predict` requests each worker of a service holds now: slots `(pid, count)` in an anonymous shared mmap, made before the forks."
+    SLOTS = 64
+
+    def __init__(self):
+        import mmap
+        self._mm = mmap.mmap(-1, 8 * self.SLOTS)   # MAP_SHARED: forked workers see one memory
+        self.slot: int | None = None               # this worker's, once taken
+
+    def reserve(self) -> int | None:
+        "In the master, before a fork: a free slot for the next worker (None past SLOTS workers: that one is not counted)."
+        for i in range(self.SLOTS):
+            if struct.unpack_from("<i", self._mm, 8 * i)[0] == 0:
+                struct.pack_into("<ii", self._mm, 8 * i, -1, 0); return i
+        return None
+
+    def take(self, slot: int | None, pid: int):
+        "In the worker, after the fork: the slot is this worker's."
+        self.slot = slot
+        if slot is not None: struct.pack_into("<ii", self._mm, 8 * slot, pid, 0)
+
+    def release(self, slot: int | None):
+        "In the master, once the worker has exited: its slot is free, and counts nothing."
+        if slot is not None: struct.pack_into("<ii", self._mm, 8 * slot, 0, 0)
+
+    def set(self, n: int):
+        "This worker holds `n` requests now."
+        if self.slot is not None: struct.pack_into("<i", self._mm, 8 * self.slot + 4, n)
+
+    def counts(self) -> list[int]:
+        "The requests each worker holds now (the slots taken)."
+        v = struct.unpack_from(f"<{2 * self.SLOTS}i", self._mm)
+        return [v[2 * i + 1] for i in range(self.SLOTS) if v[2 * i] != 0]
+
+BOARD: InflightBoard | None = None   # set by the gunicorn master before it forks (cvops.serving.server); None in a process of its own
+
+def over_share(board: InflightBoard | None, mine: int) -> bool:
+    "Whether this worker, holding `mine` requests, holds more than its share of all the workers' plus one."
+    if board is None or board.slot is None: return False
+    counts = board.counts()
+    return len(counts) > 1 and mine > -(-sum(counts) // len(counts)) + 1
+
 # %% ../../notebooks/lib/serving/02_worker.ipynb #895ddda3
 class WorkerState(HotSwap):
     "Everything one worker process holds: the serving version (hot swap), the prediction log, the batcher."
     def __init__(self, settings: ServiceSettings):
         super().__init__(settings)
         self.inflight = 0                       # /predict requests held now (at most settings.max_queue)
+        self.board = BOARD                      # every worker's count, when gunicorn's master made one (`over_share`)
+        self.last_close = 0.0                   # when this worker last asked a client to reconnect
         self.plog = self.engine = self.batcher = None
 
     def start(self):
@@ -286,7 +370,7 @@ class WorkerState(HotSwap):
         self.plog = PredictionLog(self.engine, s.var / "spill", open_image_store(s),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
-        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side).start()
+        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side, metrics_batch).start()
 
     def stop(self):
         if self.batcher: self.batcher.stop()
@@ -313,6 +397,17 @@ class WorkerState(HotSwap):
                                          self.plog.images, s.image_retention_days, s.log_retention_days)
             except Exception: log.exception("retention failed")
             await asyncio.sleep(min(60.0, s.retention_interval))
+
+    def hold(self, delta: int):
+        "One more (+1) or one fewer (-1) `/predict` request held, on the board too."
+        self.inflight += delta
+        if self.board is not None: self.board.set(self.inflight)
+
+    def should_hand_off(self) -> bool:
+        "Ask this request's client to reconnect (`Connection: close`): this worker holds more than its share, and did not ask in the last 20 ms."
+        if not over_share(self.board, self.inflight) or time.monotonic() - self.last_close < 0.02: return False
+        self.last_close = time.monotonic()
+        return True
 
     def log_problem(self) -> str | None:
         "Why the prediction log cannot keep rows now (None when it can)."
