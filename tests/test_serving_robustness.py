@@ -184,6 +184,9 @@ def test_deploy_and_prune_concurrently_20_times_the_pointer_always_names_a_loada
 
         def do_prune():
             barrier.wait()
+            # odd rounds: a true race (either may win); even rounds: prune 50 ms late, so the deploy path is exercised
+            # too (the faster registry let prune win all 20 races of a run, and the pointer then never moved)
+            if round_ % 2 == 0: time.sleep(0.05)
             try: outcomes["pruned"] += len(prune_versions(storage, "fashion_small", 1))
             except Exception as e: errors.append(e)
 
