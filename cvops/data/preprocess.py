@@ -70,6 +70,28 @@ def _to_8bit_array(im) -> np.ndarray:
         a = np.asarray(im, dtype=np.uint8)
     return np.ascontiguousarray(a[..., None] if a.ndim == 2 else a)
 
+def _png_chunk(data: bytes, kind: bytes) -> bytes | None:
+    "The data of a PNG's first `kind` chunk, found by walking the chunk headers alone (None: no such chunk, or the data ends first)."
+    import struct
+    pos, n = 8, len(data)
+    while pos + 8 <= n:
+        length, typ = struct.unpack_from(">I4s", data, pos)
+        if typ == kind: return data[pos + 8:pos + 8 + length]
+        if typ == b"IEND": return None
+        pos += 12 + length
+    return None
+
+def _orientation(im, data: bytes) -> int:
+    """The image's EXIF orientation (1: stored upright). A PNG's `eXIf` chunk may follow the pixels, where PIL's `getexif`
+    finds it only by decoding the whole image: it is looked up from the chunk headers instead (the request path decodes once)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        raw = _png_chunk(data, b"eXIf")
+        if raw is None: return 1
+        from PIL import Image
+        exif = Image.Exif(); exif.load(b"Exif\x00\x00" + raw)
+        return exif.get(0x0112, 1)
+    return im.getexif().get(0x0112, 1) if im.format in _EXIF_FORMATS else 1
+
 def _pil_pixels(data) -> np.ndarray:
     """The upright pixels of an image TensorFlow would not decode as a person sees it (EXIF-rotated, CMYK or YCCK JPEG,
     WebP, TIFF, BMP, GIF, ...), decoded once by PIL; an empty array for a plain JPEG or PNG (only its header is read:
@@ -80,7 +102,7 @@ def _pil_pixels(data) -> np.ndarray:
     try: im = Image.open(io.BytesIO(bytes(data)))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError): return _NOT_MINE
     with im:
-        orientation = im.getexif().get(0x0112, 1) if im.format in _EXIF_FORMATS else 1
+        orientation = _orientation(im, data)
         if im.format in _TF_FORMATS and orientation in (0, 1) and im.mode not in ("CMYK", "YCbCr"): return _NOT_MINE
         try: return _to_8bit_array(ImageOps.exif_transpose(im))
         except (OSError, SyntaxError, EOFError) as e: raise ValueError(f"the image data is truncated or corrupt ({e})") from None
