@@ -43,8 +43,10 @@ def _decode_row(row: dict) -> dict:
 
 def record_dumps(api: dict, prediction: dict | None = None, image: tuple | None = None, **extra) -> bytes:
     "One log record as a JSON line (datetimes and bytes tagged, so they come back as they were)."
+    import orjson   # 5x json's speed: this runs once per request, on the write-ahead log's thread (NaN is written as null)
     rec = {"api": api, "prediction": prediction, "image": list(image) if image else None, **extra}
-    return (json.dumps(rec, default=_json_default, separators=(",", ":")) + "\n").encode()
+    try: return orjson.dumps(rec, default=_json_default, option=orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_APPEND_NEWLINE)
+    except TypeError as e: raise (e.__cause__ if isinstance(e.__cause__, TypeError) else e) from None   # `_json_default`'s message
 
 def read_records(path) -> list[dict]:
     "The records of a segment, spill or rejected file; a line cut short by a crash is skipped (it was never acknowledged)."

@@ -29,11 +29,11 @@ from .worker import NoModelError, WorkerState, freeze_heap, metrics_log_state, r
 __all__ = ['WorkerDep', 'SettingsDep', 'NO_MODEL', 'RAW_TYPES', 'INLINE_CHECK_BYTES', 'PREDICT_BODY', 'predict_router',
            'models_router', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'feedback_router', 'ops_router', 'page_router', 'routers',
            'worker_of', 'settings_of', 'worker_of_app', 'ApiError', 'ErrorResponse', 'check_bearer', 'require_admin',
-           'require_feedback_token', 'PredictionResponse', 'read_body', 'read_upload', 'predict', 'DeployRequest',
-           'DeploymentResponse', 'ServingInfo', 'wait_for_workers', 'models_current', 'deploy_version',
-           'models_history', 'queued_prediction', 'lookup_prediction', 'store_feedback', 'find_prediction',
-           'FeedbackRequest', 'FeedbackResponse', 'post_feedback', 'Health', 'Readiness', 'database_problem',
-           'log_readiness', 'health', 'ready', 'metrics', 'upload_page', 'page']
+           'require_feedback_token', 'PredictionResponse', 'read_body', 'read_upload', 'predict', 'predict_answer',
+           'heatmap_query', 'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'wait_for_workers', 'models_current',
+           'deploy_version', 'models_history', 'queued_prediction', 'lookup_prediction', 'store_feedback',
+           'find_prediction', 'FeedbackRequest', 'FeedbackResponse', 'post_feedback', 'Health', 'Readiness',
+           'database_problem', 'log_readiness', 'health', 'ready', 'metrics', 'upload_page', 'page']
 
 # %% ../../notebooks/lib/serving/03_routes.ipynb #e903346b
 async def worker_of(request: Request) -> WorkerState:
@@ -125,6 +125,11 @@ predict_router = APIRouter(tags=["predict"])
                      responses={s: {"model": ErrorResponse} for s in (400, 413, 415, 422, 503)},
                      summary="Classify an image (the body itself, Content-Type image/*, or a multipart form's `file`); GradCAM heatmap and overlay unless heatmap=false")
 async def predict(request: Request, heatmap: bool = Query(True, description="false: skip the heatmap and overlay (faster)")):
+    return await predict_answer(request, heatmap)
+
+async def predict_answer(request: Request, heatmap: bool) -> Response:
+    """What `POST /predict` answers (raises `ApiError`): the route above, and `cvops.serving.app.ServiceApp`'s direct path,
+    which calls it without Starlette's routing and FastAPI's parameter solving (a third of the time a request held the GIL)."""
     from cvops.serving.inference import class_probabilities, render_heatmap
     t0 = time.perf_counter()
     state = worker_of_app(request); settings = state.settings   # the hot route: no dependency to resolve per request
@@ -149,6 +154,17 @@ async def predict(request: Request, heatmap: bool = Query(True, description="fal
     body = {"request_id": request.state.request_id, "model_name": lv.name, "model_version": lv.version, "top_class": top,
             "probabilities": probs, "time_ms": round((time.perf_counter() - t0) * 1000, 3), "heatmap": heat, "overlay": over}
     return Response(orjson.dumps(body), media_type="application/json")   # a PredictionResponse, encoded once by orjson
+
+_TRUE, _FALSE = {"1", "true", "on", "yes", "t", "y"}, {"0", "false", "off", "no", "f", "n"}   # what FastAPI reads as a bool
+
+def heatmap_query(query_string: bytes) -> bool | None:
+    """The `heatmap` flag of a `/predict` query string, as the route's `Query` reads it; None for anything else (another
+    parameter, a value that is not a bool), which then goes through FastAPI and gets its answer (422 for a bad value)."""
+    if not query_string: return True
+    key, sep, value = query_string.decode("latin-1").partition("=")
+    if key != "heatmap" or not sep: return None
+    value = value.lower()
+    return True if value in _TRUE else False if value in _FALSE else None
 
 # %% ../../notebooks/lib/serving/03_routes.ipynb #461a920e
 class DeployRequest(BaseModel):
