@@ -80,6 +80,8 @@ class ServiceSettings(StorageSettings):
     max_image_pixels: int = Field(40_000_000, gt=0, validation_alias=_env("MAX_IMAGE_PIXELS"), description="largest accepted image, in pixels, read from the header before decoding")
     overlay_max_side: int = Field(1024, ge=224, validation_alias=_env("OVERLAY_MAX_SIDE"), description="longest side of the GradCAM overlay returned")
     max_batch: int = Field(16, ge=1, le=256, validation_alias=_env("MAX_BATCH"), description="images one model call takes at most")
+    batch_gather_ms: float = Field(2.0, ge=0, le=50, validation_alias=_env("BATCH_GATHER_MS"),
+                                   description="ms a batch may wait for the clients of the batch before it to send their next request (0: never waits; a lone client never waits)")
     max_queue: int = Field(32, ge=1, le=10_000, validation_alias=_env("MAX_QUEUE"),
                            description="/predict requests one worker holds at once (waiting for or in inference); past it 503 + Retry-After at once")
     version_skew_grace: float = Field(30, gt=0, validation_alias=_env("VERSION_SKEW_GRACE"),
