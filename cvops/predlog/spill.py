@@ -294,6 +294,8 @@ class WriteAheadLog:
         self.segment = OpenSegment(self.folder, self.owner, self.book, segment_bytes, segment_age)
         self._cv = threading.Condition()
         self._pending: list = []
+        self._expected = 0                  # records announced (`expect`) and not appended yet
+        self.expect_window = 0.002          # longest wait for them
         self._stopping = False
         self._thread = self._lock_fd = None
         self.commits = self.records = 0
@@ -320,10 +322,16 @@ class WriteAheadLog:
         if self._lock_fd is not None: give_up_ownership(self.folder, self.owner, self._lock_fd); self._lock_fd = None
 
     # -- appending --------------------------------------------------------------------------
+    def expect(self, n: int):
+        """`n` records are about to be appended (the requests one model call has just answered): the next group commit waits
+        for them, up to `expect_window`, so that they share one fsync instead of the first one's going alone."""
+        with self._cv: self._expected += n
+
     def append(self, item) -> Future:
         "Queue `item` = (api, prediction, image) for the next group commit; the future is set once it is on disk."
         fut = Future()
         with self._cv:
+            self._expected = max(0, self._expected - 1)
             if self._stopping and not (self._thread and self._thread.is_alive()):
                 self._commit([(item, fut)]); return fut       # a straggler after stop(): committed in the caller's thread
             self._pending.append((item, fut))
@@ -335,6 +343,10 @@ class WriteAheadLog:
             with self._cv:
                 while not self._pending and not self._stopping: self._cv.wait(1.0)
                 if not self._pending: return
+                deadline = time.monotonic() + self.expect_window
+                while self._expected and len(self._pending) < self.group_max and not self._stopping:
+                    if (left := deadline - time.monotonic()) <= 0: self._expected = 0; break   # they are late: not waited for again
+                    self._cv.wait(left)
             if self.group_window and len(self._pending) < self.group_max: time.sleep(self.group_window)
             with self._cv: group, self._pending = self._pending, []
             try: self._commit(group)

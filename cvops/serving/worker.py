@@ -381,7 +381,12 @@ class WorkerState(HotSwap):
         self.plog = PredictionLog(self.engine, s.var / "spill", open_image_store(s),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
-        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side, metrics_batch, s.batch_gather_ms / 1000).start()
+        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side, self._answered, s.batch_gather_ms / 1000).start()
+
+    def _answered(self, images: int, heatmap: bool):
+        "A model call answered `images` requests: counted in the metrics, and announced to the write-ahead log (one fsync for them)."
+        metrics_batch(images, heatmap)
+        if self.plog is not None and self.plog.wal is not None: self.plog.wal.expect(images)
 
     def stop(self):
         if self.batcher: self.batcher.stop()
