@@ -69,7 +69,7 @@ async def answer(request: Request, respond, state: WorkerState) -> tuple[bool, R
     settings = state.settings
     declared = request.headers.get("content-length", "")
     too_big = declared.isdigit() and int(declared) > settings.max_upload_bytes + BODY_SLACK   # refused before the body is read
-    predict = request.url.path == "/predict" and request.method == "POST"
+    predict = request.scope["path"] == "/predict" and request.method == "POST"   # (the scope, not `request.url`: no URL parsed per request)
     shed = predict and not too_big and state.inflight >= settings.max_queue          # refused before the body is read too
     try:
         if too_big:
@@ -94,7 +94,7 @@ async def answer(request: Request, respond, state: WorkerState) -> tuple[bool, R
 async def keep_rows(request: Request, response: Response, route: str, seconds: float, state: WorkerState) -> Response:
     "Hand the request's `api_log` row (and its prediction and image) to the prediction log; the answer, a 503 if they were not kept."
     api = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc), "method": request.method[:8],
-           "route": route[:64], "path": request.url.path[:512], "status_code": response.status_code,
+           "route": route[:64], "path": request.scope["path"][:512], "status_code": response.status_code,
            "latency_ms": round(seconds * 1000, 3), "client": (request.client.host if request.client else None),
            "model_version": state.serving.version if state.serving else None, "error": request.state.error}
     pred = request.state.prediction
