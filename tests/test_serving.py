@@ -214,6 +214,19 @@ def test_raw_body_answers_as_multipart_requests_sent_together_are_batched_and_sp
             assert r["heatmap"] is None and r["overlay"] is None
         pairs.append((r["request_id"], f["request_id"]))
 
+    # /predict straight to the route (`ServiceApp`: no query string or a valid `heatmap`) and through FastAPI (any other
+    # query string): the same answer and logged row; a `heatmap` that is not a bool gets FastAPI's 422 naming it
+    data = encode(xt[4], "PNG")
+    direct = requests.post(svc.url("/predict?heatmap=false"), data=data, headers={"Content-Type": "image/png"}, timeout=30)
+    routed = requests.post(svc.url("/predict?heatmap=false&via=fastapi"), data=data, headers={"Content-Type": "image/png"}, timeout=30)
+    assert direct.status_code == routed.status_code == 200, (direct.text[:300], routed.text[:300])
+    d, f = direct.json(), routed.json()
+    assert set(d) == set(f) and d["top_class"] == f["top_class"] and d["probabilities"] == f["probabilities"], (d, f)
+    assert direct.headers["X-Model-Version"] == routed.headers["X-Model-Version"] == service_root["a"]
+    pairs.append((d["request_id"], f["request_id"]))
+    bad = requests.post(svc.url("/predict?heatmap=maybe"), data=data, headers={"Content-Type": "image/png"}, timeout=30)
+    assert bad.status_code == 422 and "heatmap" in bad.json()["error"], bad.text
+
     # any other body type: 415 naming the two ways; garbage said to be an image: 415 from the image check
     for data, ctype in ((b"hello", "text/plain"), (b'{"file": "x"}', "application/json"), (b"file=x", "application/x-www-form-urlencoded")):
         r = _raw(svc, data, ctype)
@@ -272,7 +285,7 @@ def test_raw_body_answers_as_multipart_requests_sent_together_are_batched_and_sp
     rows = {r["request_id"]: r for r in _rows(db_url, "predictions")}
     for raw_id, form_id in pairs:
         assert rows[raw_id]["image_sha256"] == rows[form_id]["image_sha256"] and rows[raw_id]["top_class"] == rows[form_id]["top_class"]
-    assert len(rows) == 8 + 3 * len(picks) + 480
+    assert len(rows) == 10 + 3 * len(picks) + 480
 
 
 # --- 1 + 2 + 7: uploads and PUT requests ---------------------------------------------------------
