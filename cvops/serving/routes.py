@@ -130,7 +130,7 @@ async def predict(request: Request, heatmap: bool = Query(True, description="fal
 async def predict_answer(request: Request, heatmap: bool) -> Response:
     """What `POST /predict` answers (raises `ApiError`): the route above, and `cvops.serving.app.ServiceApp`'s direct path,
     which calls it without Starlette's routing and FastAPI's parameter solving (a third of the time a request held the GIL)."""
-    from cvops.serving.inference import class_probabilities, render_heatmap
+    from cvops.serving.inference import class_probabilities
     t0 = time.perf_counter()
     state = worker_of_app(request); settings = state.settings   # the hot route: no dependency to resolve per request
     data, ctype = await read_upload(request, settings.max_upload_bytes)
@@ -144,7 +144,7 @@ async def predict_answer(request: Request, heatmap: bool) -> Response:
     probs = class_probabilities(out["probs"], lv.classes)
     top = max(probs, key=probs.get)
     heat = over = None
-    if heatmap: heat, over = await asyncio.to_thread(render_heatmap, out["cam"], upload.display, settings.overlay_max_side)
+    if heatmap: heat, over = out["heatmap"], out["overlay"]   # drawn by the inference thread (`Batcher._serve`)
     from cvops.predlog.schema import pack_features# the heads' float32 values as computed, without rounding (monitor: window_frame)
     features = pack_features({k: out[k] for k in lv.heads})
     request.state.prediction = {"request_id": request.state.request_id, "created_on": datetime.now(timezone.utc),

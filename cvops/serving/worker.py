@@ -109,8 +109,10 @@ class Batcher:
                 log.exception("inference failed"); self._settle([(j, None, e) for j in jobs])
 
     def _serve(self, jobs):
-        "Decode the jobs for the version serving now, then one model call per heatmap setting; every job is answered."
+        """Decode the jobs for the version serving now, then one model call per heatmap setting (and the overlays, base64 PNG, in
+        `heatmap`/`overlay`); every job is answered."""
         import numpy as np
+        from cvops.serving.inference import render_heatmap
         lv = self.get_version()
         if lv is None: return self._settle([(j, None, NoModelError()) for j in jobs])
         answers = []
@@ -121,10 +123,15 @@ class Batcher:
             try:
                 out = lv(np.stack([x for _, x in group]), heatmap=flag)
                 self.batches += 1; self.images += len(group); self.on_batch(len(group), flag)
-                answers += [(j, (lv, {k: v[i] for k, v in out.items()}), None) for i, (j, _) in enumerate(group)]
             except Exception as e:
                 log.exception("model call failed")
-                answers += [(j, None, e) for j, _ in group]
+                answers += [(j, None, e) for j, _ in group]; continue
+            for i, (j, _) in enumerate(group):
+                mine = {k: v[i] for k, v in out.items()}
+                if flag:   # the overlay drawn here, with the batch: no thread hop per request, its clients answered together
+                    try: mine["heatmap"], mine["overlay"] = render_heatmap(mine["cam"], j.upload.display, self.display_side)
+                    except Exception as e: log.exception("heatmap failed"); answers.append((j, None, e)); continue
+                answers.append((j, (lv, mine), None))
         self._settle(answers)
 
     def _inputs(self, jobs, lv, answers: list) -> list:
