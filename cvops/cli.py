@@ -89,10 +89,10 @@ def cmd_deploy(args):
     "Deploy a published version from the command line (the service's workers pick it up)."
     from cvops.settings import load_settings
     from cvops.registry.deploy import deploy
-    from cvops.serving.inference import load_for_serving
+    from cvops.serving.gate import version_gate
     settings = load_settings(root=find_project_root())   # the service's: where the prediction log and logged images are (the replay)
-    record = deploy(settings.storage, args.model_name, args.version, by=args.by, reason=args.reason, load=load_for_serving,
-                    settings=settings)
+    record = deploy(settings.storage, args.model_name, args.version, by=args.by, reason=args.reason,
+                    gate=version_gate(settings.storage, settings))
     reg, checks = record["registry"], record.get("checks") or {}
     print(f"deployed {record['version']} (was {record['previous_version'] or 'nothing'})"
           + (f"; MLflow registry: {reg['name']} v{reg['version']} alias {reg['alias']}" if reg.get("registered") else ""))

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import getpass
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -14,11 +13,8 @@ from .versions import (DeployError, PointerError, current_deployment, deployment
                                     move_pointer, resolve_version, version_metadata)
 
 # %% auto #0
-__all__ = ['PRODUCTION_ALIAS', 'GOLDEN_BATCH', 'REPLAY_MAX', 'REPLAY_LATENCY_FACTOR', 'REPLAY_LATENCY_SLACK_MS', 'SHOWN',
-           'same_test_split', 'gate_reasons', 'mirror_to_registry', 'check_version', 'service_answers',
-           'read_golden_set', 'check_golden_set', 'recent_logged_images', 'latency_refusal', 'check_replay',
-           'serving_version', 'gate_version', 'deployment_record', 'default_deployer', 'deploy', 'pipeline_deploy',
-           'serving_accuracy_on']
+__all__ = ['PRODUCTION_ALIAS', 'same_test_split', 'gate_reasons', 'mirror_to_registry', 'check_version', 'deployment_record',
+           'default_deployer', 'deploy', 'pipeline_deploy', 'serving_accuracy_on']
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #042febad
 def same_test_split(a: dict, b: dict) -> bool:
@@ -64,240 +60,19 @@ def mirror_to_registry(meta: dict, tracking_uri: str | None = None) -> dict:
     except Exception as e:
         return {"registered": False, "why": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
 
-# %% ../../notebooks/lib/registry/03_deploy.ipynb #b27cd37f
-GOLDEN_BATCH = 16                  # golden images per model call: the service's MAX_BATCH default
-REPLAY_MAX = 200                   # the most recent logged images a deploy replays
-REPLAY_LATENCY_FACTOR = 2.0        # the version's p99 per replayed image may be at most this x the serving version's...
-REPLAY_LATENCY_SLACK_MS = 5.0      # ... + this many ms
-SHOWN = 3                          # failures a refusal names
-
-def _first_line(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
-
+# %% ../../notebooks/lib/registry/03_deploy.ipynb #2b26ae5b
 def check_version(folder, load=None):
     """Load a version folder with `load` (default `cvops.training.model.check_trained_model`) and return what it returns;
     raise `DeployError` (422) saying why the version cannot serve."""
     if load is None: from cvops.training.model import check_trained_model as load
     try: return load(folder)
     except Exception as e:
-        raise DeployError(f"version {Path(folder).name} cannot be loaded: {_first_line(e)}", 422) from None
+        msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise DeployError(f"version {Path(folder).name} cannot be loaded: {type(e).__name__}: {msg}", 422) from None
 
-def service_answers(lv, uploads: list, heatmap: bool, display_side: int = 1024) -> list:
-    """What the service answers for checked uploads (`check_upload`) through its own path: `prepare_batch` (several, no
-    heatmap) or `prepare_input` (with its display copy when `heatmap`), one call of `lv`, `class_probabilities`. Per upload:
-    `(top class, {class: probability})`, or the exception that its decode or the model call raised."""
-    import numpy as np
-    from cvops.serving.inference import class_probabilities, prepare_batch, prepare_input
-    xs, out = [None] * len(uploads), [None] * len(uploads)
-    if not heatmap and len(uploads) > 1:
-        try: xs = list(prepare_batch(uploads, lv))
-        except Exception: pass                          # one does not decode: image by image, as the service does
-    for i, u in enumerate(uploads):
-        if xs[i] is None:
-            try: xs[i] = prepare_input(u, lv, display_side if heatmap else None)
-            except Exception as e: out[i] = e
-    ok = [i for i in range(len(uploads)) if out[i] is None]
-    if ok:
-        try: probs = lv(np.stack([xs[i] for i in ok]), heatmap=heatmap)["probs"]
-        except Exception as e: probs = e
-        for j, i in enumerate(ok):
-            if isinstance(probs, Exception): out[i] = probs; continue
-            p = class_probabilities(probs[j], lv.classes)
-            out[i] = (max(p, key=p.get), p)
-    return out
-
-def _not_finite(probs: dict) -> bool:
-    import math
-    return not all(math.isfinite(v) for v in probs.values())
-
-# %% ../../notebooks/lib/registry/03_deploy.ipynb #78528c90
-def read_golden_set(folder) -> dict | None:
-    "The golden set published in a version folder (`golden/golden.json`); None when it has none; `ValueError` when it cannot be read."
-    from cvops.training.evaluate import GOLDEN_DIR, GOLDEN_FILE
-    f = Path(folder) / GOLDEN_DIR / GOLDEN_FILE
-    if not f.exists(): return None
-    try: doc = json.loads(f.read_text())
-    except (OSError, ValueError) as e: raise ValueError(f"{GOLDEN_DIR}/{GOLDEN_FILE} cannot be read: {_first_line(e)}") from None
-    if not (isinstance(doc, dict) and isinstance(doc.get("images"), list) and isinstance(doc.get("tolerance"), (int, float))
-            and all(isinstance(im, dict) and {"file", "top_class", "probabilities"} <= set(im) for im in doc["images"])):
-        raise ValueError(f"{GOLDEN_DIR}/{GOLDEN_FILE} is not a golden set (images with file, top_class, probabilities; a tolerance)")
-    return doc
-
-def _golden_mismatch(expected: dict, got) -> tuple[str | None, float]:
-    "(why the answer `got` differs from the golden image `expected`, None if it does not; the largest probability difference)."
-    if isinstance(got, Exception): return f"the prediction failed: {_first_line(got)}", float("nan")
-    top, probs = got
-    diffs = {c: abs(probs.get(c, float("nan")) - float(p)) for c, p in expected["probabilities"].items()}
-    if set(probs) != set(diffs): return f"it predicts other classes ({sorted(probs)[:4]}...)", float("nan")
-    cls = max(diffs, key=lambda c: (diffs[c] != diffs[c], diffs[c]))     # NaN first
-    worst = diffs[cls]
-    tol = expected["_tolerance"]
-    if top == expected["top_class"] and worst <= tol: return None, worst
-    et = expected["top_class"]
-    return (f"expected {et} {float(expected['probabilities'][et]):.6f}, got {top} {probs[top]:.6f} "
-            f"(largest probability difference {worst:.2g}, {cls})"), worst
-
-def check_golden_set(folder, lv, limits: tuple = (None, 10_000_000, 40_000_000), display_side: int = 1024,
-                     batch: int = GOLDEN_BATCH) -> str | None:
-    """Send the version's golden set through the service's path (`service_answers`, with and without the heatmap) and compare
-    with the predictions evaluation made: returns what was checked, None when the version has no golden set (or an empty one);
-    raises `DeployError` (409) naming how many images of how many differ and the first few, expected vs got."""
-    from cvops.serving.inference import ImageError, check_upload
-    from cvops.training.evaluate import GOLDEN_DIR
-    import hashlib
-    name = lv.version or Path(folder).name
-    try: doc = read_golden_set(folder)
-    except ValueError as e: raise DeployError(f"version {name} refused: its golden set cannot be checked: {e}", 409) from None
-    if doc is None or not doc["images"]: return None
-    if doc.get("classes") is not None and list(doc["classes"]) != list(lv.classes):
-        raise DeployError(f"version {name} refused: its golden set was made for the classes {doc['classes']}, "
-                          f"the model predicts {lv.classes}", 409)
-    tol, images, gdir = float(doc["tolerance"]), doc["images"], Path(folder) / GOLDEN_DIR
-    bad, worst = {}, 0.0
-    for start in range(0, len(images), batch):
-        ready = []
-        for im in images[start:start + batch]:
-            try:
-                data = (gdir / im["file"]).read_bytes()
-                if im.get("sha256") and hashlib.sha256(data).hexdigest() != im["sha256"]:
-                    bad[im["file"]] = "the image file is not the one evaluated (its sha256 differs)"; continue
-                ready.append(({**im, "_tolerance": tol}, check_upload(data, *limits)))
-            except (OSError, ImageError) as e: bad[im["file"]] = f"the image cannot be read: {_first_line(e)}"
-        for heatmap in (False, True):
-            for (im, _), got in zip(ready, service_answers(lv, [u for _, u in ready], heatmap, display_side)):
-                why, d = _golden_mismatch(im, got)
-                if why is not None: bad.setdefault(im["file"], why + ("" if heatmap else " (without the heatmap)"))
-                elif d > worst: worst = d
-    if bad:
-        shown = "; ".join(f"{f}: {why}" for f, why in list(bad.items())[:SHOWN])
-        more = f"; and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
-        raise DeployError(f"version {name} refused: {len(bad)} of {len(images)} golden-set images do not give the predictions "
-                          f"evaluation made (the same top class, every probability within {tol:g}): {shown}{more}", 409)
-    return (f"{len(images)} of {len(images)} golden-set images give the predictions evaluation made, with and without the heatmap "
-            f"(largest probability difference {worst:.1e}, tolerance {tol:g})")
-
-# %% ../../notebooks/lib/registry/03_deploy.ipynb #0b1ceb4c
-def recent_logged_images(settings, n: int = REPLAY_MAX) -> tuple[list, str | None, str | None]:
-    """`(images, note, warning)`: `[(name, bytes)]` of the `n` most recent logged predictions whose image is still stored
-    (newest first, each image once) in the prediction log and image store of `settings`; `note` says why there are none,
-    `warning` why the log or the store could not be read."""
-    import sqlalchemy as sa
-    from cvops.predlog.images import open_image_store
-    from cvops.predlog.queries import open_for_reading
-    from cvops.predlog.schema import predictions as t
-    none = "no recent requests to replay"
-    url = settings.database_url
-    db_file = url.split("///", 1)[-1] if url.startswith("sqlite") else None
-    if db_file and db_file != ":memory:" and not Path(db_file).exists(): return [], f"{none} (no prediction log yet)", None
-    engine, why = open_for_reading(url)
-    if engine is None: return [], f"{none}: the prediction log cannot be read", f"not replayed: {why}"
-    try:
-        if not sa.inspect(engine).has_table(t.name): return [], f"{none} (no prediction logged yet)", None
-        newest = t.c.id.desc()    # ids grow with each insert: the key's index reads them newest first
-        stmt = sa.select(t.c.image_path).where(t.c.image_path.isnot(None)).order_by(newest).limit(4 * n)
-        with engine.connect() as c: paths = list(dict.fromkeys(r[0] for r in c.execute(stmt)))
-    except Exception as e: return [], f"{none}: the prediction log cannot be read", f"not replayed: the prediction log: {_first_line(e)}"
-    finally: engine.dispose()
-    store, images = open_image_store(settings), []
-    for rel in paths:
-        if len(images) >= n: break
-        try: images.append((Path(rel).name, store.read(rel)))
-        except FileNotFoundError: continue                    # deleted by IMAGE_RETENTION_DAYS
-        except OSError as e: return [], f"{none}: the logged images cannot be read", f"not replayed: the image store {store}: {_first_line(e)}"
-    if not images: return [], f"{none} (the logged predictions' images are no longer stored)" if paths else f"{none} (no image logged)", None
-    return images, None, None
-
-def latency_refusal(p99_ms: float, serving_p99_ms: float, factor: float = REPLAY_LATENCY_FACTOR,
-                    slack_ms: float = REPLAY_LATENCY_SLACK_MS) -> str | None:
-    "Why a p99 latency per image is too slow beside the serving version's (None: within `factor` x it + `slack_ms`)."
-    bound = factor * serving_p99_ms + slack_ms
-    if p99_ms <= bound: return None
-    return (f"its p99 latency per image is {p99_ms:.1f} ms, over the bound of {factor:g} x the serving version's "
-            f"{serving_p99_ms:.1f} ms + {slack_ms:g} ms = {bound:.1f} ms")
-
-def check_replay(lv, settings, serving=None, n: int = REPLAY_MAX, display_side: int = 1024) -> tuple[str, list]:
-    """Replay the `n` most recent logged images (`recent_logged_images`) through `lv` one at a time, as a request with a heatmap,
-    interleaved with `serving` (a `LoadedVersion`, or a function returning one or None: called only when there are images):
-    returns (what it found, warnings); raises `DeployError` (409) on an error or a p99 latency over `latency_refusal`'s bound."""
-    import time
-    import numpy as np
-    from cvops.serving.inference import ImageError, LoadedVersion, check_upload
-    images, note, warning = recent_logged_images(settings, n)
-    if not images: return note, [warning] if warning else []
-    limits = (None, getattr(settings, "max_upload_bytes", 10_000_000), getattr(settings, "max_image_pixels", 40_000_000))
-    uploads = []
-    for name, data in images:
-        try: uploads.append((name, check_upload(data, *limits)))
-        except ImageError: pass                                # refused by today's upload limits: no version's fault
-    if not uploads: return f"no recent requests to replay (the {len(images)} logged images are over today's upload limits)", []
-    if serving is not None and not isinstance(serving, LoadedVersion): serving = serving()
-    versions = {"new": lv, **({"serving": serving} if serving is not None else {})}
-    for v in versions.values(): service_answers(v, [uploads[0][1]], True, display_side)   # a first call, untimed
-    times, errors, order = {k: [] for k in versions}, [], ["new", "serving", "serving", "new"]
-    for name, up in uploads:
-        best = {}
-        for k in (o for o in order if o in versions):
-            t0 = time.perf_counter()
-            got = service_answers(versions[k], [up], True, display_side)[0]
-            dt = time.perf_counter() - t0
-            failed = isinstance(got, Exception) or _not_finite(got[1])
-            if failed and k == "new":
-                errors.append(f"{name}: " + (_first_line(got) if isinstance(got, Exception) else "its probabilities are not finite"))
-                break
-            if not failed: best[k] = min(best.get(k, float("inf")), dt)
-        for k, dt in best.items(): times[k].append(dt)
-    name = lv.version
-    if errors:
-        more = f"; and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
-        raise DeployError(f"version {name} refused: {len(errors)} of {len(uploads)} recent requests replayed failed: "
-                          f"{'; '.join(errors[:SHOWN])}{more}", 409)
-    p99 = {k: float(np.percentile(v, 99)) * 1000 for k, v in times.items() if v}
-    found = f"{len(uploads)} recent requests replayed without an error; p99 {p99.get('new', float('nan')):.1f} ms per image"
-    if "serving" not in p99: return found + " (nothing serving to compare the latency with)", []
-    why = latency_refusal(p99["new"], p99["serving"])
-    if why: raise DeployError(f"version {name} refused on a replay of {len(uploads)} recent requests: {why}", 409)
-    bound = REPLAY_LATENCY_FACTOR * p99["serving"] + REPLAY_LATENCY_SLACK_MS
-    return found + f", the serving {serving.version}'s {p99['serving']:.1f} ms (bound {bound:.1f} ms)", []
-
-# %% ../../notebooks/lib/registry/03_deploy.ipynb #268840c1
-def serving_version(storage, load=None):
-    "The version the deployment pointer names, loaded as a worker serves it (`load`), or None (nothing deployed, or it cannot be loaded)."
-    if load is None: from cvops.serving.inference import load_for_serving as load
-    try:
-        cur = current_deployment(storage)
-        if cur is None: return None
-        return load(resolve_version(storage, cur["model_name"], cur["version"])[1])
-    except Exception: return None
-
-def gate_version(folder, storage=None, load=None, settings=None, serving=None) -> tuple:
-    """The checks before the deployment pointer moves to the version in `folder`: load and warm it (`check_version` with `load`,
-    default `cvops.serving.inference.load_for_serving`), its golden set (`check_golden_set`) and, with `settings` (where the
-    prediction log is), a replay of recent requests (`check_replay`) beside `serving` (default: the pointer's version, loaded
-    from `storage`). Returns `(loaded version, checks)`; raises `DeployError` naming the check that refused."""
-    from cvops.serving.inference import LoadedVersion
-    if load is None: from cvops.serving.inference import load_for_serving as load
-    lv = check_version(folder, load)
-    if not isinstance(lv, LoadedVersion): raise TypeError(f"gate_version needs a loader that returns a LoadedVersion (got {type(lv).__name__})")
-    limits = (None, getattr(settings, "max_upload_bytes", 10_000_000), getattr(settings, "max_image_pixels", 40_000_000))
-    side = getattr(settings, "overlay_max_side", 1024)
-    checks = {"load": "loaded and warmed as a worker serves it", "warnings": []}
-    golden = check_golden_set(folder, lv, limits, side)
-    checks["golden"] = golden or "no golden set: not checked"
-    if golden is None:
-        checks["warnings"].append(f"version {lv.version} has no golden set (published before golden sets, or with "
-                                  f"evaluate.golden_set_size 0): its predictions were not checked")
-    if settings is None: checks["replay"] = "not replayed: no prediction log given"
-    else:
-        if serving is None and storage is not None: serving = lambda: serving_version(storage, load)
-        checks["replay"], warns = check_replay(lv, settings, serving, display_side=side)
-        checks["warnings"] += warns
-    return lv, checks
-
-# %% ../../notebooks/lib/registry/03_deploy.ipynb #2b26ae5b
 def deployment_record(meta: dict, previous: dict | None, by: str, reason: str = "", forced: bool = False,
                       checks: dict | None = None) -> dict:
-    "What the pointer and the history hold for one deployment (`checks`: what `gate_version` found)."
+    "What the pointer and the history hold for one deployment (`checks`: what the gate found)."
     lin = meta.get("lineage", {})
     return {"model_name": meta["model_name"], "version": meta["version"], "deployed_at": datetime.now(timezone.utc).isoformat(),
             "deployed_by": by, "reason": reason, "forced": forced,
@@ -312,12 +87,15 @@ def default_deployer() -> str:
     except Exception: return "unknown"
 
 def deploy(storage, name: str, version: str | None = None, by: str | None = None, reason: str = "",
-           loaded=None, forced: bool = False, load=None, settings=None, serving=None, checks: dict | None = None) -> dict:
-    """Gate a published version (`gate_version` with `load`, `settings` and `serving`, unless the caller has gated it and hands
-    in what it `loaded` and its `checks`), point the deployment pointer at it, then mirror it into the MLflow registry; returns
-    the deployment record (with `checks`: what the gate found) and `registry`: what the mirror did."""
+           loaded=None, forced: bool = False, load=None, gate=None, checks: dict | None = None) -> dict:
+    """Check a published version, point the deployment pointer at it, then mirror it into the MLflow registry. The check is
+    `gate(folder) -> (loaded, checks)` when given (`cvops.serving.gate.version_gate`: what `cvops deploy`, the service and
+    the pipeline pass; the record keeps its `checks`), else `check_version` with `load`; a caller that has gated the version
+    itself hands in what it `loaded` and its `checks`. Returns the deployment record with `registry`: what the mirror did."""
     version, folder = resolve_version(storage, name, version)
-    if loaded is None: loaded, checks = gate_version(folder, storage, load, settings, serving)
+    if loaded is None:
+        if gate is not None: loaded, checks = gate(folder)
+        else: check_version(folder, load)
     with deployment_lock(storage):
         version, folder = resolve_version(storage, name, version)   # still published (a prune may have run meanwhile)
         try: previous = current_deployment(storage)
@@ -330,9 +108,9 @@ def deploy(storage, name: str, version: str | None = None, by: str | None = None
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #21e4deae
 def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: float, force: bool = False,
-                    measure=None, by: str | None = None, settings=None) -> dict:
+                    measure=None, by: str | None = None, gate=None) -> dict:
     """Gate and deploy a just-published version; raise `DeployError` when refused (unless `force`, which overrides the accuracy
-    gates only: `gate_version`'s checks, with `settings` for the replay, are never forced)."""
+    gates only: `gate`, passed on to `deploy`, is never forced)."""
     cur = current_deployment(storage)
     serving_acc, note = None, "nothing was serving"
     if cur is not None and cur["version"] != meta["version"]:
@@ -352,7 +130,7 @@ def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: fl
     if reasons and not force:
         raise DeployError(f"{meta['version']} not deployed: {'; '.join(reasons)} (set deploy.force: true to deploy anyway)", 409)
     record = deploy(storage, meta["model_name"], meta["version"], by=by or f"pipeline ({default_deployer()})",
-                    reason="; ".join(reasons) + " (forced)" if reasons else "pipeline build", forced=bool(reasons), settings=settings)
+                    reason="; ".join(reasons) + " (forced)" if reasons else "pipeline build", forced=bool(reasons), gate=gate)
     record["gate"] = {"min_test_accuracy": min_accuracy, "max_regression": max_regression, "comparison": note, "refusals": reasons}
     return record
 

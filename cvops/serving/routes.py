@@ -204,8 +204,9 @@ async def models_current(state: WorkerDep, settings: SettingsDep):
                            "whose golden-set predictions differ from evaluation's or that fails a replay of recent requests (409)")
 async def deploy_version(body: DeployRequest, request: Request, state: WorkerDep, settings: SettingsDep,
                          x_deployed_by: Optional[str] = Header(None, max_length=100)):
-    from cvops.registry.deploy import deploy, gate_version
+    from cvops.registry.deploy import deploy
     from cvops.registry.versions import DeployError, resolve_version
+    from cvops.serving.gate import gate_version
     from cvops.serving.inference import load_for_serving
     try:
         version, folder = await asyncio.to_thread(resolve_version, settings.storage, body.model_name, body.version)
