@@ -87,14 +87,18 @@ def cmd_stop(args):
 
 def cmd_deploy(args):
     "Deploy a published version from the command line (the service's workers pick it up)."
-    from cvops.settings import central_storage_dir
+    from cvops.settings import load_settings
     from cvops.registry.deploy import deploy
-    from cvops.serving.inference import load_for_serving
-    storage = central_storage_dir(find_project_root())
-    record = deploy(storage, args.model_name, args.version, by=args.by, reason=args.reason, load=load_for_serving)
-    reg = record["registry"]
+    from cvops.serving.gate import version_gate
+    settings = load_settings(root=find_project_root())   # the service's: where the prediction log and logged images are (the replay)
+    record = deploy(settings.storage, args.model_name, args.version, by=args.by, reason=args.reason,
+                    gate=version_gate(settings.storage, settings))
+    reg, checks = record["registry"], record.get("checks") or {}
     print(f"deployed {record['version']} (was {record['previous_version'] or 'nothing'})"
           + (f"; MLflow registry: {reg['name']} v{reg['version']} alias {reg['alias']}" if reg.get("registered") else ""))
+    for k in ("golden", "replay"):
+        if k in checks: print(f"  {'golden set' if k == 'golden' else k}: {checks[k]}")
+    for w in checks.get("warnings", []): print(f"warning: {w}", file=sys.stderr)
 
 def cmd_models(args):
     "List published models, their versions and which one is deployed."
@@ -277,9 +281,10 @@ def add_service_commands(sub):
              ("--detach", dict(action="store_true", help="run in the background (pid and log under var/); returns once it answers"))])
     command(sub, "stop", cmd_stop, "stop the background service (requests finish, the prediction log is flushed)")
     command(sub, "deploy", cmd_deploy, "deploy a published model version (default: its latest); the service switches to it",
-            "Move the deployment pointer in central storage to a published version after loading it as a worker would; "
-            "a version that fails to load is refused and the serving one stays. Rollback: deploy an earlier version "
-            "(see `cvops models`).",
+            "Move the deployment pointer in central storage to a published version once it passes the gate: loaded and "
+            "warmed as a worker would, its golden set predicted as evaluation predicted it, recent logged requests replayed "
+            "without an error and within the latency bound. A refused version leaves the serving one (exit status 2, the "
+            "reason on stderr). Rollback: deploy an earlier version (see `cvops models`).",
             [("model_name", {}), ("--version", dict(help="a version from `cvops models` (default: the latest published)")),
              ("--by", dict(default=None, help="who deploys (default: the user name)")),
              ("--reason", dict(default="", help="why (recorded in the history)"))])

@@ -103,6 +103,8 @@ class EvaluateConfig(Section):
     split: Literal["train", "valid", "test"] = "test"
     batch_size: int = Field(default=256, gt=0)
     threshold: float = Field(default=0.5, gt=0, lt=1)
+    golden_set_size: int = Field(default=300, ge=0, description="held-out images published with the version, with the predictions evaluation made for them: every deploy checks the version still makes them (0: none)")
+    golden_tolerance: float = Field(default=1e-4, gt=0, lt=1, description="largest difference of a class probability the deploy check accepts on the golden set (the top class must be equal)")
 
 class DeployConfig(Section):
     "The quality gates of publishing and deploying, and how many published versions to keep."

@@ -27,11 +27,11 @@ from .data.dataset import in_ci
 # %% auto #0
 __all__ = ['TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'WEED_PORTS', 'need', 'free_port', 'encode', 'tiny_images',
            'tiny_source', 'images_dataset', 'small_model_config', 'model_input', 'TrainedModel', 'train_small_model',
-           'tiny_model_config', 'untrained_model', 'detector_version_files', 'build_detector_files', 'service_project',
-           'publish_version', 'TinyVersion', 'tiny_version', 'service_env', 'Service', 'Answer', 'answer_of',
-           'PredictionLoad', 'repo_root', 'monitor_project', 'monitor_env', 'Webhook', 'wait_predictions_logged',
-           'run_monitor', 'postgres_bindir', 'PostgresCluster', 'start_postgres', 'weed_binary', 'SeaweedFS',
-           'seaweedfs_or_need', 'headless_chromium']
+           'tiny_model_config', 'untrained_model', 'detector_version_files', 'build_detector_files', 'golden_set_files',
+           'service_project', 'publish_version', 'TinyVersion', 'tiny_version', 'service_env', 'Service', 'Answer',
+           'answer_of', 'PredictionLoad', 'repo_root', 'monitor_project', 'monitor_env', 'Webhook',
+           'wait_predictions_logged', 'run_monitor', 'postgres_bindir', 'PostgresCluster', 'start_postgres',
+           'weed_binary', 'SeaweedFS', 'seaweedfs_or_need', 'headless_chromium']
 
 # %% ../notebooks/lib/95_testing.ipynb #9ae830c2
 def need(what: str, reason: str = ""):
@@ -165,6 +165,19 @@ def build_detector_files(trained: TrainedModel, out, images=None, labels=None, m
     detectors = build_detectors(model, monitor or {})
     ref = reference_data(detectors, images[..., None], [classes[y] for y in labels], classes)
     return detector_version_files(detectors, ref, trained.name, out)
+
+# %% ../notebooks/lib/95_testing.ipynb #64af5636
+def golden_set_files(model_dir, dataset_dir, out, n: int = 300, tolerance: float = 1e-4, split: str = "test") -> dict:
+    """The golden set of the model in `model_dir` on the `split` images of the dataset at `dataset_dir`, made as the evaluate task
+    makes it (`evaluate_model`, then `write_golden_set`) into the folder `out`: `{path in the version: file}`."""
+    from cvops.data.preprocess import load_annotations
+    from cvops.training.evaluate import GOLDEN_DIR, evaluate_model, write_golden_set
+    from cvops.training.model import load_trained_model
+    model, cfg, classes = load_trained_model(model_dir)
+    ev = evaluate_model(model, cfg, classes, load_annotations(dataset_dir, classes=classes)[0], dataset_dir, split, 64)
+    write_golden_set(out, ev, dataset_dir, classes, n, tolerance, split)
+    return {f"{GOLDEN_DIR}/{f.name}": f for f in sorted(Path(out).iterdir())}
+
 
 # %% ../notebooks/lib/95_testing.ipynb #bc347f14
 def service_project(root) -> Path:

@@ -129,6 +129,16 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
 
     # the drift detectors and the reference data are part of the version (the same rename)
     _check_detectors(project, meta, tiny_fashion_repo)
+    # so is the golden set: held-out images as the dataset holds them, with evaluate's predictions; the deploy task checked it
+    golden = json.loads((models / "test_model" / "golden" / "golden.json").read_text())
+    n = len(golden["images"])
+    assert meta["golden_set"] == {"path": f"models/{meta['model_dir']}/golden", "images": n, "tolerance": 1e-4, "split": "test"}
+    assert 100 < n <= 200 and golden["images_evaluated"] == 200, n        # the 200 test images less the near-ties
+    for im in golden["images"][:5]:
+        assert (models / "test_model" / "golden" / im["file"]).read_bytes() == (tiny_fashion_repo / im["source"]).read_bytes()
+    checks = json.loads((products / "deploy" / "deployment.json").read_text())["checks"]
+    assert checks["golden"].startswith(f"{n} of {n} golden-set images give the predictions evaluation made"), checks
+    assert checks["replay"].startswith("no recent requests to replay") and checks["warnings"] == [], checks
     # the service on this project's central storage (the deploy task deployed this version)
     # logs, for an image of the reference split, the features that cvops.monitoring.drift_detectors computes
     _check_service_features(project, meta, tiny_fashion_repo)

@@ -70,40 +70,47 @@ def check_version(folder, load=None):
         msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise DeployError(f"version {Path(folder).name} cannot be loaded: {type(e).__name__}: {msg}", 422) from None
 
-def deployment_record(meta: dict, previous: dict | None, by: str, reason: str = "", forced: bool = False) -> dict:
-    "What the pointer and the history hold for one deployment."
+def deployment_record(meta: dict, previous: dict | None, by: str, reason: str = "", forced: bool = False,
+                      checks: dict | None = None) -> dict:
+    "What the pointer and the history hold for one deployment (`checks`: what the gate found)."
     lin = meta.get("lineage", {})
     return {"model_name": meta["model_name"], "version": meta["version"], "deployed_at": datetime.now(timezone.utc).isoformat(),
             "deployed_by": by, "reason": reason, "forced": forced,
             "previous_version": previous.get("version") if previous else None,
             "metrics": {k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))},
             "lineage": {"project": lin.get("project"), "dataset": lin.get("dataset"), "config_hash": lin.get("config_hash"),
-                        "mlflow": lin.get("mlflow")}}
+                        "mlflow": lin.get("mlflow")},
+            **({"checks": checks} if checks is not None else {})}
 
 def default_deployer() -> str:
     try: return getpass.getuser()
     except Exception: return "unknown"
 
 def deploy(storage, name: str, version: str | None = None, by: str | None = None, reason: str = "",
-           loaded=None, forced: bool = False, load=None) -> dict:
-    """Check a published version (`check_version` with `load`, unless the caller has `loaded` it), point the deployment
-    pointer at it, then mirror it into the MLflow registry; returns the deployment record with `registry`: what the mirror did."""
+           loaded=None, forced: bool = False, load=None, gate=None, checks: dict | None = None) -> dict:
+    """Check a published version, point the deployment pointer at it, then mirror it into the MLflow registry. The check is
+    `gate(folder) -> (loaded, checks)` when given (`cvops.serving.gate.version_gate`: what `cvops deploy`, the service and
+    the pipeline pass; the record keeps its `checks`), else `check_version` with `load`; a caller that has gated the version
+    itself hands in what it `loaded` and its `checks`. Returns the deployment record with `registry`: what the mirror did."""
     version, folder = resolve_version(storage, name, version)
-    if loaded is None: check_version(folder, load)
+    if loaded is None:
+        if gate is not None: loaded, checks = gate(folder)
+        else: check_version(folder, load)
     with deployment_lock(storage):
         version, folder = resolve_version(storage, name, version)   # still published (a prune may have run meanwhile)
         try: previous = current_deployment(storage)
         except PointerError:                                         # this deploy repairs it; the history says what served
             previous = next(iter(deployment_history(storage, 1)), None)
         meta = version_metadata(folder)
-        record = deployment_record(meta, previous, by or default_deployer(), reason, forced)
+        record = deployment_record(meta, previous, by or default_deployer(), reason, forced, checks)
         move_pointer(storage, record)
     return {**record, "registry": mirror_to_registry(meta)}
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #21e4deae
 def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: float, force: bool = False,
-                    measure=None, by: str | None = None) -> dict:
-    "Gate and deploy a just-published version; raise `DeployError` when refused (unless `force`)."
+                    measure=None, by: str | None = None, gate=None) -> dict:
+    """Gate and deploy a just-published version; raise `DeployError` when refused (unless `force`, which overrides the accuracy
+    gates only: `gate`, passed on to `deploy`, is never forced)."""
     cur = current_deployment(storage)
     serving_acc, note = None, "nothing was serving"
     if cur is not None and cur["version"] != meta["version"]:
@@ -123,7 +130,7 @@ def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: fl
     if reasons and not force:
         raise DeployError(f"{meta['version']} not deployed: {'; '.join(reasons)} (set deploy.force: true to deploy anyway)", 409)
     record = deploy(storage, meta["model_name"], meta["version"], by=by or f"pipeline ({default_deployer()})",
-                    reason="; ".join(reasons) + " (forced)" if reasons else "pipeline build", forced=bool(reasons))
+                    reason="; ".join(reasons) + " (forced)" if reasons else "pipeline build", forced=bool(reasons), gate=gate)
     record["gate"] = {"min_test_accuracy": min_accuracy, "max_regression": max_regression, "comparison": note, "refusals": reasons}
     return record
 

@@ -23,7 +23,7 @@ from .store import exists, is_remote, open_store, put_file, remove, write_text
 __all__ = ['PublishError', 'new_version', 'publish_model', 'version_uploads', 'upload_version', 'add_to_version',
            'add_to_remote_version', 'delete_version', 'prune_versions', 'git_state', 'strip_local_paths',
            'model_metadata', 'check_quality_gate', 'pipeline_lineage', 'notebook_records', 'detector_records',
-           'publish_trained_model']
+           'golden_records', 'publish_trained_model']
 
 # %% ../../notebooks/lib/registry/02_publish.ipynb #6e22dcee
 class PublishError(RuntimeError):
@@ -203,10 +203,24 @@ def detector_records(version: str, model_name: str, detectors: dict, monitor=Non
         rec.update({k: m[k] for k in ("encoding_dim", "bbsd_layer", "reference_split", "reference_size", "seed")})
     return rec
 
+def golden_records(version: str, golden) -> tuple[dict, dict]:
+    """`({path in the version: file}, what the metadata says)` of a golden set folder (`cvops.training.evaluate.write_golden_set`):
+    its images and `golden.json` under `golden/`."""
+    from cvops.training.evaluate import GOLDEN_DIR, GOLDEN_FILE
+    golden = Path(golden)
+    if not (golden / GOLDEN_FILE).is_file(): raise PublishError(f"{golden}: no {GOLDEN_FILE}: not a golden set")
+    doc = json.loads((golden / GOLDEN_FILE).read_text())
+    files = {f"{GOLDEN_DIR}/{p.name}": p for p in sorted(golden.iterdir()) if p.is_file()}
+    missing = [im["file"] for im in doc["images"] if f"{GOLDEN_DIR}/{im['file']}" not in files]
+    if missing: raise PublishError(f"{golden}: {len(missing)} image(s) that {GOLDEN_FILE} lists are missing, e.g. {missing[0]}")
+    return files, {"path": storage_path(version, GOLDEN_DIR), "images": len(doc["images"]), "tolerance": doc["tolerance"],
+                   "split": doc.get("split")}
+
 def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=None, notebooks: dict | None = None,
-                          later=("publish",), detectors: dict | None = None, monitor=None) -> dict:
+                          later=("publish",), detectors: dict | None = None, monitor=None, golden=None) -> dict:
     """Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) + drift detectors and reference
-    data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) as a new version, in one rename; prune old versions."""
+    data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) + the golden set (`golden`: the evaluate task's folder) as a new
+    version, in one rename; prune old versions."""
     from cvops.config import DeployConfig
     from cvops.settings import central_storage_dir
     from cvops.training.model import read_model_info
@@ -223,6 +237,9 @@ def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=
     if detectors:
         files.update(detector_files(name, detectors))
         metadata["detectors"] = detector_records(version, name, detectors, monitor)
+    if golden is not None:
+        golden_files, metadata["golden_set"] = golden_records(version, golden)
+        files.update(golden_files)
     meta = publish_model(model_dir, metadata, storage, files, version)
     try: pruned = prune_versions(storage, name, deploy.keep_versions)   # never the deployed version or the one before it
     except PublishError as e: pruned = []; print(f"warning: {e}")

@@ -179,6 +179,7 @@ class DeploymentResponse(BaseModel):
     deployed_by: str
     previous_version: Optional[str] = None
     workers: dict[str, Optional[str]] = Field(default_factory=dict, description="pid -> version served on this host")
+    checks: dict = Field(default_factory=dict, description="what the gate found before the pointer moved: load, golden set, replay, warnings")
     registry: dict = Field(default_factory=dict)
 
 class ServingInfo(BaseModel):
@@ -215,25 +216,27 @@ async def models_current(state: WorkerDep, settings: SettingsDep):
 
 @models_router.put("/models/current", response_model=DeploymentResponse, dependencies=[Depends(require_admin)],
                    responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422)},
-                   summary="Deploy a published version (every worker switches; a version that fails to load is refused)")
+                   summary="Deploy a published version (every worker switches); the gate refuses one that fails to load (422), "
+                           "whose golden-set predictions differ from evaluation's or that fails a replay of recent requests (409)")
 async def deploy_version(body: DeployRequest, request: Request, state: WorkerDep, settings: SettingsDep,
                          x_deployed_by: Optional[str] = Header(None, max_length=100)):
-    from cvops.registry.deploy import check_version, deploy
+    from cvops.registry.deploy import deploy
     from cvops.registry.versions import DeployError, resolve_version
+    from cvops.serving.gate import gate_version
     from cvops.serving.inference import load_for_serving
     try:
         version, folder = await asyncio.to_thread(resolve_version, settings.storage, body.model_name, body.version)
-        async with state.swap_lock:
-            lv = await asyncio.to_thread(check_version, folder, load_for_serving)
+        async with state.swap_lock:   # the gate: load + warm, golden set, a replay of recent requests beside the version serving here
+            lv, checks = await asyncio.to_thread(gate_version, folder, settings.storage, load_for_serving, settings, state.serving)
             who = f"{x_deployed_by or 'api'} ({request.client.host if request.client else '?'})"
-            record = await asyncio.to_thread(deploy, settings.storage, body.model_name, version, who, body.reason, lv)
+            record = await asyncio.to_thread(deploy, settings.storage, body.model_name, version, who, body.reason, lv, checks=checks)
             state.swap(lv, record); state.note_skew(version)
         await asyncio.to_thread(state.report)
         await asyncio.to_thread(freeze_heap)
     except DeployError as e: raise ApiError(e.status, str(e))
     workers = await wait_for_workers(settings.var, version)   # until every worker on this host serves it (max 10 s)
     return DeploymentResponse(**{k: record[k] for k in ("model_name", "version", "deployed_at", "deployed_by", "previous_version")},
-                              workers={str(k): v for k, v in workers.items()}, registry=record["registry"])
+                              workers={str(k): v for k, v in workers.items()}, checks=record.get("checks") or {}, registry=record["registry"])
 
 @models_router.get("/models/history", response_model=list[dict], summary="Deployments, newest first")
 async def models_history(settings: SettingsDep, limit: int = Query(50, ge=1, le=1000)):

@@ -5,12 +5,15 @@
 # %% ../../notebooks/lib/training/03_evaluate.ipynb #36ec126e
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['predict_probabilities', 'predicted_labels', 'classification_metrics', 'report_table', 'confusion_matrices',
-           'plot_confusion_matrix', 'evaluate_model', 'headline', 'log_evaluation']
+__all__ = ['GOLDEN_DIR', 'GOLDEN_FILE', 'predict_probabilities', 'predicted_labels', 'classification_metrics', 'report_table',
+           'confusion_matrices', 'plot_confusion_matrix', 'evaluate_model', 'headline', 'log_evaluation', 'golden_rows',
+           'write_golden_set']
 
 # %% ../../notebooks/lib/training/03_evaluate.ipynb #159dfa30
 def predict_probabilities(model, ds) -> tuple[np.ndarray, np.ndarray]:
@@ -77,13 +80,14 @@ def plot_confusion_matrix(cm, classes, title="confusion matrix"):
 # %% ../../notebooks/lib/training/03_evaluate.ipynb #d2609314
 def evaluate_model(model, model_cfg, classes, df, dataset_dir, split="test", batch_size=256, threshold=0.5) -> dict:
     "Metrics, confusion matrices and predictions of `model` on one split."
-    from cvops.data.preprocess import make_dataset
+    from cvops.data.preprocess import make_dataset, split_rows
     size = (model_cfg.input_size.w, model_cfg.input_size.h)
     ds = make_dataset(df, dataset_dir, split, classes, size, model_cfg.channels, batch_size, cache=False)
     y, p = predict_probabilities(model, ds)
     metrics = classification_metrics(y, p, classes, model_cfg.multilabel, threshold)
     metrics["n_images"] = int(len(y))
-    return dict(metrics=metrics, confusion=confusion_matrices(y, p, model_cfg.multilabel, threshold), y_true=y, probs=p)
+    paths = list(split_rows(df, split).path)   # the images of `probs`, in order (make_dataset reads the same rows)
+    return dict(metrics=metrics, confusion=confusion_matrices(y, p, model_cfg.multilabel, threshold), y_true=y, probs=p, paths=paths)
 
 def headline(metrics: dict) -> dict:
     "The scalar metrics (what goes to MLflow and the model metadata)."
@@ -95,3 +99,49 @@ def log_evaluation(run_file, metrics: dict, split: str, files=()):
     client, run_id = run_client(run_file)
     for k, v in headline(metrics).items(): client.log_metric(run_id, f"{split}_{k}", float(v))
     for f in files: client.log_artifact(run_id, str(f), artifact_path="evaluation")
+
+# %% ../../notebooks/lib/training/03_evaluate.ipynb #464c903a
+GOLDEN_DIR, GOLDEN_FILE = "golden", "golden.json"
+
+def golden_rows(probs, n: int, margin: float, seed: int = 0) -> np.ndarray:
+    """Indices (sorted) of up to `n` rows of `probs`: a seeded sample among those with finite probabilities whose top class
+    leads the next by at least `margin`."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if n <= 0 or len(probs) == 0: return np.zeros(0, int)
+    top2 = np.sort(probs, 1)[:, -2:] if probs.shape[1] > 1 else np.concatenate([np.zeros((len(probs), 1)), probs], 1)
+    ok = np.flatnonzero(np.isfinite(probs).all(1) & (top2[:, 1] - top2[:, 0] >= margin))
+    return np.sort(np.random.default_rng(seed).choice(ok, min(n, len(ok)), replace=False))
+
+def _file_name(k: int, width: int, source: str) -> str:
+    import re
+    return f"{k:0{width}d}-{re.sub(r'[^A-Za-z0-9._-]', '_', Path(source).name)[-80:]}"
+
+def write_golden_set(out, ev: dict, dataset_dir, classes, n: int = 300, tolerance: float = 1e-4, split: str = "test",
+                     seed: int = 0) -> dict:
+    """Write the golden set into the folder `out` (replaced whole, in one rename): up to `n` images of `ev` (what `evaluate_model`
+    returned: its `paths` and `probs`), copied byte for byte from `dataset_dir`, and `golden.json` with their predictions."""
+    import hashlib, json, os, shutil, uuid
+    out, dataset_dir = Path(out), Path(dataset_dir)
+    rows = golden_rows(ev["probs"], n, 10 * tolerance, seed)
+    width = max(3, len(str(len(rows))))
+    tmp, old = (out.parent / f".tmp-{uuid.uuid4().hex}-{out.name}" for _ in range(2))
+    tmp.mkdir(parents=True)
+    try:
+        images = []
+        for k, i in enumerate(rows):
+            data = (dataset_dir / ev["paths"][i]).read_bytes()
+            name = _file_name(k, width, ev["paths"][i])
+            (tmp / name).write_bytes(data)
+            p = np.asarray(ev["probs"][i])
+            images.append({"file": name, "source": ev["paths"][i], "sha256": hashlib.sha256(data).hexdigest(),
+                           "top_class": classes[int(p.argmax())], "probabilities": {c: float(v) for c, v in zip(classes, p)}})
+        doc = {"format": 1, "split": split, "classes": list(classes), "tolerance": float(tolerance),
+               "images_evaluated": int(len(ev["probs"])), "images": images}
+        (tmp / GOLDEN_FILE).write_text(json.dumps(doc, indent=1))
+        if out.exists(): os.rename(out, old)
+        os.rename(tmp, out)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp)
+        if old.exists(): shutil.rmtree(old)
+    return doc
+
