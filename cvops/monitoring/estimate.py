@@ -21,15 +21,20 @@ __all__ = ['BAND_Z', 'logged_probabilities', 'estimate_accuracy', 'label_delay',
 # %% ../../notebooks/lib/monitoring/07_estimate.ipynb #d593edc3
 def logged_probabilities(texts, classes) -> tuple[np.ndarray, np.ndarray]:
     "(which rows have usable probabilities, their (n, k) float64 matrix in `classes`' order) from the logged JSON texts."
-    texts = list(texts)
-    parsed = json_loader()("[" + ",".join(t if isinstance(t, str) else "null" for t in texts) + "]") if texts else []
+    texts = pd.Series(texts, dtype=object)
+    texts = texts.where(texts.map(type) == str, "null").tolist()              # a missing text: JSON null
+    parsed = json_loader()("[" + ",".join(texts) + "]") if texts else []
     k, get = len(classes), itemgetter(*classes) if len(classes) > 1 else (lambda d: (d[classes[0]],))
-    has, out = np.zeros(len(parsed), bool), []
-    for i, d in enumerate(parsed):
-        try: row = get(d) if isinstance(d, dict) else (tuple(d) if isinstance(d, list) and len(d) == k else None)
-        except (KeyError, TypeError): row = None
-        if row is not None: has[i] = True; out.append(row)
-    p = np.array(out, np.float64).reshape(len(out), k)
+    try: out, has = list(map(get, parsed)), np.ones(len(parsed), bool)          # the service's rows: every class named
+    except (KeyError, TypeError):                                             # else row by row: older or foreign rows
+        has, out = np.zeros(len(parsed), bool), []
+        for i, d in enumerate(parsed):
+            try: row = get(d) if isinstance(d, dict) else (tuple(d) if isinstance(d, list) and len(d) == k else None)
+            except (KeyError, TypeError): row = None
+            if row is not None: has[i] = True; out.append(row)
+    try: p = np.array(out, np.float64).reshape(len(out), k)
+    except (TypeError, ValueError):                                           # a null or a string among the numbers
+        p = np.array([[v if isinstance(v, (int, float)) else np.nan for v in r] for r in out], np.float64).reshape(len(out), k)
     ok = np.isfinite(p).all(1) & (p >= 0).all(1) & (p.sum(1) > 0)
     has[np.flatnonzero(has)[~ok]] = False
     return has, p[ok]
@@ -41,7 +46,7 @@ def estimate_accuracy(probs, temperature=1.0, z: float = BAND_Z) -> dict:
     "CBPE of rows of probabilities: estimate (mean calibrated top-class probability), se, low/high (estimate -/+ z se), n."
     p = np.asarray(probs, np.float64)
     if len(p) == 0: return dict(estimate=None, se=None, low=None, high=None, n=0, z=z)
-    c = apply_temperature(p, temperature).max(1)
+    c = (apply_temperature(p, temperature) if np.any(np.asarray(temperature) != 1.0) else p / p.sum(1, keepdims=True)).max(1)
     est, se = float(c.mean()), float(math.sqrt(float((c * (1 - c)).sum())) / len(c))
     return dict(estimate=est, se=se, low=max(0.0, est - z * se), high=min(1.0, est + z * se), n=int(len(c)), z=z)
 

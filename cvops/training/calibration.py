@@ -56,9 +56,7 @@ def apply_temperature(probs, temperature=1.0) -> np.ndarray:
     t = np.asarray(temperature, np.float64)
     if t.ndim == 0 and float(t) == 1.0: return p / p.sum(1, keepdims=True)
     if np.any(~np.isfinite(t)) or np.any(t <= 0): raise ValueError(f"a temperature must be a positive number (got {temperature})")
-    logp = np.log(np.maximum(p, np.finfo(np.float64).tiny)) / (t[:, None] if t.ndim == 1 else t)
-    q = np.exp(logp - logp.max(1, keepdims=True))
-    q[p <= 0] = 0.0
+    q = np.power(p / p.max(1, keepdims=True), 1 / (t[:, None] if t.ndim == 1 else t))   # the row's largest is 1: nothing underflows to 0/0
     return q / q.sum(1, keepdims=True)
 
 def temperature_nll(probs, y, temperature: float) -> float:
