@@ -100,7 +100,7 @@ def window_estimate(rows: pd.DataFrame, classes, calibrations: dict, versions=No
 # %% ../../notebooks/lib/monitoring/07_estimate.ipynb #c6b97520
 def _duration(s) -> str:
     if s is None: return "-"
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} d"
+    return f"{s:.2g} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h" if s < 172800 else f"{s / 86400:.1f} d"
 
 def estimate_line(row: dict) -> str:
     "The summary line of a `live_accuracy` row's estimate, live accuracy and label delay."
