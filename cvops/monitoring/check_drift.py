@@ -273,6 +273,14 @@ def feature_tests(engine, comp: Comparison, cfg: MonitorConfig, run: MonitorRun,
         r["details"] = {**(r.get("details") or {}), "window": window, "n_without_features": int(n_rows - len(comp.current))}
     return results
 
+def _served_softmax(comp: Comparison, rows: pd.DataFrame):
+    "Every row's probabilities from its logged float32 BBSD features, when every row has them and they are the softmax; else None."
+    from cvops.monitoring.drift_detectors import feature_matrix
+    from cvops.monitoring.estimate import softmax_features
+    cur = comp.current
+    if cur is None or not len(rows) or len(cur) != len(rows) or not any(c.startswith("bbsd_") for c in cur): return None
+    return softmax_features(feature_matrix(cur, "bbsd"), rows["top_class"].to_numpy(), comp.classes)
+
 def run_tests(engine, comp: Comparison, rows: pd.DataFrame, cfg: MonitorConfig, run: MonitorRun, window: dict) -> list[dict]:
     "Every test's result: the feature tests (or one `run_alert` saying why they could not run), then live accuracy."
     results = feature_tests(engine, comp, cfg, run, window, len(rows)) if comp.reference is not None else []
@@ -283,7 +291,8 @@ def run_tests(engine, comp: Comparison, rows: pd.DataFrame, cfg: MonitorConfig, 
                         backend=cfg.backend, n_rows=len(rows), n_reference=None, details={"error": comp.why, "window": window})]
     acc = live_accuracy(rows, comp.expected_accuracy, cfg.alpha); acc["details"]["window"] = window
     est = window_estimate(rows, comp.classes, {run.model_version: comp.calibration}, multilabel=comp.multilabel,
-                          problems={run.model_version: comp.calibration_problem} if comp.calibration_problem else None)
+                          problems={run.model_version: comp.calibration_problem} if comp.calibration_problem else None,
+                          probabilities=_served_softmax(comp, rows))
     acc["details"]["estimate"] = est.pop("details")
     acc.update(est)                        # the accuracy before labels, beside live accuracy: its own columns of this row
     return results + [acc]

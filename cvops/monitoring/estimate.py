@@ -15,8 +15,8 @@ from ..predlog.queries import json_loader
 from ..training.calibration import apply_temperature, calibration_temperature
 
 # %% auto #0
-__all__ = ['BAND_Z', 'logged_probabilities', 'estimate_accuracy', 'label_delay', 'calibration_summary', 'window_estimate',
-           'estimate_line']
+__all__ = ['BAND_Z', 'logged_probabilities', 'estimate_accuracy', 'label_delay', 'calibration_summary', 'softmax_features',
+           'window_estimate', 'estimate_line']
 
 # %% ../../notebooks/lib/monitoring/07_estimate.ipynb #d593edc3
 def logged_probabilities(texts, classes) -> tuple[np.ndarray, np.ndarray]:
@@ -66,11 +66,20 @@ def calibration_summary(calibration: dict | None, problem: str = "") -> dict:
     return {"method": calibration.get("method", "temperature"), "temperature": calibration_temperature(calibration),
             **({"ece_before": calibration["ece_before"], "ece_after": calibration.get("ece_after")} if "ece_before" in calibration else {})}
 
+def softmax_features(bbsd, top_class, classes, tol: float = 1e-3) -> np.ndarray | None:
+    """The rows' BBSD features as their probabilities when they are the model's softmax -- `len(classes)` values per row summing
+    to 1 whose largest is the logged top class, for every row -- else None."""
+    x = np.asarray(bbsd, np.float64)
+    if x.ndim != 2 or x.shape[1] != len(classes) or not len(x) or len(x) != len(top_class): return None
+    if not (np.abs(x.sum(1) - 1) < tol).all() or (x < 0).any(): return None
+    return x if (np.asarray(classes, dtype=object)[x.argmax(1)] == np.asarray(top_class, dtype=object)).all() else None
+
 def window_estimate(rows: pd.DataFrame, classes, calibrations: dict, versions=None, multilabel: bool = False,
-                    problems: dict | None = None, z: float = BAND_Z) -> dict:
+                    problems: dict | None = None, z: float = BAND_Z, probabilities=None) -> dict:
     """The estimate of a window (`rows`: `probabilities` JSON text, `created_on`, `labelled_on`): `estimated_accuracy`,
     `estimated_low`, `estimated_high`, `label_delay_s` and their `details`. `versions`: the rows' versions (one name, or one per
-    row; default: the single key of `calibrations`)."""
+    row; default: the single key of `calibrations`). `probabilities`: every row's probabilities already read (`softmax_features`
+    of the logged float32 BBSD features): the JSON is then not parsed."""
     problems = problems or {}
     delay = label_delay(rows)
     n = len(rows)
@@ -86,7 +95,12 @@ def window_estimate(rows: pd.DataFrame, classes, calibrations: dict, versions=No
     if multilabel:
         details["why"] = "multi-label model: its top-class probability is not the chance its label set is right; no estimate"
         return out
-    has, p = logged_probabilities(rows["probabilities"] if "probabilities" in rows else [None] * n, list(classes))
+    if probabilities is not None and len(probabilities) == n:
+        has, p = np.ones(n, bool), np.asarray(probabilities, np.float64)
+        details["probabilities"] = "the logged BBSD features (float32: the model's softmax as served)"
+    else:
+        has, p = logged_probabilities(rows["probabilities"] if "probabilities" in rows else [None] * n, list(classes))
+        details["probabilities"] = "the logged probabilities (JSON, 6 decimals)"
     details["n_without_probabilities"] = int(n - has.sum())
     if not has.any():
         details["why"] = "no logged probabilities in the window" if n else "no predictions in the window"
