@@ -98,6 +98,11 @@ def test_shifted_images_over_http_give_drift_rows_unshifted_none_and_feedback_gi
         acc = by_test["live_accuracy"]
         assert acc["n_rows"] == len(fbs) == N_WINDOW // 4
         assert acc["statistic"] == pytest.approx(np.mean([f["correct"] for f in fbs])), out
+        # beside it, the accuracy estimated before labels: from the logged float32 BBSD features (the softmax), uncalibrated
+        est = acc["details"]["estimate"]
+        assert acc["estimated_low"] <= acc["estimated_accuracy"] <= acc["estimated_high"] and est["n_estimated"] == N_WINDOW, acc
+        assert "BBSD" in est["probabilities"] and est["calibration"][v["version"]]["method"] == "uncalibrated", est
+        assert f"estimated accuracy {acc['estimated_accuracy']:.4f}" in out, out
         assert not hook.received, "the webhook was called without drift"
 
         # 2. shifted: 200 other test images with gaussian noise (std 100 on 0-255), feedback for every 5th

@@ -213,6 +213,7 @@ def test_dashboards_render_the_monitoring_data(tmp_path, voila_factory, browser)
     text = text_of(outs)
     assert project["v2"] in text and "latest drift run" in text, text[:2000]
     for test in ("ks_bbsd_bonferroni", "mmd_uae", "chi2_predicted"): assert test in text
+    for col in ("estimated_accuracy", "estimated_low", "estimated_high", "label_delay_s"): assert col in text   # the accuracy table
     verdicts = re.findall(r"<td>(drift|no drift|insufficient data)</td>", text)
     assert verdicts[:3] == ["drift"] * 3, verdicts                 # the latest run's verdicts lead the tables
     top = re.findall(r"<td>([0-9a-f]{32})</td>", text)            # the request ids of the inputs shown with their overlays

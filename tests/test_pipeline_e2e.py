@@ -102,6 +102,11 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     assert any("image/png" in o.get("data", {}) for c in train_nb["cells"] for o in c.get("outputs", []))  # the curves
     assert (products / "validate_data" / "deepchecks_report.html").stat().st_size > 100_000
     assert (products / "evaluate" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert (products / "evaluate" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    calibration = json.loads((products / "evaluate" / "calibration.json").read_text())   # fitted on valid, judged on test
+    assert calibration["method"] in ("temperature", "identity") and calibration["temperature"] > 0, calibration
+    assert (calibration["fitted_on"], calibration["checked_on"], calibration["n_check"]) == ("valid", "test", 200), calibration
+    assert (calibration["ece_after"] < calibration["ece_before"]) == (calibration["method"] == "temperature"), calibration
 
     metrics = json.loads((products / "evaluate" / "metrics.json").read_text())
     assert metrics["n_images"] == 200 and metrics["accuracy"] > 0.3  # 10 classes: chance is 0.1
@@ -126,6 +131,9 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     assert meta["model"]["classes"][0] == "T-shirt_top" and "path" not in meta["model"]
     assert meta["metrics"]["accuracy"] == metrics["accuracy"]
     assert meta["training"]["kept_epoch"] == 1 and meta["training"]["epochs_run"] == 1
+    # the calibration is part of the version: the file the monitor reads, summarised in the metadata
+    assert json.loads((models / "test_model" / "calibration.json").read_text()) == calibration
+    assert meta["calibration"]["temperature"] == calibration["temperature"] and meta["calibration"]["method"] == calibration["method"]
 
     # the drift detectors and the reference data are part of the version (the same rename)
     _check_detectors(project, meta, tiny_fashion_repo)
@@ -149,7 +157,8 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
     logged = {a.path for d in ("notebooks", "upstream", "evaluation", "model") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"notebooks/train.html", "notebooks/publish.ipynb", "upstream/deepchecks_report.html",
-            "evaluation/confusion_matrix.png", "model/model.keras"} <= logged
+            "evaluation/confusion_matrix.png", "evaluation/calibration.json", "evaluation/reliability.png", "model/model.keras"} <= logged
+    assert run.data.metrics["calibration_temperature"] == pytest.approx(calibration["temperature"])
     assert {r[k].split("/", 2)[-1] for r in lineage["notebooks"].values() for k in ("mlflow_ipynb", "mlflow_html")} <= logged
 
     # nothing changed: nothing reruns

@@ -18,11 +18,12 @@ from ..predlog.images import ImageStore, open_image_store
 from ..predlog.queries import api_requests, drift_history, open_for_reading, prediction_counts, prediction_rows
 
 # %% auto #0
-__all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame',
-           'serving_summary', 'time_bin', 'status_class', 'request_volume', 'status_counts', 'latency_percentiles',
-           'latency_summary', 'recent_errors', 'deployments', 'with_features', 'monitor_settings', 'monitoring_window',
-           'DriftMonitorData', 'drift_monitor_data', 'service_activity_data', 'class_distribution', 'latest_verdicts',
-           'run_verdict', 'live_accuracy_history', 'drift_contributors', 'gradcam_overlays', 'top_drift_inputs']
+__all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'ESTIMATE_COLUMNS', 'Sources', 'open_sources', 'Serving', 'serving_version',
+           'reference_frame', 'serving_summary', 'time_bin', 'status_class', 'request_volume', 'status_counts',
+           'latency_percentiles', 'latency_summary', 'recent_errors', 'deployments', 'with_features',
+           'monitor_settings', 'monitoring_window', 'DriftMonitorData', 'drift_monitor_data', 'service_activity_data',
+           'class_distribution', 'latest_verdicts', 'run_verdict', 'live_accuracy_history', 'drift_contributors',
+           'gradcam_overlays', 'top_drift_inputs']
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #c64d5cb5
 @dataclass
@@ -254,10 +255,17 @@ def run_verdict(history: pd.DataFrame) -> str:
     live = f" Live accuracy: {acc.verdict.iloc[0]}." if len(acc) else ""
     return f"Latest run ({last.created_on:%Y-%m-%d %H:%M} UTC, {int(last.n_rows):,} predictions): {words}, {why}.{live}"
 
+ESTIMATE_COLUMNS = ["estimated_accuracy", "estimated_low", "estimated_high", "label_delay_s"]
+
 def live_accuracy_history(history: pd.DataFrame) -> pd.DataFrame:
-    "Live accuracy per monitoring run (test `live_accuracy`: statistic = accuracy on the window's predictions with feedback)."
+    """Live accuracy per monitoring run (test `live_accuracy`: statistic = accuracy on the window's predictions with feedback),
+    beside the accuracy estimated before labels and its band, and the median label delay (`cvops.monitoring.estimate`)."""
     la = history[history.test == "live_accuracy"]
-    out = la[["created_on", "model_version", "statistic", "n_rows", "p_value", "verdict", "details"]].rename(columns={"statistic": "accuracy"})
+    cols = ["created_on", "model_version", "statistic", "n_rows", "p_value", "verdict", "details"]
+    out = la[cols + [c for c in ESTIMATE_COLUMNS if c in la]].rename(columns={"statistic": "accuracy"})
+    for c in ESTIMATE_COLUMNS:
+        if c not in out: out[c] = np.nan                 # drift reports of a release before the estimate
+        out[c] = pd.to_numeric(out[c], errors="coerce")
     out = out.assign(n_feedback=[(d or {}).get("n_feedback", (d or {}).get("n")) if isinstance(d, dict) else None for d in out.details])
     return out.drop(columns="details").reset_index(drop=True)
 

@@ -123,16 +123,26 @@ def plot_pvalue_history(history: pd.DataFrame, ncols: int = 3):
     return fig
 
 def plot_live_accuracy(acc: pd.DataFrame, test_accuracy: float | None = None):
-    "Live accuracy per monitoring run, beside the version's test accuracy."
-    acc = acc[acc.accuracy.notna()] if acc is not None and len(acc) else pd.DataFrame()
+    """Per monitoring run: the accuracy estimated before labels (CBPE) as a line with its sampling band, the live accuracy
+    from feedback as points (with how many labels), beside the version's test accuracy."""
+    est = acc.estimated_accuracy.notna() if acc is not None and "estimated_accuracy" in acc else pd.Series(False, index=getattr(acc, "index", None))
+    acc = acc[acc.accuracy.notna() | est] if acc is not None and len(acc) else pd.DataFrame()
     if acc.empty: return None
     fig, ax = _figure(h=2.8); ax = ax[0, 0]
     x = acc.created_on.dt.tz_convert(None)
-    ax.plot(x, acc.accuracy, marker="o", color="#2e86c1", label="live accuracy (feedback)")
-    for xi, a, n in zip(x, acc.accuracy, acc.n_feedback):
-        if n is not None and not pd.isna(n): ax.annotate(f"n={int(n)}", (xi, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    if "estimated_accuracy" in acc and acc.estimated_accuracy.notna().any():
+        e = acc.estimated_accuracy.notna().values
+        ax.fill_between(x[e], acc.estimated_low[e].astype(float), acc.estimated_high[e].astype(float), color="#8e44ad", alpha=0.18, lw=0,
+                        label="its band (+-2 SE)")
+        ax.plot(x[e], acc.estimated_accuracy[e], marker=".", color="#8e44ad", label="estimated accuracy (before labels)")
+    live = acc.accuracy.notna().values
+    if live.any():
+        ax.plot(x[live], acc.accuracy[live], marker="o", ls=":", color="#2e86c1", label="live accuracy (feedback)")
+        for xi, a, n in zip(x[live], acc.accuracy[live], acc.n_feedback[live]):
+            if n is not None and not pd.isna(n): ax.annotate(f"n={int(n)}", (xi, a), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
     if test_accuracy is not None: ax.axhline(test_accuracy, color="#555555", ls="--", lw=1, label=f"test accuracy {test_accuracy:.3f}")
-    ax.set_ylim(0, 1.05); ax.set_ylabel("accuracy"); ax.set_title("Live accuracy per monitoring run"); ax.legend(fontsize=8, loc="lower left")
+    ax.set_ylim(0, 1.05); ax.set_ylabel("accuracy"); ax.set_title("Accuracy per monitoring run: estimated before labels, live from feedback")
+    ax.legend(fontsize=8, loc="lower left")
     _time_axis(ax)
     return fig
 

@@ -59,3 +59,11 @@ class MonitorMetrics:
         yield p
         acc = live_accuracy_value(run)
         if acc is not None: yield G("cvops_live_accuracy", "Live accuracy of the latest run's window (predictions with feedback)", value=acc)
+        row = run.accuracy_row or {}
+        if row.get("estimated_accuracy") is not None:
+            e = G("cvops_estimated_accuracy", "Accuracy of the latest run's window estimated before labels (CBPE), and its +-2 SE band", labels=["bound"])
+            for bound, k in (("estimate", "estimated_accuracy"), ("low", "estimated_low"), ("high", "estimated_high")):
+                if row.get(k) is not None: e.add_metric([bound], float(row[k]))
+            yield e
+        if row.get("label_delay_s") is not None:
+            yield G("cvops_label_delay_seconds", "Median seconds from prediction to feedback in the latest run's window", value=float(row["label_delay_s"]))

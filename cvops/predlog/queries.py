@@ -57,13 +57,17 @@ def json_loader():
 def utc_times(values) -> pd.Series:
     "Times as the database returns them (SQLite: ISO text, naive UTC; PostgreSQL: aware datetimes) -> aware UTC, vectorised."
     s = pd.Series(values, dtype=object)
-    return pd.to_datetime(s, utc=True, format="ISO8601") if len(s) and isinstance(s.iloc[0], str) else pd.to_datetime(s, utc=True)
+    first = s.dropna().iloc[0] if s.notna().any() else None      # None: a time not there (no feedback)
+    return pd.to_datetime(s, utc=True, format="ISO8601") if isinstance(first, str) else pd.to_datetime(s, utc=True)
 
-WINDOW_COLUMNS = ["request_id", "created_on", "top_class", "features", "labels", "feature_blob", "feature_dims"]
+WINDOW_COLUMNS = ["request_id", "created_on", "top_class", "features", "labels", "feature_blob", "feature_dims", "probabilities",
+                  "labelled_on"]
 
 def read_window(engine, model_version: str, window_days: float | None = None, window_rows: int | None = None,
                 now: datetime | None = None) -> pd.DataFrame:
-    "Rows (newest first): request_id, created_on (UTC), top_class, features (JSON text of rows without a feature blob: older releases), labels (JSON text or None), feature_blob, feature_dims."
+    """Rows (newest first): request_id, created_on (UTC), top_class, features (JSON text of rows without a feature blob: older
+    releases), labels (JSON text or None), feature_blob, feature_dims, probabilities (JSON text, as logged), labelled_on (UTC, when
+    the feedback came; NaT without)."""
     p, f = predictions, feedback
     now = now or datetime.now(timezone.utc)
     # per row, only what the monitor reads, as the driver gives it: the times are parsed below, all at once; the JSON
@@ -71,7 +75,8 @@ def read_window(engine, model_version: str, window_days: float | None = None, wi
     # the driver's cursor: half the time of a 100,000-row window (bench/monitor_throughput.py)
     q = (sa.select(p.c.request_id, sa.type_coerce(p.c.created_on, sa.String).label("created_on"), p.c.top_class,
                    sa.case((p.c.feature_blob.is_(None), sa.cast(p.c.features, sa.Text))).label("features"),
-                   sa.cast(f.c.labels, sa.Text).label("labels"), p.c.feature_blob, p.c.feature_dims)
+                   sa.cast(f.c.labels, sa.Text).label("labels"), p.c.feature_blob, p.c.feature_dims,
+                   sa.cast(p.c.probabilities, sa.Text).label("probabilities"), sa.type_coerce(f.c.created_on, sa.String).label("labelled_on"))
          .select_from(p.outerjoin(f, f.c.request_id == p.c.request_id))
          .where(p.c.model_version == model_version).order_by(p.c.created_on.desc()))
     if window_days: q = q.where(p.c.created_on >= now - timedelta(days=window_days))
@@ -81,6 +86,7 @@ def read_window(engine, model_version: str, window_days: float | None = None, wi
         rows = res.cursor.fetchall(); res.close()
     df = pd.DataFrame(rows, columns=WINDOW_COLUMNS)
     df["created_on"] = utc_times(df["created_on"])
+    df["labelled_on"] = utc_times(df["labelled_on"])
     if isinstance(next((b for b in df.feature_blob if b is not None), None), memoryview):   # psycopg2's bytea
         df["feature_blob"] = [None if b is None else bytes(b) for b in df.feature_blob]
     return df
@@ -123,7 +129,8 @@ def logged_features(rows: pd.DataFrame) -> tuple[np.ndarray, dict]:
 
 # %% ../../notebooks/lib/predlog/05_queries.ipynb #d9954975
 DRIFT_REPORT_COLUMNS = ["run_id", "created_on", "model_name", "model_version", "window_start", "window_end", "n_rows", "n_reference",
-                        "test", "features", "statistic", "p_value", "threshold", "verdict", "backend", "details"]
+                        "test", "features", "statistic", "p_value", "threshold", "verdict", "backend", "details",
+                        "estimated_accuracy", "estimated_low", "estimated_high", "label_delay_s"]
 
 def write_drift_reports(engine, rows: list[dict]):
     "Insert one run's `drift_reports` rows, all or none."

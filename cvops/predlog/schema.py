@@ -105,8 +105,15 @@ def _drift_reports_columns():
             sa.Column("backend", sa.String(16)),
             sa.Column("details", sa.JSON)]
 
+def _estimate_columns():
+    "Added by migration 0004: the accuracy estimated before labels arrive, on a run's `live_accuracy` row (NULL on the others)."
+    return [sa.Column("estimated_accuracy", sa.Float),     # mean calibrated top-class confidence of the window's predictions
+            sa.Column("estimated_low", sa.Float),          # its sampling band: estimate -/+ 2 standard errors
+            sa.Column("estimated_high", sa.Float),
+            sa.Column("label_delay_s", sa.Float)]          # median seconds from a prediction to its feedback (NULL: none)
+
 feedback = sa.Table("feedback", metadata, *_feedback_columns())
-drift_reports = sa.Table("drift_reports", metadata, *_drift_reports_columns())
+drift_reports = sa.Table("drift_reports", metadata, *_drift_reports_columns(), *_estimate_columns())
 
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #cf758b50
 def make_engine(url: str):
@@ -139,7 +146,11 @@ def _m0002_monitoring(op):
 def _m0003_feature_blob(op):
     for col in _feature_columns(): op.add_column("predictions", col)   # nullable: older rows keep their JSON `features`
 
-MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_monitoring", _m0002_monitoring), ("0003_feature_blob", _m0003_feature_blob)]
+def _m0004_estimated_accuracy(op):
+    for col in _estimate_columns(): op.add_column("drift_reports", col)   # nullable: older runs have no estimate
+
+MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_monitoring", _m0002_monitoring), ("0003_feature_blob", _m0003_feature_blob),
+              ("0004_estimated_accuracy", _m0004_estimated_accuracy)]
 _version_table = sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), primary_key=True))
 
 def migrate(engine) -> list[str]:

@@ -18,12 +18,13 @@ from .versions import (METADATA_FILE, NOTEBOOKS_DIR, VERSIONS_DIR, PointerError,
                                     deployment_lock, detector_files, linked_version, metadata_path, model_path, published_versions,
                                     storage_path, version_dir, versions_dir, latest_pointer)
 from .store import exists, is_remote, open_store, put_file, remove, write_text
+from ..training.calibration import CALIBRATION_FILE
 
 # %% auto #0
 __all__ = ['PublishError', 'new_version', 'publish_model', 'version_uploads', 'upload_version', 'add_to_version',
            'add_to_remote_version', 'delete_version', 'prune_versions', 'git_state', 'strip_local_paths',
            'model_metadata', 'check_quality_gate', 'pipeline_lineage', 'notebook_records', 'detector_records',
-           'golden_records', 'publish_trained_model']
+           'golden_records', 'calibration_record', 'publish_trained_model']
 
 # %% ../../notebooks/lib/registry/02_publish.ipynb #6e22dcee
 class PublishError(RuntimeError):
@@ -216,11 +217,18 @@ def golden_records(version: str, golden) -> tuple[dict, dict]:
     return files, {"path": storage_path(version, GOLDEN_DIR), "images": len(doc["images"]), "tolerance": doc["tolerance"],
                    "split": doc.get("split")}
 
+def calibration_record(calibration) -> dict:
+    "What the metadata says about a version's calibration (`cvops.training.calibration`): method, temperature, ECEs, where fitted."
+    from cvops.training.calibration import read_calibration
+    cal = read_calibration(calibration)
+    if cal is None: raise PublishError(f"{calibration}: no calibration file to publish")
+    return {"file": CALIBRATION_FILE, **{k: cal.get(k) for k in ("method", "temperature", "ece_before", "ece_after", "fitted_on", "checked_on")}}
+
 def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=None, notebooks: dict | None = None,
-                          later=("publish",), detectors: dict | None = None, monitor=None, golden=None) -> dict:
+                          later=("publish",), detectors: dict | None = None, monitor=None, golden=None, calibration=None) -> dict:
     """Gate on test accuracy, publish model + metadata + rendered notebooks ({task: files}) + drift detectors and reference
-    data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) + the golden set (`golden`: the evaluate task's folder) as a new
-    version, in one rename; prune old versions."""
+    data (`detectors`: {'uae': f, 'bbsd': f, 'ref_data': f}) + the golden set (`golden`: the evaluate task's folder) + the
+    calibration file (`calibration`: the evaluate task's `calibration.json`) as a new version, in one rename; prune old versions."""
     from cvops.config import DeployConfig
     from cvops.settings import central_storage_dir
     from cvops.training.model import read_model_info
@@ -240,6 +248,9 @@ def publish_trained_model(root, model_dir, metrics: dict, lineage: dict, deploy=
     if golden is not None:
         golden_files, metadata["golden_set"] = golden_records(version, golden)
         files.update(golden_files)
+    if calibration is not None:
+        metadata["calibration"] = calibration_record(calibration)
+        files[CALIBRATION_FILE] = calibration
     meta = publish_model(model_dir, metadata, storage, files, version)
     try: pruned = prune_versions(storage, name, deploy.keep_versions)   # never the deployed version or the one before it
     except PublishError as e: pruned = []; print(f"warning: {e}")
