@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ..registry.deploy import check_version
 from ..registry.versions import DeployError, current_deployment, resolve_version
-from .inference import (ImageError, LoadedVersion, check_upload, class_probabilities, load_for_serving, prepare_batch,
-                        prepare_input)
+from .inference import ImageError, LoadedVersion, check_upload, class_probabilities, load_for_serving, predict_uploads
 
 # %% auto #0
 __all__ = ['GOLDEN_BATCH', 'REPLAY_MAX', 'REPLAY_LATENCY_FACTOR', 'REPLAY_LATENCY_SLACK_MS', 'SHOWN', 'service_answers',
@@ -32,27 +31,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 def service_answers(lv, uploads: list, heatmap: bool, display_side: int = 1024) -> list:
-    """What the service answers for checked uploads (`check_upload`) through its own path: `prepare_batch` (several, no
-    heatmap) or `prepare_input` (with its display copy when `heatmap`), one call of `lv`, `class_probabilities`. Per upload:
-    `(top class, {class: probability})`, or the exception that its decode or the model call raised."""
-    import numpy as np
-    xs, out = [None] * len(uploads), [None] * len(uploads)
-    if not heatmap and len(uploads) > 1:
-        try: xs = list(prepare_batch(uploads, lv))
-        except Exception: pass                          # one does not decode: image by image, as the service does
-    for i, u in enumerate(uploads):
-        if xs[i] is None:
-            try: xs[i] = prepare_input(u, lv, display_side if heatmap else None)
-            except Exception as e: out[i] = e
-    ok = [i for i in range(len(uploads)) if out[i] is None]
-    if ok:
-        try: probs = lv(np.stack([xs[i] for i in ok]), heatmap=heatmap)["probs"]
-        except Exception as e: probs = e
-        for j, i in enumerate(ok):
-            if isinstance(probs, Exception): out[i] = probs; continue
-            p = class_probabilities(probs[j], lv.classes)
-            out[i] = (max(p, key=p.get), p)
-    return out
+    """What the service answers for checked uploads (`check_upload`) through its own path (`predict_uploads`, which the
+    batcher runs, then `class_probabilities`). Per upload: `(top class, {class: probability})`, or the exception that its
+    decode or the model call raised."""
+    def answer(o):
+        if isinstance(o, Exception): return o
+        p = class_probabilities(o["probs"], lv.classes)
+        return max(p, key=p.get), p
+    return [answer(o) for o in predict_uploads(lv, uploads, heatmap, display_side)]   # the batcher's own path
 
 def _not_finite(probs: dict) -> bool:
     return not all(math.isfinite(v) for v in probs.values())

@@ -17,9 +17,9 @@ from ..registry.versions import METADATA_FILE, version_detectors, version_metada
 from ..training.model import LAST_CONV, load_keras_model, read_model_info
 
 # %% auto #0
-__all__ = ['ACCEPTED_FORMATS', 'ACCEPTED_CONTENT_TYPES', 'ImageError', 'Upload', 'check_upload', 'LoadedVersion', 'compile_calls',
-           'load_version', 'prepare_input', 'prepare_batch', 'warm_up', 'load_for_serving', 'display_size',
-           'render_heatmap', 'class_probabilities']
+__all__ = ['ACCEPTED_FORMATS', 'ACCEPTED_CONTENT_TYPES', 'DECODE_FAILED', 'ImageError', 'Upload', 'check_upload', 'LoadedVersion',
+           'compile_calls', 'load_version', 'prepare_input', 'prepare_batch', 'predict_uploads', 'warm_up',
+           'load_for_serving', 'display_size', 'render_heatmap', 'class_probabilities']
 
 # %% ../../notebooks/lib/serving/01_inference.ipynb #32dda3d8
 class ImageError(ValueError):
@@ -220,6 +220,32 @@ def _capped(img, max_side):
         small = tf.image.resize(img, tf.stack([side(h), side(w)]), method="area")
         return tf.cast(tf.clip_by_value(tf.round(small), 0, 255), tf.uint8)
     return tf.cond(long > max_side, shrink, lambda: img)
+
+DECODE_FAILED = "the image data is truncated or corrupt: it could not be decoded"
+
+def predict_uploads(lv: LoadedVersion, uploads: list, heatmap: bool, display_side: int = 1024) -> list:
+    """What the service computes for checked uploads (`check_upload`) in one call of `lv`: per upload its outputs (`probs`,
+    `cam` when `heatmap`, one per extra head) or an exception: `ImageError` (400) for an image that does not decode, the
+    model call's own error otherwise. Several uploads without a heatmap are decoded in one call (`prepare_batch`; image by
+    image when one of them fails, to tell which), the others one by one with the display copy a heatmap is drawn on
+    (`prepare_input`). The one path of the service's batcher (`cvops.serving.worker.Batcher`) and the deploy gate
+    (`cvops.serving.gate`), so that what the gate checks is what the service runs."""
+    xs, out = [None] * len(uploads), [None] * len(uploads)
+    if not heatmap and len(uploads) > 1:
+        try: xs = list(prepare_batch(uploads, lv))
+        except Exception: pass                       # one of them does not decode: image by image below, to answer each
+    for i, u in enumerate(uploads):
+        if xs[i] is None:
+            try: xs[i] = prepare_input(u, lv, display_side if heatmap else None)   # the one full-size decode
+            except Exception as e: out[i] = ImageError(f"{DECODE_FAILED} ({type(e).__name__})", 400)
+    ok = [i for i in range(len(uploads)) if out[i] is None]
+    if ok:
+        try: res = lv(np.stack([xs[i] for i in ok]), heatmap=heatmap)
+        except Exception as e:
+            for i in ok: out[i] = e
+        else:
+            for j, i in enumerate(ok): out[i] = {k: v[j] for k, v in res.items()}
+    return out
 
 def warm_up(lv: LoadedVersion):
     "Trace the display-drawing and the batched decodes and import the overlay's libraries now, rather than on a request."

@@ -111,43 +111,25 @@ class Batcher:
     def _serve(self, jobs):
         """Decode the jobs for the version serving now, then one model call per heatmap setting (and the overlays, base64 PNG, in
         `heatmap`/`overlay`); every job is answered."""
-        import numpy as np
-        from cvops.serving.inference import render_heatmap
+        from cvops.serving.inference import predict_uploads, render_heatmap
         lv = self.get_version()
         if lv is None: return self._settle([(j, None, NoModelError()) for j in jobs])
         answers = []
-        ready = self._inputs(jobs, lv, answers)
         for flag in (True, False):
-            group = [(j, x) for j, x in ready if j.heatmap == flag]
+            group = [j for j in jobs if j.heatmap == flag]
             if not group: continue
-            try:
-                out = lv(np.stack([x for _, x in group]), heatmap=flag)
-                self.batches += 1; self.images += len(group); self.on_batch(len(group), flag)
-            except Exception as e:
-                log.exception("model call failed")
-                answers += [(j, None, e) for j, _ in group]; continue
-            for i, (j, _) in enumerate(group):
-                mine = {k: v[i] for k, v in out.items()}
+            outs = predict_uploads(lv, [j.upload for j in group], flag, self.display_side)   # decode + one model call
+            called = sum(isinstance(o, dict) for o in outs)
+            if called: self.batches += 1; self.images += called; self.on_batch(called, flag)
+            failed = next((o for o in outs if isinstance(o, Exception) and not isinstance(o, ImageError)), None)
+            if failed is not None: log.error("model call failed: %s: %s", type(failed).__name__, failed, exc_info=failed)
+            for j, mine in zip(group, outs):
+                if isinstance(mine, Exception): answers.append((j, None, mine)); continue
                 if flag:   # the overlay drawn here, with the batch: no thread hop per request, its clients answered together
                     try: mine["heatmap"], mine["overlay"] = render_heatmap(mine["cam"], j.upload.display, self.display_side)
                     except Exception as e: log.exception("heatmap failed"); answers.append((j, None, e)); continue
                 answers.append((j, (lv, mine), None))
         self._settle(answers)
-
-    def _inputs(self, jobs, lv, answers: list) -> list:
-        """(job, model input) of each job that decodes; those that do not go to `answers` as 400s. The jobs without a heatmap
-        are decoded together in one call (`prepare_batch`), those with one image by image, each with its display copy."""
-        from cvops.serving.inference import prepare_batch, prepare_input
-        ready, plain = [], [j for j in jobs if not j.heatmap]
-        if len(plain) > 1:
-            try: ready = list(zip(plain, prepare_batch([j.upload for j in plain], lv)))
-            except Exception: pass                  # one of them does not decode: image by image below, to answer each
-            else: jobs = [j for j in jobs if j.heatmap]
-        for j in jobs:
-            try: ready.append((j, prepare_input(j.upload, lv, self.display_side if j.heatmap else None)))   # the one full-size decode
-            except Exception as e:
-                answers.append((j, None, ImageError(f"the image data is truncated or corrupt: it could not be decoded ({type(e).__name__})", 400)))
-        return ready
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #53f66994
 _METRICS = {}
