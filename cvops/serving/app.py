@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .routes import routers
+from .routes import heatmap_query, predict_answer, routers
 from ..settings import ServiceSettings, load_settings, refuse_insecure
 from .worker import WorkerState, freeze_heap, metrics_request
 
@@ -146,7 +146,6 @@ class RequestLog:
 
 async def predict_directly(request: Request, heatmap: bool) -> Response:
     "`POST /predict`'s answer without the routing (`routes.predict_answer`); its errors answered as the app's handler does."
-    from cvops.serving.routes import predict_answer
     try: return await predict_answer(request, heatmap)
     except StarletteHTTPException as e: return await http_error(request, e)
 
@@ -157,7 +156,6 @@ class ServiceApp(FastAPI):
     a few thousand times a second. Every other request, and the documentation of `/predict`, goes through FastAPI."""
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] == "/predict" and scope["method"] == "POST":
-            from cvops.serving.routes import heatmap_query
             heatmap = heatmap_query(scope.get("query_string", b""))
             if heatmap is not None and self.state.worker.plog is not None:   # started (the lifespan ran)
                 scope["app"] = self
