@@ -301,6 +301,13 @@ class PredictionLog(LogStats):
         self._stopping = False
         self._thread = self._inflight = None
         self._backoff = 0.0
+        self._retry_now = False
+
+    def database_reachable(self):
+        """Another connection (the service's /ready) reached the database: a writer waiting out its back-off
+        retries now, so rows flow as soon as the database is back rather than up to `max_backoff` later."""
+        if self.db_ok or self._thread is None: return
+        with self.queue.cv: self._retry_now = True; self.queue.cv.notify_all()
 
     # -- the request path ------------------------------------------------------------------
     def log(self, api_row: dict, prediction_row: dict | None = None, image: tuple | None = None, durable: bool | None = None):
@@ -421,9 +428,10 @@ class PredictionLog(LogStats):
     def _wait_out(self, backoff: float):
         "The database failed: wait before retrying, even with rows queued, and keep the queue within its bound meanwhile."
         retry_at = time.monotonic() + backoff
-        while not self._stopping and time.monotonic() < retry_at:
-            with self.queue.cv: self.queue.cv.wait_for(lambda: self._stopping, min(self.flush_interval, max(0.0, retry_at - time.monotonic())))
+        while not self._stopping and not self._retry_now and time.monotonic() < retry_at:
+            with self.queue.cv: self.queue.cv.wait_for(lambda: self._stopping or self._retry_now, min(self.flush_interval, max(0.0, retry_at - time.monotonic())))
             if self._over(): self._shed()
+        self._retry_now = False
 
     def _flush(self, batch, stopping: bool) -> bool:
         "Write one batch; True when the writer is done (stopping during an outage)."

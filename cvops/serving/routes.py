@@ -381,6 +381,7 @@ async def ready(state: WorkerDep):
     if state.skew_reason(): reasons.append(state.skew_reason())
     db_problem = await database_problem(state.engine)
     if db_problem: reasons.append(db_problem)
+    elif state.plog is not None: state.plog.database_reachable()   # the log's writer stops waiting out its back-off
     log_state = await log_readiness(state, db_problem is None, reasons)
     body = Readiness(ready=not reasons, model_version=state.serving.version if state.serving else None,
                      database="ok" if db_problem is None else "unreachable", log=log_state, reasons=reasons)
