@@ -13,8 +13,8 @@ from .versions import (DeployError, PointerError, current_deployment, deployment
                                     move_pointer, resolve_version, version_metadata)
 
 # %% auto #0
-__all__ = ['PRODUCTION_ALIAS', 'same_test_split', 'gate_reasons', 'mirror_to_registry', 'check_version', 'deployment_record',
-           'default_deployer', 'deploy', 'pipeline_deploy', 'serving_accuracy_on']
+__all__ = ['CHAMPION_ALIAS', 'CHALLENGER_ALIAS', 'same_test_split', 'gate_reasons', 'mirror_to_registry', 'drop_registry_alias',
+           'check_version', 'deployment_record', 'default_deployer', 'deploy', 'pipeline_deploy', 'serving_accuracy_on']
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #042febad
 def same_test_split(a: dict, b: dict) -> bool:
@@ -37,28 +37,45 @@ def gate_reasons(new_accuracy: float, min_accuracy: float, serving_accuracy: flo
     return reasons
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #bdf452ba
-PRODUCTION_ALIAS = "production"
+CHAMPION_ALIAS, CHALLENGER_ALIAS = "champion", "challenger"   # MLflow's convention: the serving version, the candidate
 
-def mirror_to_registry(meta: dict, tracking_uri: str | None = None) -> dict:
-    "Register the version's model in MLflow (once) and point the `production` alias at it."
+def _registry_client(meta: dict, tracking_uri: str | None = None):
+    "An MLflow client for the version's tracking server (None when the version has no MLflow run) and the run."
     run = (meta.get("lineage") or {}).get("mlflow") or {}
     uri = tracking_uri or run.get("tracking_uri")
-    if not uri or not run.get("run_id"): return {"registered": False, "why": "the version has no MLflow run"}
+    if not uri or not run.get("run_id"): return None, run
+    import mlflow
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri), run
+
+def _brief(e: Exception) -> str: return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+def mirror_to_registry(meta: dict, tracking_uri: str | None = None, alias: str = CHAMPION_ALIAS) -> dict:
+    "Register the version's model in MLflow (once) and point `alias` at it (`champion`: serving; `challenger`: the candidate)."
+    client, run = _registry_client(meta, tracking_uri)
+    if client is None: return {"registered": False, "why": "the version has no MLflow run"}
     import mlflow
     try:
-        client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
         name = meta["model_name"]
         try: client.get_registered_model(name)
-        except mlflow.exceptions.MlflowException: client.create_registered_model(name, description="cvops: published models; alias 'production' = serving")
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(name, description="cvops: published models; alias 'champion' = serving, 'challenger' = the candidate")
         mine = [mv for mv in client.search_model_versions(f"name='{name}'") if mv.tags.get("cvops_version") == meta["version"]]
         if mine: mv = mine[0]
         else:
             source = f"{client.get_run(run['run_id']).info.artifact_uri}/model"
             mv = client.create_model_version(name, source, run_id=run["run_id"], tags={"cvops_version": meta["version"]})
-        client.set_registered_model_alias(name, PRODUCTION_ALIAS, mv.version)
-        return {"registered": True, "name": name, "version": int(mv.version), "alias": PRODUCTION_ALIAS}
+        client.set_registered_model_alias(name, alias, mv.version)
+        return {"registered": True, "name": name, "version": int(mv.version), "alias": alias}
     except Exception as e:
-        return {"registered": False, "why": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+        return {"registered": False, "why": _brief(e)}
+
+def drop_registry_alias(meta: dict, alias: str = CHALLENGER_ALIAS, tracking_uri: str | None = None) -> dict:
+    "Remove `alias` from the version's registered model (a rollout ended); what was done, never an exception."
+    client, _ = _registry_client(meta, tracking_uri)
+    if client is None: return {"dropped": False, "why": "the version has no MLflow run"}
+    try: client.delete_registered_model_alias(meta["model_name"], alias)
+    except Exception as e: return {"dropped": False, "why": _brief(e)}
+    return {"dropped": True, "alias": alias}
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #2b26ae5b
 def check_version(folder, load=None):
