@@ -191,8 +191,8 @@ def cmd_log_prune(args):
     try: out = run_retention(s.var / "retention.lock", 0, eng, images, img, rows, force=True)
     finally: eng.dispose()
     if out is None: raise ConfigError("a retention run is in progress in the service; try again later")
-    print(f"deleted {out['images']} images older than {img:g} days, {out['api_log']} api_log and {out['predictions']} "
-          f"predictions rows older than {rows:g} days (0 keeps all)")
+    print(f"deleted {out['images']} images older than {img:g} days, {out['api_log']} api_log, {out['predictions']} predictions "
+          f"and {out['shadow_predictions']} shadow_predictions rows older than {rows:g} days (0 keeps all)")
 
 def cmd_db_migrate(args):
     "Create or upgrade the prediction-log schema in DB_URL, as the service does when it starts; safe to run again."
@@ -315,7 +315,7 @@ def add_monitor_commands(sub):
                   ("--log-days", dict(type=float, help="default: LOG_RETENTION_DAYS (0 keeps all)"))])
     command(group(sub, "db", "the prediction-log database: create or upgrade its schema"), "migrate", cmd_db_migrate,
             "create or upgrade the prediction-log schema in DB_URL (the service does it too when it starts)",
-            "Apply the schema migrations DB_URL lacks (tables api_log, predictions, feedback, drift_reports); "
+            "Apply the schema migrations DB_URL lacks (tables api_log, predictions, shadow_predictions, feedback, drift_reports); "
             "safe to run again, and safe beside a starting service (they take a lock). The compose stack runs it once, "
             "as the one-shot `migrate` service, before the service replicas, the monitor and the dashboards start.")
 
