@@ -138,7 +138,10 @@ async def predict_answer(request: Request, heatmap: bool) -> Response:
     limits = (ctype, settings.max_upload_bytes, settings.max_image_pixels)
     try:
         upload = check_upload(data, *limits) if len(data) <= INLINE_CHECK_BYTES else await asyncio.to_thread(check_upload, data, *limits)
-        lv, out = await state.batcher.submit(upload, heatmap)
+        canary = shadow = False
+        if state.candidate is not None:   # a rollout: the client's key (X-Client-ID, else its address) decides a canary
+            canary, shadow = state.route(request.state.request_id, request.headers.get("x-client-id") or (request.client.host if request.client else None))
+        lv, out = await state.batcher.submit(upload, heatmap, canary, request.state.request_id if shadow else None)
     except ImageError as e: raise ApiError(e.status, str(e))
     except NoModelError: raise ApiError(503, NO_MODEL)
     probs = class_probabilities(out["probs"], lv.classes)
