@@ -5,6 +5,7 @@
 # %% ../../notebooks/lib/monitoring/09_compare.ipynb #a26c5104
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import numpy as np
@@ -107,14 +108,14 @@ def canary_comparison(rows: pd.DataFrame, serving: str, candidate: str, classes:
 # %% ../../notebooks/lib/monitoring/09_compare.ipynb #02feccdd
 def _version_info(storage, name: str, version: str) -> tuple[list, float]:
     "(classes, calibration temperature) of a published version ([], 1.0 when it can no longer be read)."
-    from cvops.registry.versions import resolve_version, version_metadata
+    from cvops.registry.versions import resolve_version
     from cvops.training.calibration import calibration_temperature, read_calibration
+    from cvops.training.model import read_model_info
     try:
         _, folder = resolve_version(storage, name, version)
-        meta = version_metadata(folder)
         try: t = calibration_temperature(read_calibration(folder))
         except ValueError: t = 1.0
-        return list(meta.get("model", {}).get("classes") or []), t
+        return list(read_model_info(folder)["classes"]), t
     except Exception: return [], 1.0
 
 def rollout_comparison(engine, storage, record: dict) -> dict:
