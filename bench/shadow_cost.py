@@ -1,11 +1,12 @@
 """What a rollout costs the service's throughput (issue 14): the same `cvops serve` (2 workers, durable log, heatmaps off,
-raw PNG bodies, concurrency 8, the load generator of bench/service_throughput.py) without a rollout, with a candidate in
-shadow for 10 % and for 100 % of requests, and in a canary answering 20 % of clients. The reference is the same service
-without a rollout, measured in the same run; cells alternate over `--rounds` rounds and the medians are reported.
+raw PNG bodies, concurrency 8, the load generator of bench/service_throughput.py) without a rollout and with a candidate
+in shadow for 10 % and for 100 % of requests. The reference is the same service without a rollout, measured in the same
+run; cells alternate over `--rounds` rounds and the medians are reported. (No canary cell: the load generator's
+connections share one address and send no X-Client-ID, so a canary would send all of them or none to the candidate.)
 
 The candidate is a second published copy of the serving version (the same model, so the figures are the cost of running a
 candidate of the serving version's size, not of a bigger or smaller one): in shadow each shadowed request costs one more
-decode and model call in the inference thread, after its answer; in a canary the two versions' requests are batched apart.
+decode and model call in the inference thread, after its answer.
 The rollout is started and aborted through central storage (`cvops.registry.rollout`), and every cell waits until every
 worker reports the candidate it should run.
 
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import service_throughput as st  # noqa: E402  (the load generator, the service and the model of the throughput bench)
 
-CELLS = (("none", None, 0.0), ("shadow 10%", "shadow", 0.1), ("shadow 100%", "shadow", 1.0), ("canary 20%", "canary", 0.2))
+CELLS = (("none", None, 0.0), ("shadow 10%", "shadow", 0.1), ("shadow 100%", "shadow", 1.0))
 
 
 def workers_candidate(var: Path, want, timeout: float = 60) -> dict:
