@@ -61,6 +61,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'cvops.data.dataset.MissingDatasetError': ( 'data/dataset.html#missingdataseterror',
                                                                                 'cvops/data/dataset.py'),
                                     'cvops.data.dataset._class_colour': ('data/dataset.html#_class_colour', 'cvops/data/dataset.py'),
+                                    'cvops.data.dataset._configure_dvc': ('data/dataset.html#_configure_dvc', 'cvops/data/dataset.py'),
                                     'cvops.data.dataset._draw_pattern': ('data/dataset.html#_draw_pattern', 'cvops/data/dataset.py'),
                                     'cvops.data.dataset._env': ('data/dataset.html#_env', 'cvops/data/dataset.py'),
                                     'cvops.data.dataset._init_repo': ('data/dataset.html#_init_repo', 'cvops/data/dataset.py'),

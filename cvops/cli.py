@@ -99,8 +99,9 @@ def cmd_dataset_add_feedback(args):
                                progress=sys.stderr.isatty(), annotation_file=annotation_file)
     for line in summary_lines(out): print(line)
     if out["tag"]:
-        print(f"next: set `dataset.tag: {out['tag']}` (and `dataset.path` if it is not {path}) in {args.config} and run "
-              f"`cvops build --config {args.config}`: the pipeline trains, evaluates and gates a candidate on the new version")
+        where = f"`dataset.path: {path}` and " if args.dataset else ""
+        print(f"next: set {where}`dataset.tag: {out['tag']}` in {args.config}, then `cvops build --config {args.config}` "
+              "trains, evaluates and gates a candidate on the new version")
 
 # %% ../notebooks/lib/90_cli.ipynb #005511bd
 def cmd_serve(args):

@@ -210,6 +210,17 @@ def split_counts(path) -> dict:
     return {s: int((df.split == s).sum()) for s in SPLITS}
 
 # %% ../../notebooks/lib/data/01_dataset.ipynb #cf5df1ea
+def _configure_dvc(dest: Path, remote: Path):
+    """Analytics off, the workspace linked to the cache, `remote` the default remote: what `dvc config` and `dvc remote add -d`
+    write, through DVC's own config writer in this process (each `dvc` command costs seconds of start-up)."""
+    from dvc.config import Config
+    with Config(dvc_dir=str(dest / ".dvc")).edit("repo") as conf:
+        conf["core"]["analytics"] = "false"
+        # link the workspace to the cache instead of copying each image into it (DVC then keeps the files read-only)
+        conf["cache"]["type"] = "reflink,hardlink,copy"
+        conf["core"]["remote"] = "local"
+        conf["remote"]["local"] = {"url": str(remote)}
+
 def _init_repo(dest: Path, remote: Path):
     "A fresh git repo with a local identity and DVC set up to push to `remote`."
     dest.mkdir(parents=True, exist_ok=True); remote.mkdir(parents=True, exist_ok=True)
@@ -217,10 +228,7 @@ def _init_repo(dest: Path, remote: Path):
     git(dest, "config", "user.name", "cvops"); git(dest, "config", "user.email", "cvops@localhost")
     git(dest, "config", "commit.gpgsign", "false"); git(dest, "config", "tag.gpgsign", "false")
     dvc(dest, "init", "-q")
-    dvc(dest, "config", "core.analytics", "false")
-    # link the workspace to the cache instead of copying each image into it (DVC then keeps the files read-only)
-    dvc(dest, "config", "cache.type", "reflink,hardlink,copy")
-    dvc(dest, "remote", "add", "-d", "local", str(remote))
+    _configure_dvc(dest, remote)
     git(dest, "add", ".dvc", ".dvcignore")
     git(dest, "commit", "-q", "-m", "Initialise DVC")
 
