@@ -12,12 +12,12 @@ import sys
 from .config import ConfigError, find_project_root, resolve_path
 
 # %% auto #0
-__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_serve', 'cmd_stop',
-           'cmd_deploy', 'cmd_models', 'cmd_monitor', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune',
-           'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands', 'settings_list',
-           'add_service_commands', 'add_monitor_commands', 'make_parser', 'cmd_rollout_start', 'cmd_rollout_status',
-           'cmd_rollout_promote', 'cmd_rollout_abort', 'add_rollout_commands', 'failure_summary', 'is_build_error',
-           'main']
+__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_dataset_add_feedback',
+           'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models', 'cmd_monitor', 'serve_monitor_metrics',
+           'cmd_log_replay', 'cmd_log_prune', 'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands',
+           'add_export_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands', 'make_parser',
+           'cmd_rollout_start', 'cmd_rollout_status', 'cmd_rollout_promote', 'cmd_rollout_abort',
+           'add_rollout_commands', 'failure_summary', 'is_build_error', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -65,6 +65,45 @@ def cmd_export_airflow(args):
     files = export_airflow(find_project_root(), args.out, args.config, args.prefix, args.retries, args.monitor_interval, queues)
     for f in files: print(f"wrote {f}")
     print(f"Airflow reads them from its dags_folder: AIRFLOW__CORE__DAGS_FOLDER={files[0].parent} (see docs/airflow.md)")
+
+# %% ../notebooks/lib/90_cli.ipynb #142469a3
+def _feedback_dataset(args, root) -> tuple:
+    "The dataset repository and its annotation file: --dataset (with annotation_df.csv), else the config's dataset section."
+    if args.dataset: return resolve_path(args.dataset, root), "annotation_df.csv"
+    from cvops.config import load_config
+    ds = load_config(resolve_path(args.config, root)).dataset
+    return resolve_path(ds.path, root), ds.annotation_file
+
+def _labelled_predictions(settings, since, model_name):
+    "The prediction log's predictions with feedback (`ConfigError` when the database cannot be read)."
+    from cvops.predlog.queries import feedback_examples, open_for_reading
+    from cvops.settings import InsecureSettings, refuse_insecure
+    try: refuse_insecure(settings, "cvops dataset add-feedback", ("database",))
+    except InsecureSettings as e: raise ConfigError(str(e)) from None
+    engine, why = open_for_reading(settings.database_url)
+    if engine is None: raise ConfigError(f"the prediction log (DB_URL): {why}")
+    try: return feedback_examples(engine, since, model_name)
+    finally: engine.dispose()
+
+def cmd_dataset_add_feedback(args):
+    "Add the prediction log's feedback-labelled images to the dataset repository as a new DVC version."
+    from cvops.data.feedback import add_feedback_version, summary_lines
+    from cvops.predlog.images import open_image_store
+    from cvops.predlog.queries import as_utc
+    from cvops.settings import load_settings
+    root = find_project_root()
+    try: since = as_utc(args.since) if args.since else None
+    except ValueError: raise ConfigError(f"--since {args.since!r}: expected an ISO 8601 time, e.g. 2024-05-01 or 2024-05-01T12:00+02:00") from None
+    path, annotation_file = _feedback_dataset(args, root)
+    settings = load_settings(root=root)
+    examples = _labelled_predictions(settings, since, args.model_name)
+    out = add_feedback_version(path, examples, open_image_store(settings), args.tag, args.split,
+                               progress=sys.stderr.isatty(), annotation_file=annotation_file)
+    for line in summary_lines(out): print(line)
+    if out["tag"]:
+        where = f"`dataset.path: {path}` and " if args.dataset else ""
+        print(f"next: set {where}`dataset.tag: {out['tag']}` in {args.config}, then `cvops build --config {args.config}` "
+              "trains, evaluates and gates a candidate on the new version")
 
 # %% ../notebooks/lib/90_cli.ipynb #005511bd
 def cmd_serve(args):
@@ -229,7 +268,8 @@ CONFIG_ARG = ("--config", dict(default="configs/config.yaml", help="(default: %(
 
 def add_pipeline_commands(sub):
     "dataset build, config check, build."
-    command(group(sub, "dataset", "build the default dataset"), "build", cmd_dataset_build,
+    datasets = group(sub, "dataset", "build the default dataset; add feedback-labelled images as a new version")
+    command(datasets, "build", cmd_dataset_build,
             "write the default Fashion-MNIST dataset as a git + DVC repo with tags v1.0.0 and v2.0.0",
             "Write Fashion-MNIST (Debian package dataset-fashion-mnist; scikit-learn's digits if it is missing, "
             "an error under CI=true) as its own git repository, images tracked by DVC with a local remote: v1.0.0 = one "
@@ -242,6 +282,23 @@ def add_pipeline_commands(sub):
              ("--n-test", dict(type=int, default=2000, help="test images (default: %(default)s)")),
              ("--all", dict(action="store_true", help="all 70,000 images (55,000 / 5,000 / 10,000)")),
              ("--seed", dict(type=int, default=0))])
+    command(datasets, "add-feedback", cmd_dataset_add_feedback,
+            "add the images people labelled through POST /feedback to the dataset repository as a new DVC version",
+            "Take the logged predictions that have feedback labels (DB_URL) and their images (the image store of "
+            "CVOPS_CENTRAL_STORAGE), check out the dataset repository's newest version tag (vMAJOR.MINOR.PATCH; the working "
+            "tree must be clean) and add each image not already in it as images/feedback/<request id>.<ext>, a row of "
+            "annotation_df.csv (its labels as 0/1 class columns) and a row of feedback_provenance.csv (request id, model and "
+            "version, predicted class, prediction and feedback times, feedback source, image hash, version added in); then "
+            "dvc add, commit, dvc push and tag (default: the next minor version, v2.0.0 -> v2.1.0). Images no longer in the "
+            "store and labels that are not classes of the dataset are skipped and listed; with nothing new no version is "
+            "made. Any failure leaves the repository as it was. Then train on it: dataset.tag in the config, `cvops build`.",
+            [("--dataset", dict(metavar="PATH", help="the dataset repository (default: dataset.path of --config; with --dataset "
+                                "the annotation file is annotation_df.csv)")), CONFIG_ARG,
+             ("--tag", dict(help="the new version's tag, vMAJOR.MINOR.PATCH newer than the newest (default: the next minor version)")),
+             ("--split", dict(default="train", choices=["train", "valid", "test"], help="the split the images join (default: %(default)s)")),
+             ("--since", dict(metavar="TIME", help="only feedback given at or after TIME, ISO 8601 (e.g. 2024-05-01, 2024-05-01T12:00+02:00; "
+                              "UTC unless it names an offset)")),
+             ("--model-name", dict(metavar="NAME", help="only predictions of this model (default: every model's)"))])
     command(group(sub, "config", "check a config file"), "check", cmd_config_check,
             "validate a config file and its dataset path/tag", args=[CONFIG_ARG])
     command(sub, "build", cmd_build, "validate the config and build the pipeline (prepare -> validate -> train -> evaluate -> publish)",
