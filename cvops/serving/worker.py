@@ -358,8 +358,10 @@ class HotSwap:
         from cvops.serving.inference import load_for_serving
         want = record["version"]
         try:
-            _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
-            lv = await asyncio.to_thread(check_version, folder, load_for_serving)
+            if self.candidate is not None and self.candidate.version == want: lv = self.candidate   # promoted: loaded and warmed already
+            else:
+                _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
+                lv = await asyncio.to_thread(check_version, folder, load_for_serving)
         except Exception as e:
             delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
             self._failed = {want: (failures + 1, time.monotonic() + delay)}
