@@ -227,12 +227,16 @@ def test_a_shadow_rollout_logs_both_versions_on_the_same_requests_and_every_answ
     assert set(rows) == set(ids) and {r.model_version for r in rows.values()} == {v["b"]}, (len(rows), len(ids))
     assert all(r.error is None and abs(sum(json.loads(r.probabilities).values() if isinstance(r.probabilities, str) else r.probabilities.values()) - 1) < 1e-3
                for r in rows.values())
+    st = requests.get(g["svc"].url("/rollout"), timeout=60).json()
+    assert st["candidate"]["version"] == v["b"] and set(st["workers_candidate"].values()) == {v["b"]}, st
     for _ in range(60):   # the serving version's rows too: the comparison joins them
-        st = requests.get(g["svc"].url("/rollout"), timeout=60).json()
-        cmp = st["comparison"]
+        j = subprocess.run([str(BIN / "cvops"), "rollout", "status", "--json"], cwd=g["root"], env=g["svc"].env,
+                           capture_output=True, text=True, timeout=120)
+        assert j.returncode == 0, j.stdout + j.stderr
+        cmp = json.loads(j.stdout)["comparison"]
         if cmp["n_pairs"] >= len(ids): break
         time.sleep(0.5)
-    assert st["candidate"]["version"] == v["b"] and cmp["mode"] == "shadow" and cmp["n_pairs"] >= len(ids), st
+    assert cmp["mode"] == "shadow" and cmp["n_pairs"] >= len(ids), cmp
     agree = sum(rows[i].top_class == ids[i]["top_class"] for i in ids) / len(ids)
     p = subprocess.run([str(BIN / "cvops"), "rollout", "status"], cwd=g["root"], env=g["svc"].env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and f"candidate {v['b']} (shadow, 1)" in p.stdout, p.stdout + p.stderr

@@ -430,16 +430,15 @@ async def _workers_with(var, key: str, want, timeout: float = 10.0) -> dict:
         await asyncio.sleep(0.1)
     return out
 
-@rollout_router.get("/rollout", summary="The running rollout (candidate, mode, fraction), the workers' versions, and the candidate against the serving version")
+@rollout_router.get("/rollout", summary="The running rollout (candidate, mode, fraction), what each worker runs, the last rollout events "
+                    "(the comparison with the serving version: `cvops rollout status` and the rollout dashboard)")
 async def rollout_status(state: WorkerDep, settings: SettingsDep):
-    from cvops.monitoring.compare import rollout_comparison
     from cvops.registry.rollout import current_candidate, rollout_history
     from cvops.registry.versions import DeployError
     try: record = await asyncio.to_thread(current_candidate, settings.storage)
     except DeployError as e: raise ApiError(e.status, str(e))
-    cmp = await asyncio.to_thread(rollout_comparison, state.engine, settings.storage, record) if record else None
     workers = await _workers_with(settings.var, "candidate", None, timeout=0)
-    return {"candidate": record, "comparison": cmp, "workers_candidate": workers, "candidate_error": state.candidate_error,
+    return {"candidate": record, "workers_candidate": workers, "candidate_error": state.candidate_error,
             "history": await asyncio.to_thread(rollout_history, settings.storage, 10)}
 
 @rollout_router.put("/rollout", summary="Start a rollout: a published version becomes the candidate (shadow or canary) once it passes the gate", **_ADMIN)
