@@ -334,7 +334,7 @@ def top_drift_inputs(src: Sources, serving: Serving, current: pd.DataFrame, refe
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #66077a29
 NO_ROLLOUT = ("No rollout is running: `cvops rollout start <model_name> --version V --mode shadow --fraction 0.1` "
               "runs a candidate beside the serving version (`--mode canary`: it answers a share of clients).")
-EVENT_COLUMNS = ["at", "event", "model_name", "version", "mode", "fraction", "by", "reason", "serving_version", "previous_version"]
+EVENT_COLUMNS = ["at", "event", "version", "mode", "fraction", "by", "reason", "serving_version", "previous_version"]   # a version names its model
 EXAMPLE_COLUMNS = ["serving", "candidate", "count", "request_id", "created_on", "image_path"]
 
 def rollout_events(storage, limit: int | None = 20) -> pd.DataFrame:
