@@ -81,7 +81,7 @@ run: dataset ## set up, build + deploy the pipeline on the default config, start
 	@$(BIN)/cvops build
 	@$(MAKE) --no-print-directory serve
 	@echo "  experiments and the model registry (MLflow): make mlflow, then http://127.0.0.1:$(MLFLOW_PORT)/"
-	@echo "  dashboards (drift monitor, service activity): make dashboard, then http://127.0.0.1:$(DASHBOARD_PORT)/"
+	@echo "  dashboards (drift monitor, service activity, rollout): make dashboard, then http://127.0.0.1:$(DASHBOARD_PORT)/"
 
 serve: venv ## start the prediction service in the background (gunicorn, 2 workers); log in var/service.log
 	@mkdir -p $(VAR)
@@ -98,9 +98,10 @@ stop: venv ## stop the prediction service (requests finish, the prediction log i
 monitor: venv ## one drift check of the serving version: a line per test; record under products/monitor/<run id>/
 	$(BIN)/cvops monitor
 
-dashboard: venv ## the Voila dashboards (drift monitor, service activity) on 127.0.0.1:8866 (DASHBOARD_PORT); Ctrl-C stops them
+dashboard: venv ## the Voila dashboards (drift monitor, service activity, rollout) on 127.0.0.1:8866 (DASHBOARD_PORT); Ctrl-C stops them
 	@echo "  drift monitor:    http://127.0.0.1:$(DASHBOARD_PORT)/voila/render/drift_monitor.ipynb"
 	@echo "  service activity: http://127.0.0.1:$(DASHBOARD_PORT)/voila/render/service_activity.ipynb"
+	@echo "  rollout:          http://127.0.0.1:$(DASHBOARD_PORT)/voila/render/rollout.ipynb"
 	@echo "  they read the service's database and central storage (CVOPS_ROOT, DB_URL, CVOPS_CENTRAL_STORAGE, .env)"
 	@CVOPS_ROOT=$${CVOPS_ROOT:-$(CURDIR)} TF_CPP_MIN_LOG_LEVEL=3 $(BIN)/voila notebooks/dashboards --no-browser \
 	  --port=$(DASHBOARD_PORT) --Voila.ip=127.0.0.1

@@ -1,8 +1,8 @@
 """The dashboards' database reads are bounded in SQL by what the pages show (docs/monitoring.md): over a prediction log
 holding many more rows outside the pages' periods and monitoring window than inside, every statement that
 `drift_monitor_data` and `service_activity_data` execute returns only rows the page shows (each statement is captured
-as SQLAlchemy sends it and run again to count what it returns), and the dashboard notebooks read the database through
-these two functions only."""
+as SQLAlchemy sends it and run again to count what it returns); `rollout_data` reads the running rollout's rows, not an
+earlier rollout's; and the dashboard notebooks read the database through these functions only."""
 import json
 import re
 from datetime import datetime, timedelta, timezone
@@ -12,11 +12,11 @@ import pytest
 import sqlalchemy as sa
 
 from cvops.monitoring import dashboard_data as db
-from cvops.predlog.schema import api_log, drift_reports, make_engine, migrate, predictions
+from cvops.predlog.schema import api_log, drift_reports, make_engine, migrate, predictions, shadow_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(timezone.utc)
-LOG_TABLES = re.compile(r"\bFROM (predictions|api_log|drift_reports|feedback)\b", re.I)
+LOG_TABLES = re.compile(r"\bFROM (predictions|api_log|drift_reports|feedback|shadow_predictions)\b", re.I)
 
 
 def dashboard_code(name: str) -> str:
@@ -112,8 +112,30 @@ def test_without_a_run_the_window_is_the_configs_row_limit_in_sql(log):
     assert window == [1000], stmts                                 # 5,000 rows in the 7 days, 1,000 read
 
 
+def test_the_rollout_page_reads_the_running_rollout_only(log):
+    "A candidate m@2 in shadow since an hour: 40 shadowed requests since, 2,000 of an earlier rollout of it 60 days ago."
+    started = NOW - timedelta(hours=1)
+    def shadow(i: int, age: timedelta) -> dict:
+        return dict(request_id=f"m@1{i:07d}", created_on=NOW - age, role="shadow", model_name="m", model_version="m@2",
+                    top_class="ab"[(i // 5) % 2], probabilities={}, latency_ms=1.0, error=None)
+    with log.engine.begin() as c:
+        c.execute(shadow_predictions.insert(), [shadow(i, timedelta(minutes=50 - i)) for i in range(40)]
+                  + [shadow(40 + i, timedelta(days=60, seconds=i)) for i in range(2000)])
+    (log.storage / "deployments").mkdir(parents=True)
+    (log.storage / "deployments" / "candidate.json").write_text(json.dumps(
+        {"model_name": "m", "version": "m@2", "mode": "shadow", "fraction": 0.5, "started_at": started.isoformat(), "serving_version": "m@1"}))
+    out = {}
+    stmts = counted_statements(log.engine, lambda: out.update(r=db.rollout_data(log, pairs=2, per_pair=3)))
+    cmp = out["r"].comparison
+    assert cmp["n_pairs"] == 40 and cmp["agreement"] == 0.6, cmp     # the served class alternates every request, the candidate's every 5: 3 of 5 agree
+    assert len(out["r"].examples) == 6 and out["r"].examples.image_path.isna().all()
+    over = [(s, n) for s, n in stmts if n > 40]
+    assert len(stmts) >= 3 and not over, (stmts, over)               # the pairs, the 5xx counts, the examples: not the earlier rollout
+
+
 def test_the_dashboards_read_the_database_through_these_functions_only():
-    for name, reader in (("drift_monitor", "db.drift_monitor_data("), ("service_activity", "db.service_activity_data(")):
+    for name, reader in (("drift_monitor", "db.drift_monitor_data("), ("service_activity", "db.service_activity_data("),
+                         ("rollout", "db.rollout_data(")):
         code = dashboard_code(name)
         assert reader in code, name
         assert "src.engine" not in code and "predlog" not in code and "sqlalchemy" not in code, name

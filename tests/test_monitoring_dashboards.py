@@ -2,9 +2,11 @@
 and deployed version with detectors and reference data, a prediction log (predictions with
 the version's own features, their images in the image store, api_log rows with refusals and
 errors), deployments, and the drift reports of three runs of the real monitor over that log
-(insufficient data, no drift, drift with live accuracy). Voila is started on a free port of
-127.0.0.1 and stopped by the test; both dashboards are fetched over HTTP and rendered in
-headless Chromium."""
+(insufficient data, no drift, drift with live accuracy); for the rollout page, a copy of that
+project with a third version (trained differently) in shadow: its outputs for the serving
+version's logged requests, computed by the candidate itself from the stored images. Voila is
+started on a free port of 127.0.0.1 and stopped by the test; the dashboards are fetched over
+HTTP and rendered in headless Chromium."""
 import base64
 import io
 import json
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import sqlalchemy as sa
 
 from cvops.testing import encode, free_port, headless_chromium, publish_version, tiny_version, train_small_model
 
@@ -29,7 +32,7 @@ pytestmark = pytest.mark.service
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-DASHBOARDS = ("drift_monitor", "service_activity")
+DASHBOARDS = ("drift_monitor", "service_activity", "rollout")
 ERROR_MARKERS = ("Traceback", "Error", "There was an error when executing cell")
 
 
@@ -98,6 +101,13 @@ def fill_project(root: Path, base: Path) -> dict:
     engine.dispose()
     assert [runs[0].run_alert["verdict"], runs[-1].run_alert["verdict"]] == ["insufficient data", "drift"], [r.table() for r in runs]
     return {"root": root, "storage": storage, "v1": v1, "v2": v2, "classes": classes, "noisy": {r["request_id"] for r in pred_rows[-30:]}}
+
+
+@pytest.fixture(scope="module")
+def monitored_project(tmp_path_factory) -> dict:
+    "`fill_project`, built once for the tests of this module (a test that changes it works on a copy)."
+    base = tmp_path_factory.mktemp("monitored")
+    return fill_project(base / "project", base)
 
 
 class Voila:
@@ -195,10 +205,10 @@ def rendered_images(browser, url: str, shot: Path, min_images: int, timeout=120)
     return browser.execute_script(js)
 
 
-def test_dashboards_render_the_monitoring_data(tmp_path, voila_factory, browser):
+def test_dashboards_render_the_monitoring_data(tmp_path, monitored_project, voila_factory, browser):
     "Both dashboards over HTTP (outputs, figures, no error) and in headless Chromium (the figures load, no error shown)."
     from selenium.webdriver.common.by import By
-    project = fill_project(tmp_path / "project", tmp_path)
+    project = monitored_project
     voila = voila_factory(project["root"])
 
     t0 = time.time()
@@ -248,7 +258,8 @@ def test_dashboards_say_so_when_there_is_no_data(tmp_path, voila_factory):
     (root / "pipeline.yaml").write_text("tasks: []\n")
     voila = voila_factory(root)
     for name, expected in (("drift_monitor", ("Nothing is deployed yet", "No predictions yet", "No drift reports yet", "No live accuracy yet")),
-                           ("service_activity", ("Nothing is deployed yet", "No requests yet", "Nothing deployed yet"))):
+                           ("service_activity", ("Nothing is deployed yet", "No requests yet", "Nothing deployed yet")),
+                           ("rollout", ("No rollout is running", "No rollout yet"))):
         r = requests.get(voila.url(f"/voila/render/{name}.ipynb"), timeout=180)
         assert r.status_code == 200, r.text[-2000:]
         outs = check_rendered_html(r.text, name)
@@ -257,3 +268,92 @@ def test_dashboards_say_so_when_there_is_no_data(tmp_path, voila_factory):
         for e in expected: assert e in text, (name, e, text)
         assert "no prediction-log database yet" in text
     assert not (root / "var").exists()
+
+
+def shadow_rollout(project: dict, root: Path, base: Path) -> dict:
+    """A copy of `project` at `root` with a third version of the model (another seed, fewer images: it disagrees with the
+    serving one) in shadow since now: its outputs for the serving version's latest 120 logged requests, computed by the
+    candidate from their stored images and logged in `shadow_predictions` as the service logs them, one of them failed."""
+    from PIL import Image
+    from cvops.predlog.images import ImageStore
+    from cvops.predlog.schema import make_engine, predictions, shadow_predictions
+    from cvops.registry.rollout import start_rollout
+    from cvops.serving.inference import load_version
+    shutil.copytree(project["root"], root, symlinks=True)   # the published-model links are relative
+    storage = root / "central_storage"
+    trained = train_small_model(base, seed=1, n_train=300, epochs=1)
+    v3 = publish_version(storage, trained.folder, trained.name, trained.accuracy, classes=trained.classes)
+    record = start_rollout(storage, trained.name, v3, mode="shadow", fraction=0.5, by="tests", reason="a candidate from fewer images")
+    engine = make_engine(f"sqlite:///{root / 'var' / 'cvops.db'}")
+    with engine.connect() as c:
+        rows = c.execute(sa.select(predictions.c.request_id, predictions.c.top_class, predictions.c.image_path)
+                         .where(predictions.c.model_version == project["v2"]).order_by(predictions.c.created_on.desc()).limit(120)).all()
+    store = ImageStore(storage / "predictions" / "images")
+    images = np.stack([np.asarray(Image.open(io.BytesIO(store.read(r.image_path)))) for r in rows])
+    out = load_version(storage / "models" / ".versions" / v3)(images[..., None], heatmap=False)
+    cand = [trained.classes[int(p.argmax())] for p in out["probs"]]
+    now = datetime.now(timezone.utc)
+    shadow = [dict(request_id=r.request_id, created_on=now, role="shadow", model_name=trained.name, model_version=v3, top_class=t,
+                   probabilities={c: float(x) for c, x in zip(trained.classes, p)}, latency_ms=2.0, error=None)
+              for r, t, p in zip(rows[1:], cand[1:], out["probs"][1:])]
+    shadow.append(dict(request_id=rows[0].request_id, created_on=now, role="shadow", model_name=trained.name, model_version=v3,
+                       top_class=None, probabilities=None, latency_ms=None, error="ValueError: a failed shadow run"))
+    with engine.begin() as c: c.execute(shadow_predictions.insert(), shadow)
+    engine.dispose()
+    pairs = [(r.top_class, t) for r, t in zip(rows[1:], cand[1:])]
+    return {"root": root, "storage": storage, "v3": v3, "record": record, "pairs": pairs}
+
+
+def test_rollout_dashboard_compares_the_candidate_with_the_serving_version(tmp_path, monitored_project, voila_factory, browser):
+    """The rollout page over HTTP (no error, no stderr) and in headless Chromium (the figures load): the candidate and the
+    serving version named, the agreement rate on the same requests, the most frequent disagreement pair with its example
+    requests and their overlays under both versions; after the rollout is aborted: the no-rollout message and its events."""
+    from collections import Counter
+    from selenium.webdriver.common.by import By
+    from cvops.registry.rollout import abort_rollout
+    t0 = time.time()
+    ro = shadow_rollout(monitored_project, tmp_path / "rollout", tmp_path)
+    t_setup = time.time() - t0
+    differ = Counter((s, c) for s, c in ro["pairs"] if s != c)
+    assert differ, "the candidate agrees with the serving version everywhere: no disagreement to draw"
+    agreement = 1 - sum(differ.values()) / len(ro["pairs"])
+    top_n = differ.most_common(1)[0][1]
+    voila = voila_factory(ro["root"])
+
+    n_images = 1 + min(4, len(differ))                             # the disagreement bars, one figure of examples per pair
+    t0 = time.time()
+    r = requests.get(voila.url("/voila/render/rollout.ipynb"), timeout=180)
+    t_http = time.time() - t0
+    assert r.status_code == 200, r.text[-2000:]
+    outs = check_rendered_html(r.text, "rollout")                  # no error, no stderr (library noise)
+    figures = pngs(outs)
+    assert len(figures) == n_images and all(im.size[0] >= 600 for im in figures), [im.size for im in figures]
+    text = text_of(outs)
+    for s in (ro["v3"], monitored_project["v2"], "**shadow**", f"Agreement rate: **{agreement:.1%}**",
+              "the candidate failed on 1", "estimated accuracy (CBPE)", "<td>start</td>"):
+        assert s in text, (s, text[:3000])
+    top = [f"**{s}** (serving) -> **{c}** (candidate): {n} requests" for (s, c), n in differ.items() if n == top_n]
+    assert any(t in text for t in top), (top, text[:3000])        # the most frequent pair(s), with example request ids
+    assert len(set(re.findall(r"`([0-9a-f]{32})`", text))) >= 2 * min(4, len(differ)), text
+
+    shot = tmp_path / "rollout.png"
+    t0 = time.time()
+    sizes = rendered_images(browser, voila.url("/voila/render/rollout.ipynb"), shot, n_images)
+    if os.environ.get("CVOPS_KEEP_SCREENSHOTS"): shutil.copy(shot, Path(os.environ["CVOPS_KEEP_SCREENSHOTS"]) / shot.name)
+    assert len(sizes) == n_images and all(w > 0 and h > 0 for w, h in sizes), sizes
+    body = browser.find_element(By.TAG_NAME, "body").text
+    for marker in ERROR_MARKERS: assert marker not in body, f"rollout: '{marker}' on the page (screenshot {shot})"
+    assert f"Agreement rate: {agreement:.1%}" in body and any(t.replace("**", "") in body for t in top), body[:3000]
+
+    t_browser = time.time() - t0
+
+    abort_rollout(ro["storage"], by="tests", reason="seen enough")
+    t0 = time.time()
+    r = requests.get(voila.url("/voila/render/rollout.ipynb"), timeout=180)
+    assert r.status_code == 200, r.text[-2000:]
+    outs = check_rendered_html(r.text, "rollout, none running")
+    text = text_of(outs)
+    assert "No rollout is running" in text and not pngs(outs), text[:2000]
+    assert re.findall(r"<td>(abort|start)</td>", text)[:2] == ["abort", "start"] and ro["v3"] in text, text[-3000:]
+    print(f"rollout: a candidate in shadow {t_setup:.1f} s; the page over HTTP {t_http:.1f} s, in Chromium {t_browser:.1f} s, "
+          f"with no rollout {time.time() - t0:.1f} s")

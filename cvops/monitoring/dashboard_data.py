@@ -15,15 +15,18 @@ import pandas as pd
 import sqlalchemy as sa
 
 from ..predlog.images import ImageStore, open_image_store
-from ..predlog.queries import api_requests, drift_history, open_for_reading, prediction_counts, prediction_rows
+from ..predlog.queries import (api_requests, drift_history, open_for_reading, prediction_counts, prediction_rows,
+                                 predictions_by_id)
 
 # %% auto #0
-__all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'ESTIMATE_COLUMNS', 'Sources', 'open_sources', 'Serving', 'serving_version',
-           'reference_frame', 'serving_summary', 'time_bin', 'status_class', 'request_volume', 'status_counts',
-           'latency_percentiles', 'latency_summary', 'recent_errors', 'deployments', 'with_features',
-           'monitor_settings', 'monitoring_window', 'DriftMonitorData', 'drift_monitor_data', 'service_activity_data',
-           'class_distribution', 'latest_verdicts', 'run_verdict', 'live_accuracy_history', 'drift_contributors',
-           'gradcam_overlays', 'top_drift_inputs']
+__all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'ESTIMATE_COLUMNS', 'NO_ROLLOUT', 'EVENT_COLUMNS', 'EXAMPLE_COLUMNS', 'FIGURE_ROWS',
+           'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame', 'serving_summary', 'time_bin',
+           'status_class', 'request_volume', 'status_counts', 'latency_percentiles', 'latency_summary', 'recent_errors',
+           'deployments', 'with_features', 'monitor_settings', 'monitoring_window', 'DriftMonitorData',
+           'drift_monitor_data', 'service_activity_data', 'class_distribution', 'latest_verdicts', 'run_verdict',
+           'live_accuracy_history', 'drift_contributors', 'gradcam_overlays', 'top_drift_inputs', 'rollout_events',
+           'disagreement_examples', 'RolloutData', 'rollout_data', 'rollout_summary', 'agreement_summary',
+           'comparison_table', 'load_rollout_versions', 'rollout_overlays', 'overlays_by_pair']
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #c64d5cb5
 @dataclass
@@ -327,3 +330,129 @@ def top_drift_inputs(src: Sources, serving: Serving, current: pd.DataFrame, refe
     if rows.empty or serving is None or serving.folder is None: return rows, []
     from cvops.serving.inference import load_version
     return rows, gradcam_overlays(rows, src.images, load_version(serving.folder, serving.metadata))
+
+# %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #66077a29
+NO_ROLLOUT = ("No rollout is running: `cvops rollout start <model_name> --version V --mode shadow --fraction 0.1` "
+              "runs a candidate beside the serving version (`--mode canary`: it answers a share of clients).")
+EVENT_COLUMNS = ["at", "event", "version", "mode", "fraction", "by", "reason", "serving_version", "previous_version"]   # a version names its model
+EXAMPLE_COLUMNS = ["serving", "candidate", "count", "request_id", "created_on", "image_path"]
+
+def rollout_events(storage, limit: int | None = 20) -> pd.DataFrame:
+    "The latest rollout events (start, change, promote, abort: `deployments/rollouts.jsonl`) as a table, newest first."
+    from cvops.registry.rollout import rollout_history
+    rows = rollout_history(storage, limit)
+    if not rows: return pd.DataFrame(columns=EVENT_COLUMNS)
+    df = pd.DataFrame([{**{k: r.get(k) for k in EVENT_COLUMNS}, "by": r.get("by") or r.get("started_by")} for r in rows], columns=EVENT_COLUMNS)
+    df["at"] = pd.to_datetime(df["at"], utc=True, format="mixed")
+    return df
+
+def disagreement_examples(engine, disagreements: list[dict], pairs: int = 4, per_pair: int = 3) -> pd.DataFrame:
+    "Up to `per_pair` example requests of each of the `pairs` most frequent disagreements, with their time and stored image."
+    want = [(d, rid) for d in disagreements[:pairs] for rid in d["examples"][:per_pair]]
+    if not want: return pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    logged = predictions_by_id(engine, [rid for _, rid in want]).set_index("request_id")
+    return pd.DataFrame([{"serving": d["serving"], "candidate": d["candidate"], "count": d["count"], "request_id": rid,
+                          "created_on": logged.created_on.get(rid), "image_path": logged.image_path.get(rid)} for d, rid in want],
+                        columns=EXAMPLE_COLUMNS)
+
+@dataclass
+class RolloutData:
+    "What the rollout dashboard reads (`rollout_data`)."
+    record: dict | None            # the running rollout's candidate record (None: no rollout is running)
+    comparison: dict | None        # `rollout_comparison` since it started (None: no rollout, or no database to read)
+    examples: pd.DataFrame         # the disagreement examples shown with their overlays (EXAMPLE_COLUMNS)
+    history: pd.DataFrame          # the latest rollout events, newest first
+    problem: str | None = None     # why the rollout cannot be shown, in one line
+
+def rollout_data(src: Sources, history: int = 20, pairs: int = 4, per_pair: int = 3) -> RolloutData:
+    """Every read of the rollout dashboard: the candidate pointer, the rollout history, and from the database the comparison since
+    the rollout started and the `pairs` x `per_pair` example rows."""
+    from cvops.monitoring.compare import rollout_comparison
+    from cvops.registry.rollout import current_candidate
+    from cvops.registry.versions import PointerError
+    none = pd.DataFrame(columns=EXAMPLE_COLUMNS)
+    events = rollout_events(src.storage, history)
+    try: record = current_candidate(src.storage)
+    except PointerError as e: return RolloutData(None, None, none, events, str(e))
+    if record is None or src.engine is None: return RolloutData(record, None, none, events)
+    if not sa.inspect(src.engine).has_table("shadow_predictions"):
+        return RolloutData(record, None, none, events, "the prediction log has no `shadow_predictions` table yet: "
+                                                       "the service adds it (its migrations) when it starts")
+    cmp = rollout_comparison(src.engine, src.storage, record)
+    return RolloutData(record, cmp, disagreement_examples(src.engine, cmp.get("disagreements") or [], pairs, per_pair), events)
+
+# %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #6c679544
+def _when_utc(t) -> str: return "?" if t is None else f"{pd.Timestamp(t).tz_convert('UTC'):%Y-%m-%d %H:%M} UTC"
+
+def rollout_summary(data: RolloutData) -> str:
+    "One paragraph (markdown) on the running rollout: candidate, mode, share, since when, by whom, and the serving version."
+    r = data.record
+    if r is None: return f"**The candidate pointer cannot be read**: {data.problem}" if data.problem else f"**{NO_ROLLOUT}**"
+    who = f" by {r['started_by']}" if r.get("started_by") else ""
+    why = f": {r['reason']}" if r.get("reason") else ""
+    share = f"{r['fraction']:.0%} of requests run through it too" if r["mode"] == "shadow" else f"it answers {r['fraction']:.0%} of clients"
+    return (f"Candidate **{r['version']}** (model `{r['model_name']}`) in **{r['mode']}** ({share}) since "
+            f"{_when_utc(r.get('started_at'))}{who}{why}; serving **{r['serving_version']}**."
+            + (f"\n\n> {data.problem}" if data.problem else ""))
+
+def agreement_summary(cmp: dict) -> str:
+    "One markdown line: the agreement on the same requests (shadow), or the candidate's share of the answers (canary)."
+    if cmp["mode"] == "canary":
+        share = "-" if cmp["candidate_share"] is None else f"{cmp['candidate_share']:.1%}"
+        return (f"Canary: the candidate answered **{share}** of the {cmp['serving']['n'] + cmp['candidate']['n']:,} predictions since "
+                "the rollout started; each version answered its own clients, so there is no agreement rate: the figures are per version.")
+    if not cmp["n_pairs"]: return "No shadowed requests yet since the rollout started: send requests to the service."
+    agr = "-" if cmp["agreement"] is None else f"{cmp['agreement']:.1%}"
+    n_ok = cmp["n_pairs"] - cmp["candidate_errors"]
+    return (f"Agreement rate: **{agr}** (same top class on {n_ok:,} requests both versions answered, of {cmp['n_pairs']:,} "
+            f"shadowed since the rollout started; the candidate failed on {cmp['candidate_errors']:,}).")
+
+FIGURE_ROWS = [("predictions", "n", "{:,}"), ("mean top-class confidence", "confidence", "{:.4f}"),
+               ("latency p50 (ms)", "latency_p50_ms", "{:.1f}"), ("latency p99 (ms)", "latency_p99_ms", "{:.1f}"),
+               ("live accuracy (feedback)", "live_accuracy", "{:.4f}"), ("feedback labels", "n_feedback", "{:,}"),
+               ("estimated accuracy (CBPE)", "estimated_accuracy", "{:.4f}"), ("its band (+-2 SE)", "estimated_band", "[{0[0]:.4f}, {0[1]:.4f}]"),
+               ("5xx answers (api_log)", "server_errors", "{:,}")]
+
+def comparison_table(cmp: dict) -> pd.DataFrame:
+    "The two versions' figures side by side (rows: figures; `-`: none yet), as `cvops rollout status` prints them."
+    def cell(d, k, f): return "-" if d.get(k) is None else f.format(d[k])
+    cols = {f"serving {cmp['serving_version']}": cmp["serving"], f"candidate {cmp['candidate_version']}": cmp["candidate"]}
+    out = pd.DataFrame({"figure": [r[0] for r in FIGURE_ROWS], **{c: [cell(d, k, f) for _, k, f in FIGURE_ROWS] for c, d in cols.items()}})
+    if cmp["mode"] == "shadow":
+        out.loc[len(out)] = ["shadow runs that failed", "-", f"{cmp['candidate_errors']:,}"]
+    return out
+
+# %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #2c9ca0a7
+def load_rollout_versions(storage, record: dict) -> dict:
+    "The rollout's serving version and candidate, loaded from central storage as the service loads them: `{role: LoadedVersion or why not}`."
+    from cvops.registry.versions import resolve_version, version_metadata
+    from cvops.serving.inference import load_version
+    out = {}
+    for role, v in (("serving", record["serving_version"]), ("candidate", record["version"])):
+        try:
+            _, folder = resolve_version(storage, record["model_name"], v)
+            out[role] = load_version(folder, version_metadata(folder))
+        except Exception as e: out[role] = f"{v} cannot be loaded: {type(e).__name__}: {str(e).strip()[:200]}"
+    return out
+
+def rollout_overlays(src: Sources, data: RolloutData, loaded: dict | None = None) -> list[dict]:
+    """Each disagreement example's stored image with its GradCAM overlay under the serving version and under the candidate
+    (`gradcam_overlays`: each version's top class on it, `class_now`, and its confidence): `{pair..., serving: item, candidate: item}`."""
+    ex = data.examples
+    if data.record is None or ex is None or ex.empty: return []
+    loaded = loaded or load_rollout_versions(src.storage, data.record)
+    per_role = {}
+    for role in ("serving", "candidate"):
+        rows, lv = ex.assign(top_class=ex[role]), loaded[role]
+        per_role[role] = (gradcam_overlays(rows, src.images, lv) if not isinstance(lv, str) else
+                          [{"request_id": r.request_id, "created_on": r.created_on, "top_class": r.top_class, "overlay": None, "problem": lv}
+                           for r in rows.itertuples(index=False)])
+    return [{"serving_class": e.serving, "candidate_class": e.candidate, "count": int(e.count), "request_id": e.request_id,
+             "created_on": e.created_on, "serving": s, "candidate": c}
+            for e, s, c in zip(ex.itertuples(index=False), per_role["serving"], per_role["candidate"])]
+
+def overlays_by_pair(examples: list[dict]) -> list[tuple[str, str, int, list[dict]]]:
+    "The examples grouped by disagreement pair, most frequent first: `(serving class, candidate class, count, examples)`."
+    groups = {}
+    for e in examples: groups.setdefault((e["serving_class"], e["candidate_class"], e["count"]), []).append(e)
+    return [(s, c, n, items) for (s, c, n), items in groups.items()]

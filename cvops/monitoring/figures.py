@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -14,7 +15,8 @@ from .dashboard_data import time_bin
 
 # %% auto #0
 __all__ = ['STATUS_COLOURS', 'plot_request_volume', 'plot_latency', 'plot_prediction_volume', 'plot_class_distribution',
-           'plot_pvalue_history', 'plot_live_accuracy', 'plot_overlays', 'figure_png', 'notice', 'show', 'table']
+           'plot_pvalue_history', 'plot_live_accuracy', 'plot_overlays', 'plot_disagreements', 'plot_rollout_examples',
+           'figure_png', 'notice', 'show', 'table']
 
 # %% ../../notebooks/lib/monitoring/05_figures.ipynb #9da1ec42
 STATUS_COLOURS = {"2xx ok": "#4c9a2a", "3xx": "#7aa6c2", "4xx refused": "#e0a526", "5xx error": "#c0392b", "other": "#888888"}
@@ -160,6 +162,44 @@ def plot_overlays(items: list[dict], ncols: int = 6):
         ax.set_title(f"{it['top_class']}{p}\n{it['created_on']:%m-%d %H:%M}", fontsize=8)
         ax.axis("off")
     for ax in list(axes.flat)[len(drawn):]: ax.set_visible(False)
+    return fig
+
+# %% ../../notebooks/lib/monitoring/05_figures.ipynb #a580060b
+def plot_disagreements(disagreements: list[dict], n_compared: int | None = None):
+    "Horizontal bars: how many requests each (serving class -> candidate class) pair covers, most frequent on top."
+    if not disagreements: return None
+    d = disagreements[::-1]
+    fig, ax = _figure(w=8, h=0.9 + 0.35 * len(d)); ax = ax[0, 0]
+    y = np.arange(len(d))
+    ax.barh(y, [x["count"] for x in d], color="#c0392b")
+    ax.set_yticks(y, [f"{x['serving']} -> {x['candidate']}" for x in d], fontsize=8)
+    for yi, x in zip(y, d): ax.annotate(str(x["count"]), (x["count"], yi), textcoords="offset points", xytext=(3, 0), va="center", fontsize=7)
+    of = f" of {n_compared:,} requests" if n_compared else ""
+    ax.set_xlabel("requests"); ax.set_title(f"Where they disagree{of}: serving class -> candidate class", fontsize=10)
+    ax.margins(x=0.12); ax.grid(axis="x", alpha=0.3)
+    return fig
+
+def _overlay_panel(ax, item: dict, role: str):
+    from PIL import Image
+    if item.get("overlay"):
+        ax.imshow(np.asarray(Image.open(io.BytesIO(item["overlay"])).convert("RGB")))
+        ax.set_title(f"{role}: {item.get('class_now', item['top_class'])} ({item.get('confidence', float('nan')):.2f})", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "\n".join(textwrap.wrap(item.get("problem") or "no overlay", 28)), ha="center", va="center", fontsize=7, transform=ax.transAxes)
+        ax.set_title(f"{role}: {item['top_class']}", fontsize=8)
+    ax.axis("off")
+
+def plot_rollout_examples(examples: list[dict], title: str = "", ncols: int = 3):
+    "Example requests side by side: for each, the overlay under the serving version and under the candidate (`rollout_overlays`)."
+    shown = [e for e in examples if e["serving"].get("overlay") or e["candidate"].get("overlay")]
+    if not shown: return None
+    ncols = min(ncols, len(shown)); nrows = -(-len(shown) // ncols)
+    fig, axes = _figure(w=3.4 * ncols, h=2.2 * nrows + 0.4, ncols=2 * ncols, nrows=nrows)
+    for k, e in enumerate(shown):
+        row, col = divmod(k, ncols)
+        _overlay_panel(axes[row, 2 * col], e["serving"], "serving"); _overlay_panel(axes[row, 2 * col + 1], e["candidate"], "candidate")
+    for ax in list(axes.flat)[2 * len(shown):]: ax.set_visible(False)
+    if title: fig.suptitle(title, fontsize=10)
     return fig
 
 # %% ../../notebooks/lib/monitoring/05_figures.ipynb #0004091f

@@ -20,7 +20,7 @@ from .schema import api_log, drift_reports, feedback, make_engine, predictions, 
 __all__ = ['WINDOW_COLUMNS', 'DRIFT_REPORT_COLUMNS', 'PREDICTION_COLUMNS', 'FEEDBACK_EXAMPLE_COLUMNS', 'open_for_reading',
            'read_frame', 'json_loader', 'utc_times', 'read_window', 'json_features', 'logged_features',
            'write_drift_reports', 'previous_run_alerts', 'drift_history', 'api_requests', 'prediction_rows',
-           'prediction_counts', 'as_utc', 'feedback_examples']
+           'prediction_counts', 'predictions_by_id', 'as_utc', 'feedback_examples']
 
 # %% ../../notebooks/lib/predlog/05_queries.ipynb #d0151bf5
 def open_for_reading(url: str) -> tuple:
@@ -180,6 +180,14 @@ def prediction_counts(engine, since=None) -> pd.DataFrame:
     stmt = sa.select(t.created_on, t.model_version, t.top_class).order_by(t.created_on)
     if since is not None: stmt = stmt.where(t.created_on >= since)
     return read_frame(engine, predictions, stmt, ["created_on", "model_version", "top_class"])
+
+def predictions_by_id(engine, request_ids) -> pd.DataFrame:
+    "The predictions (time, request id, version, top class, image path, features) of `request_ids`, oldest first: the examples a page shows."
+    ids = list(dict.fromkeys(request_ids))
+    if not ids: return pd.DataFrame(columns=PREDICTION_COLUMNS)
+    t = predictions.c
+    stmt = sa.select(*(getattr(t, c) for c in PREDICTION_COLUMNS)).where(t.request_id.in_(ids)).order_by(t.created_on, t.id)
+    return read_frame(engine, predictions, stmt, PREDICTION_COLUMNS)
 
 # %% ../../notebooks/lib/predlog/05_queries.ipynb #67d4f9c9
 FEEDBACK_EXAMPLE_COLUMNS = ["request_id", "image_path", "image_sha256", "labels", "model_name", "model_version", "top_class",
