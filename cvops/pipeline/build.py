@@ -182,7 +182,8 @@ def summary_lines(report: BuildReport, root=".") -> list[str]:
     acc = _json(named["metrics"]).get("accuracy") if "metrics" in named else None
     if isinstance(acc, (int, float)): lines.append(f"  test accuracy:      {acc:.4f} ({rel(named['metrics'])})")
     dep = _json(named["deployment"]) if "deployment" in named else {}
-    if dep.get("version"): lines.append(f"  deployed version:   {dep['version']}")
+    if dep.get("candidate"): lines.append(f"  candidate version:  {dep['version']} ({dep['mode']} {dep['fraction']:g}, beside {dep['previous_version']})")
+    elif dep.get("version"): lines.append(f"  deployed version:   {dep['version']}")
     html = [Path(p["html"]) for p in report.products.values() if isinstance(p, dict) and "html" in p]
     if html: lines.append(f"  rendered notebooks: {rel(html[0].parent.parent)}/<task>/<task>.html")
     return lines
