@@ -15,8 +15,8 @@ __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', '
            'cmd_deploy', 'cmd_models', 'cmd_retrain', 'cmd_proposals', 'cmd_decide', 'cmd_approve', 'cmd_reject',
            'cmd_monitor', 'retraining_policy', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune',
            'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands', 'settings_list',
-           'add_service_commands', 'add_monitor_commands', 'add_policy_commands', 'make_parser', 'failure_summary',
-           'is_build_error', 'main']
+           'add_service_commands', 'add_monitor_commands', 'add_policy_commands', 'make_parser', 'is_build_error',
+           'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -118,8 +118,9 @@ def cmd_models(args):
 def cmd_retrain(args):
     "Build a candidate for a retraining proposal: the pipeline on the dataset's newest tag; the version waits beside the serving one."
     from cvops.config import load_config
-    from cvops.monitoring.policy import describe, retrain
+    from cvops.monitoring.policy import describe
     from cvops.pipeline.build import summary_lines
+    from cvops.pipeline.retrain import retrain
     root, say = find_project_root(), lambda line: print(line, flush=True)
     p, report = retrain(root, args.config, args.proposal, by=args.by, force=args.force, progress=say)
     for line in summary_lines(report, root): say(line)
@@ -204,7 +205,8 @@ def retraining_policy(root, config_path, out=print, keep_going: bool = False):
     """After a monitoring run: the config's `retrain` policy (`cvops.monitoring.policy.apply_policy`: expiry, a proposal, with
     `auto_retrain` its candidate). `keep_going` (`--every`): a failure is logged and the next run comes, not fatal."""
     import logging
-    from cvops.monitoring.policy import apply_policy
+    from cvops.pipeline.build import failure_summary
+    from cvops.pipeline.retrain import apply_policy
     try: apply_policy(root, config_path, out=out)
     except Exception as e:
         if not keep_going: raise
@@ -427,14 +429,6 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 # %% ../notebooks/lib/90_cli.ipynb #c11a0b7e
-_WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}
-
-def failure_summary(report: str) -> str:
-    "The cause in a Ploomber build report: its last `SomeError: message` line that is not Ploomber's or papermill's wrapper."
-    import re
-    causes = [c for c in re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", report, flags=re.M) if c[0] not in _WRAPPERS]
-    return f"{causes[-1][0]}: {causes[-1][1]}" if causes else "see the report above"
-
 def is_build_error(e: BaseException) -> bool:
     "Whether `e` is Ploomber's `DAGBuildError`, without importing Ploomber (seconds): where it is not loaded, `e` cannot be one."
     mod = sys.modules.get("ploomber.exceptions")
@@ -448,6 +442,7 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:
         if not is_build_error(e): raise
+        from cvops.pipeline.build import failure_summary
         print(e, file=sys.stderr)
         print(f"error: the pipeline failed ({failure_summary(str(e))}); executed notebooks are under products/", file=sys.stderr)
         return 1

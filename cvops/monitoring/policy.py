@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ..config import RetrainConfig, find_project_root, load_config, load_section, resolve_path
+from ..config import RetrainConfig
 from ..registry.deploy import default_deployer
 from ..registry.rollout import abort_rollout, current_candidate, promote_rollout, start_rollout
 from ..registry.store import glob, is_remote, object_lock, open_store, write_text
@@ -25,8 +24,8 @@ __all__ = ['PROPOSALS_DIR', 'OPEN', 'DECIDED', 'RETRAIN_ENV', 'PolicyError', 'ut
            'proposals_lock', 'write_proposal', 'read_proposal', 'list_proposals', 'find_proposal', 'describe',
            'update_proposal', 'fail_proposal', 'make_proposal', 'is_open', 'record_proposal', 'recent_runs',
            'run_summary', 'drift_trigger', 'accuracy_trigger', 'policy_of', 'evaluate_policy', 'expire_proposals',
-           'pipeline_candidate', 'comparison_snapshot', 'decide', 'semver', 'newest_tag', 'retrain_config',
-           'proposal_to_build', 'retrain', 'proposal_line', 'apply_policy']
+           'pipeline_candidate', 'comparison_snapshot', 'decide', 'semver', 'newest_tag', 'proposal_to_build',
+           'proposal_line']
 
 # %% ../../notebooks/lib/monitoring/08_policy.ipynb #c8adc1c8
 PROPOSALS_DIR = "deployments/proposals"
@@ -109,7 +108,7 @@ def find_proposal(storage, key: str) -> dict:
     if not hits: raise PolicyError(f"no proposal {key!r} in {where(storage, PROPOSALS_DIR)} (see `cvops proposals`)", 404)
     raise PolicyError(f"{key!r} names {len(hits)} proposals ({', '.join(p['id'] for p in hits[:3])}): give more of the id", 404)
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #e5d6bea4
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #e1e4e656
 def _event(status: str, by: str | None, note: str, now=None) -> dict:
     return {"status": status, "at": utc(now).isoformat(), "by": by or default_deployer(), "note": note}
 
@@ -140,7 +139,7 @@ def fail_proposal(storage, proposal_id: str, why: str, by: str | None = None) ->
     try: return update_proposal(storage, proposal_id, "failed", expect=("retraining",), by=by, note=why, error=why)
     except PolicyError: return None
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #20826b8e
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #b0c62ccc
 def make_proposal(serving: dict, trigger: dict, cfg: RetrainConfig, now=None, by: str = "monitor") -> dict:
     "A new proposal (not yet recorded: `record_proposal`) to retrain the serving version's model, with the config's candidate settings."
     now = utc(now)
@@ -162,7 +161,7 @@ def record_proposal(storage, proposal: dict, now=None) -> dict:
         if other: raise PolicyError(f"proposal {other[0]['id']} is open ({describe(other[0])}): one retraining at a time", 409)
         return write_proposal(storage, proposal)
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #b0c62ccc
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #0c8a6b77
 def _loads(v):
     return json.loads(v) if isinstance(v, str) else (v or {})
 
@@ -239,7 +238,7 @@ def evaluate_policy(config, engine, storage, now=None) -> dict | None:
                                                                 "tests": run_summary(engine, runs[0]["run_id"])}}
     return make_proposal(serving, trigger, cfg, now)
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #1628208c
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #63744ace
 def _abort_candidate_of(storage, p: dict, by: str, reason: str):
     "Abort the running rollout when it is the candidate of proposal `p`."
     cand = current_candidate(storage)
@@ -260,7 +259,7 @@ def expire_proposals(storage, now=None, by: str = "policy") -> list[dict]:
         done.append(p)
     return done
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #db5c424c
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #cbed5a5c
 RETRAIN_ENV = "CVOPS_RETRAIN_PROPOSAL"     # set by `cvops retrain` for its build: the deploy task makes a candidate, not a deployment
 
 def pipeline_candidate(storage, meta: dict, min_accuracy: float, max_regression: float, force: bool = False, measure=None,
@@ -294,7 +293,7 @@ def pipeline_candidate(storage, meta: dict, min_accuracy: float, max_regression:
     return {**rec, "candidate": True, "previous_version": rec["serving_version"], "forced": bool(reasons),
             "gate": {"min_test_accuracy": min_accuracy, "max_regression": max_regression, "comparison": note, "refusals": reasons}}
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #a3754fe5
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #d6b408cf
 def comparison_snapshot(storage, candidate: dict, snapshot=None) -> dict:
     """What a person decided on: the candidate (mode, share, its gate's checks, test metrics) beside the serving version, and
     `snapshot(candidate)` (the shadow comparison; an error it raises is recorded, not fatal)."""
@@ -339,7 +338,7 @@ def decide(storage, proposal_id: str, approve: bool, by: str | None = None, reas
     # the pointer has moved (or the candidate is gone): the decision is recorded even if the proposal expired meanwhile
     return update_proposal(storage, p["id"], verb, expect=OPEN + ("expired",), by=by, note=reason, now=now, decision=decision)
 
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #ab5e06fc
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #39c513e2
 def semver(tag: str) -> tuple | None:
     "`v2.10.0` -> (2, 10, 0); None for a tag that is no version number."
     m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?", tag or "")
@@ -349,21 +348,6 @@ def newest_tag(tags) -> str | None:
     "The newest of `tags` in semantic-version order (`v2.10.0` after `v2.9.1`); tags that are no version are ignored."
     versions = [t for t in tags if semver(t) is not None]
     return max(versions, key=semver) if versions else None
-
-def retrain_config(root, config_path, proposal_id: str, var) -> tuple[Path, str | None]:
-    "(a copy of the config whose `dataset.tag` is the dataset repository's newest tag, that tag): what a retraining builds with."
-    import yaml
-    from cvops.data.dataset import list_git_tags
-    root, src = Path(root), resolve_path(config_path, root)
-    cfg = load_config(src)                                        # the whole config, checked before anything is written
-    raw = yaml.safe_load(src.read_text())
-    tag = newest_tag(list_git_tags(resolve_path(cfg.dataset.path, root))) if cfg.dataset.dvc_checkout else None
-    if tag: raw["dataset"]["tag"] = tag
-    out = Path(var) / "retrain" / f"{proposal_id}.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# {src} with the dataset's newest tag, for retraining proposal {proposal_id} (`cvops retrain`)\n"
-                   + yaml.safe_dump(raw, sort_keys=False))
-    return out, raw["dataset"].get("tag")
 
 def proposal_to_build(storage, key: str | None, cfg: RetrainConfig, by: str, now=None) -> dict:
     "The proposal `cvops retrain` builds: `key`'s, else the open one if not built yet, else a new `manual` one (recorded)."
@@ -378,72 +362,9 @@ def proposal_to_build(storage, key: str | None, cfg: RetrainConfig, by: str, now
     if serving is None: raise PolicyError("nothing is deployed: a retrained version waits beside the serving one; `cvops build` deploys a first version", 409)
     return record_proposal(storage, make_proposal(serving, {"rules": ["manual"], "summary": f"retraining asked for by {by}"}, cfg, now, by=by), now)
 
-def retrain(root=None, config_path="configs/config.yaml", proposal_id: str | None = None, by: str | None = None,
-            force: bool = False, progress=None, now=None) -> tuple[dict, object]:
-    """Build the pipeline on the dataset's newest tag for a proposal without deploying: its deploy task makes the published
-    version the candidate (`pipeline_candidate`). Returns (the proposal, now `candidate`; the `BuildReport`)."""
-    from cvops.cli import failure_summary
-    from cvops.pipeline.build import build
-    from cvops.settings import StorageSettings, load_settings
-    root, by = Path(root or find_project_root()).resolve(), by or default_deployer()
-    cfg = load_section(resolve_path(config_path, root), "retrain")
-    settings = load_settings(StorageSettings, root)
-    storage = settings.storage
-    expire_proposals(storage, now)
-    p = proposal_to_build(storage, proposal_id, cfg, by, now)
-    if current_deployment(storage) is None: raise PolicyError("nothing is deployed: a retrained version waits beside the serving one", 409)
-    path, tag = retrain_config(root, config_path, p["id"], settings.var)
-    p = update_proposal(storage, p["id"], "retraining", expect=("proposed",), by=by, now=now, note=f"building on dataset tag {tag}",
-                        dataset_tag=tag, config=str(path))
-    if progress: progress(f"proposal {p['id']}: building a candidate on dataset tag {tag} ({path}); it will run beside the serving version, not replace it")
-    before = os.environ.get(RETRAIN_ENV)
-    os.environ[RETRAIN_ENV] = p["id"]
-    try: report = build(path, root, force=force, progress=progress)
-    except BaseException as e:
-        fail_proposal(storage, p["id"], f"the build failed: {failure_summary(str(e)) if str(e) else type(e).__name__}", by)
-        raise
-    finally:
-        if before is None: os.environ.pop(RETRAIN_ENV, None)
-        else: os.environ[RETRAIN_ENV] = before
-    p = read_proposal(storage, p["id"])
-    if p["status"] == "retraining":
-        fail_proposal(storage, p["id"], f"the build made no new version: every task was up to date with dataset tag {tag} "
-                                        "(`cvops retrain --force` retrains anyway)", by)
-        raise PolicyError(f"proposal {p['id']} failed: the build made no new version (every task was up to date with dataset tag {tag}); "
-                          "`cvops retrain --force` retrains anyway", 409)
-    return p, report
-
-# %% ../../notebooks/lib/monitoring/08_policy.ipynb #91ef94db
+# %% ../../notebooks/lib/monitoring/08_policy.ipynb #69a42e1c
 def proposal_line(p: dict, auto: bool = False) -> str:
-    "The monitor's line for a new proposal."
+    "What `cvops monitor` prints when it proposes."
     then = "building its candidate now (retrain.auto_retrain)" if auto else f"`cvops retrain {p['id']}` builds a candidate"
     return (f"retraining proposed: {p['id']} for {p['serving_version']} ({p['trigger']['summary']}); {then}; "
             f"a person approves or rejects it by {when(p['deadline'])} (`cvops proposals`)")
-
-def apply_policy(root=None, config_path="configs/config.yaml", out=print, engine=None, now=None) -> dict | None:
-    """The monitor's step after a run: expire overdue proposals, propose when a rule of the config's `retrain` section holds
-    (one line to `out`) and, with `auto_retrain`, build the candidate. Returns the new proposal, or None."""
-    from cvops.predlog.schema import make_engine, migrate
-    from cvops.settings import MonitorSettings, load_settings
-    root = Path(root or find_project_root()).resolve()
-    cfg = load_section(resolve_path(config_path, root), "retrain")
-    settings = load_settings(MonitorSettings, root)
-    storage = settings.storage
-    for p in expire_proposals(storage, now):
-        out(f"retraining proposal {p['id']} expired: nobody approved or rejected it by {when(p['deadline'])}")
-    if cfg.drift_runs is None and cfg.min_estimated_accuracy is None: return None
-    own = engine is None
-    engine = engine if engine is not None else make_engine(settings.database_url)
-    try:
-        migrate(engine)
-        proposal = evaluate_policy(cfg, engine, storage, now)
-    finally:
-        if own: engine.dispose()
-    if proposal is None: return None
-    try: record_proposal(storage, proposal, now)
-    except PolicyError: return None                                    # another monitor proposed meanwhile
-    out(proposal_line(proposal, cfg.auto_retrain))
-    if cfg.auto_retrain:
-        p, _ = retrain(root, config_path, proposal["id"], by="monitor (retrain.auto_retrain)", progress=out, now=now)
-        out(f"candidate {p['candidate_version']} for proposal {p['id']}: {describe(p)}")
-    return proposal
