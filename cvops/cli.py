@@ -6,17 +6,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .config import ConfigError, find_project_root, load_section, resolve_path
 
 # %% auto #0
-__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_serve', 'cmd_stop',
-           'cmd_deploy', 'cmd_models', 'cmd_retrain', 'cmd_proposals', 'cmd_decide', 'cmd_approve', 'cmd_reject',
-           'cmd_monitor', 'retraining_policy', 'serve_monitor_metrics', 'cmd_log_replay', 'cmd_log_prune',
-           'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands', 'settings_list',
-           'add_service_commands', 'add_monitor_commands', 'add_policy_commands', 'make_parser', 'is_build_error',
-           'main']
+__all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_dataset_add_feedback',
+           'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models', 'cmd_retrain', 'cmd_proposals', 'cmd_decide',
+           'cmd_approve', 'cmd_reject', 'cmd_monitor', 'retraining_policy', 'serve_monitor_metrics', 'cmd_log_replay',
+           'cmd_log_prune', 'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands',
+           'settings_list', 'add_service_commands', 'add_monitor_commands', 'add_policy_commands', 'make_parser',
+           'cmd_rollout_start', 'cmd_rollout_status', 'cmd_rollout_promote', 'cmd_rollout_abort',
+           'add_rollout_commands', 'is_build_error', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -64,6 +66,45 @@ def cmd_export_airflow(args):
     files = export_airflow(find_project_root(), args.out, args.config, args.prefix, args.retries, args.monitor_interval, queues)
     for f in files: print(f"wrote {f}")
     print(f"Airflow reads them from its dags_folder: AIRFLOW__CORE__DAGS_FOLDER={files[0].parent} (see docs/airflow.md)")
+
+# %% ../notebooks/lib/90_cli.ipynb #142469a3
+def _feedback_dataset(args, root) -> tuple:
+    "The dataset repository and its annotation file: --dataset (with annotation_df.csv), else the config's dataset section."
+    if args.dataset: return resolve_path(args.dataset, root), "annotation_df.csv"
+    from cvops.config import load_config
+    ds = load_config(resolve_path(args.config, root)).dataset
+    return resolve_path(ds.path, root), ds.annotation_file
+
+def _labelled_predictions(settings, since, model_name):
+    "The prediction log's predictions with feedback (`ConfigError` when the database cannot be read)."
+    from cvops.predlog.queries import feedback_examples, open_for_reading
+    from cvops.settings import InsecureSettings, refuse_insecure
+    try: refuse_insecure(settings, "cvops dataset add-feedback", ("database",))
+    except InsecureSettings as e: raise ConfigError(str(e)) from None
+    engine, why = open_for_reading(settings.database_url)
+    if engine is None: raise ConfigError(f"the prediction log (DB_URL): {why}")
+    try: return feedback_examples(engine, since, model_name)
+    finally: engine.dispose()
+
+def cmd_dataset_add_feedback(args):
+    "Add the prediction log's feedback-labelled images to the dataset repository as a new DVC version."
+    from cvops.data.feedback import add_feedback_version, summary_lines
+    from cvops.predlog.images import open_image_store
+    from cvops.predlog.queries import as_utc
+    from cvops.settings import load_settings
+    root = find_project_root()
+    try: since = as_utc(args.since) if args.since else None
+    except ValueError: raise ConfigError(f"--since {args.since!r}: expected an ISO 8601 time, e.g. 2024-05-01 or 2024-05-01T12:00+02:00") from None
+    path, annotation_file = _feedback_dataset(args, root)
+    settings = load_settings(root=root)
+    examples = _labelled_predictions(settings, since, args.model_name)
+    out = add_feedback_version(path, examples, open_image_store(settings), args.tag, args.split,
+                               progress=sys.stderr.isatty(), annotation_file=annotation_file)
+    for line in summary_lines(out): print(line)
+    if out["tag"]:
+        where = f"`dataset.path: {path}` and " if args.dataset else ""
+        print(f"next: set {where}`dataset.tag: {out['tag']}` in {args.config}, then `cvops build --config {args.config}` "
+              "trains, evaluates and gates a candidate on the new version")
 
 # %% ../notebooks/lib/90_cli.ipynb #005511bd
 def cmd_serve(args):
@@ -146,20 +187,21 @@ def cmd_proposals(args):
 
 def cmd_decide(args, approve: bool):
     "`cvops approve` / `cvops reject`: a person's decision on a proposal, recorded with who, when, why and the comparison."
+    from cvops.monitoring.compare import rollout_comparison
     from cvops.monitoring.policy import decide, when
+    from cvops.predlog.schema import make_engine
     from cvops.serving.gate import version_gate
     from cvops.settings import load_settings
     settings = load_settings(root=find_project_root())   # the service's: the gate replays its logged requests
-    p = decide(settings.storage, args.proposal, approve, by=args.by, reason=args.reason,
-               gate=version_gate(settings.storage, settings) if approve else None)
+    storage, eng = settings.storage, make_engine(settings.database_url)
+    try: p = decide(storage, args.proposal, approve, by=args.by, reason=args.reason, gate=version_gate(storage, settings) if approve else None,
+                    snapshot=lambda cand: rollout_comparison(eng, storage, cand))   # what `cvops rollout status` shows
+    finally: eng.dispose()
     d = p["decision"]
     done = (f"{d['deployment']['version']} deployed (was {d['deployment']['previous_version']})" if approve else
             f"candidate {p['candidate_version']} aborted" if d.get("comparison") else "no candidate was running")
     print(f"{'approved' if approve else 'rejected'} proposal {p['id']}: {done}; recorded: {d['by']} at {when(d['at'])}: {d['reason']}")
-    checks = (d.get("deployment") or {}).get("checks") or {}
-    for k in ("golden", "replay"):
-        if k in checks: print(f"  {'golden set' if k == 'golden' else k}: {checks[k]}")
-    for w in checks.get("warnings", []): print(f"warning: {w}", file=sys.stderr)
+    _print_checks((d.get("deployment") or {}).get("checks"))
 
 def cmd_approve(args): return cmd_decide(args, True)
 def cmd_reject(args): return cmd_decide(args, False)
@@ -261,8 +303,8 @@ def cmd_log_prune(args):
     try: out = run_retention(s.var / "retention.lock", 0, eng, images, img, rows, force=True)
     finally: eng.dispose()
     if out is None: raise ConfigError("a retention run is in progress in the service; try again later")
-    print(f"deleted {out['images']} images older than {img:g} days, {out['api_log']} api_log and {out['predictions']} "
-          f"predictions rows older than {rows:g} days (0 keeps all)")
+    print(f"deleted {out['images']} images older than {img:g} days, {out['api_log']} api_log, {out['predictions']} predictions "
+          f"and {out['shadow_predictions']} shadow_predictions rows older than {rows:g} days (0 keeps all)")
 
 def cmd_db_migrate(args):
     "Create or upgrade the prediction-log schema in DB_URL, as the service does when it starts; safe to run again."
@@ -296,7 +338,8 @@ CONFIG_ARG = ("--config", dict(default="configs/config.yaml", help="(default: %(
 
 def add_pipeline_commands(sub):
     "dataset build, config check, build."
-    command(group(sub, "dataset", "build the default dataset"), "build", cmd_dataset_build,
+    datasets = group(sub, "dataset", "build the default dataset; add feedback-labelled images as a new version")
+    command(datasets, "build", cmd_dataset_build,
             "write the default Fashion-MNIST dataset as a git + DVC repo with tags v1.0.0 and v2.0.0",
             "Write Fashion-MNIST (Debian package dataset-fashion-mnist; scikit-learn's digits if it is missing, "
             "an error under CI=true) as its own git repository, images tracked by DVC with a local remote: v1.0.0 = one "
@@ -309,6 +352,23 @@ def add_pipeline_commands(sub):
              ("--n-test", dict(type=int, default=2000, help="test images (default: %(default)s)")),
              ("--all", dict(action="store_true", help="all 70,000 images (55,000 / 5,000 / 10,000)")),
              ("--seed", dict(type=int, default=0))])
+    command(datasets, "add-feedback", cmd_dataset_add_feedback,
+            "add the images people labelled through POST /feedback to the dataset repository as a new DVC version",
+            "Take the logged predictions that have feedback labels (DB_URL) and their images (the image store of "
+            "CVOPS_CENTRAL_STORAGE), check out the dataset repository's newest version tag (vMAJOR.MINOR.PATCH; the working "
+            "tree must be clean) and add each image not already in it as images/feedback/<request id>.<ext>, a row of "
+            "annotation_df.csv (its labels as 0/1 class columns) and a row of feedback_provenance.csv (request id, model and "
+            "version, predicted class, prediction and feedback times, feedback source, image hash, version added in); then "
+            "dvc add, commit, dvc push and tag (default: the next minor version, v2.0.0 -> v2.1.0). Images no longer in the "
+            "store and labels that are not classes of the dataset are skipped and listed; with nothing new no version is "
+            "made. Any failure leaves the repository as it was. Then train on it: dataset.tag in the config, `cvops build`.",
+            [("--dataset", dict(metavar="PATH", help="the dataset repository (default: dataset.path of --config; with --dataset "
+                                "the annotation file is annotation_df.csv)")), CONFIG_ARG,
+             ("--tag", dict(help="the new version's tag, vMAJOR.MINOR.PATCH newer than the newest (default: the next minor version)")),
+             ("--split", dict(default="train", choices=["train", "valid", "test"], help="the split the images join (default: %(default)s)")),
+             ("--since", dict(metavar="TIME", help="only feedback given at or after TIME, ISO 8601 (e.g. 2024-05-01, 2024-05-01T12:00+02:00; "
+                              "UTC unless it names an offset)")),
+             ("--model-name", dict(metavar="NAME", help="only predictions of this model (default: every model's)"))])
     command(group(sub, "config", "check a config file"), "check", cmd_config_check,
             "validate a config file and its dataset path/tag", args=[CONFIG_ARG])
     command(sub, "build", cmd_build, "validate the config and build the pipeline (prepare -> validate -> train -> evaluate -> publish)",
@@ -387,7 +447,7 @@ def add_monitor_commands(sub):
                   ("--log-days", dict(type=float, help="default: LOG_RETENTION_DAYS (0 keeps all)"))])
     command(group(sub, "db", "the prediction-log database: create or upgrade its schema"), "migrate", cmd_db_migrate,
             "create or upgrade the prediction-log schema in DB_URL (the service does it too when it starts)",
-            "Apply the schema migrations DB_URL lacks (tables api_log, predictions, feedback, drift_reports); "
+            "Apply the schema migrations DB_URL lacks (tables api_log, predictions, shadow_predictions, feedback, drift_reports); "
             "safe to run again, and safe beside a starting service (they take a lock). The compose stack runs it once, "
             "as the one-shot `migrate` service, before the service replicas, the monitor and the dashboards start.")
 
@@ -424,9 +484,91 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "
                                 "Run from the project folder (the one with pipeline.yaml).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_pipeline_commands(sub); add_service_commands(sub); add_monitor_commands(sub); add_policy_commands(sub)
-    add_export_commands(sub)
+    add_pipeline_commands(sub); add_service_commands(sub); add_rollout_commands(sub); add_monitor_commands(sub)
+    add_policy_commands(sub); add_export_commands(sub)
     return p
+
+# %% ../notebooks/lib/90_cli.ipynb #248b0f5e
+def _rollout_parts():
+    "(service settings, central storage) as `cvops deploy` reads them."
+    from cvops.settings import load_settings
+    settings = load_settings(root=find_project_root())
+    return settings, settings.storage
+
+def _print_checks(checks: dict):
+    for k in ("golden", "replay"):
+        if k in (checks or {}): print(f"  {'golden set' if k == 'golden' else k}: {checks[k]}")
+    for w in (checks or {}).get("warnings", []): print(f"warning: {w}", file=sys.stderr)
+
+def cmd_rollout_start(args):
+    "Make a published version the candidate (shadow or canary) once it passes the gate."
+    from cvops.registry.rollout import start_rollout
+    from cvops.serving.gate import version_gate
+    settings, storage = _rollout_parts()
+    rec = start_rollout(storage, args.model_name, args.version, args.mode, args.fraction, by=args.by, reason=args.reason,
+                        gate=version_gate(storage, settings))
+    share = "of requests also run through it" if rec["mode"] == "shadow" else "of clients answered by it"
+    print(f"rollout started: {rec['version']} is the candidate in {rec['mode']}, {rec['fraction']:.0%} {share}; "
+          f"{rec['serving_version']} serves" + (f"; MLflow alias {rec['registry']['alias']}" if rec["registry"].get("registered") else ""))
+    _print_checks(rec.get("checks"))
+    print("next: `cvops rollout status` to compare, then `cvops rollout promote` or `cvops rollout abort`")
+
+def cmd_rollout_status(args):
+    "The running rollout and its comparison with the serving version."
+    from cvops.monitoring.compare import comparison_lines, rollout_comparison
+    from cvops.predlog.schema import make_engine
+    from cvops.registry.rollout import current_candidate, rollout_history
+    settings, storage = _rollout_parts()
+    rec = current_candidate(storage)
+    if rec is None:
+        last = next(iter(rollout_history(storage, 1)), None)
+        print("no rollout is running" + (f" (last: {last['event']} of {last['version']} at {last['at']})" if last else ""))
+        return
+    eng = make_engine(settings.database_url)
+    try: cmp = rollout_comparison(eng, storage, rec)
+    finally: eng.dispose()
+    if args.json: print(json.dumps({"candidate": rec, "comparison": cmp}, indent=2, default=str)); return
+    print(f"candidate {rec['version']} ({rec['mode']}, {rec['fraction']:g}) started {rec['started_at']} by {rec['started_by']}"
+          + (f": {rec['reason']}" if rec.get("reason") else ""))
+    for line in comparison_lines(cmp): print(line)
+
+def cmd_rollout_promote(args):
+    "Deploy the candidate (gated again) and end the rollout."
+    from cvops.registry.rollout import promote_rollout
+    from cvops.serving.gate import version_gate
+    settings, storage = _rollout_parts()
+    rec = promote_rollout(storage, by=args.by, reason=args.reason, gate=version_gate(storage, settings))
+    print(f"promoted {rec['version']} (was {rec['previous_version']}); the rollout ended")
+    _print_checks(rec.get("checks"))
+
+def cmd_rollout_abort(args):
+    "End the rollout: the serving version alone answers."
+    from cvops.registry.rollout import abort_rollout
+    _, storage = _rollout_parts()
+    rec = abort_rollout(storage, by=args.by, reason=args.reason)
+    print(f"rollout of {rec['version']} aborted; the serving version alone answers (workers drop the candidate within RELOAD_INTERVAL)")
+
+def add_rollout_commands(sub):
+    "rollout start, status, promote, abort."
+    acts = group(sub, "rollout", "a candidate beside the serving version: shadow or canary, then promote or abort")
+    who = [("--by", dict(default=None, help="who (default: the user name)")), ("--reason", dict(default="", help="why (recorded in the rollout history)"))]
+    command(acts, "start", cmd_rollout_start, "make a published version the candidate, in shadow or canary",
+            "Point the candidate pointer (central storage, deployments/candidate.json) at a published version once it passes "
+            "the deploy gate (loaded and warmed, its golden set, a replay of recent requests). Every worker loads it beside the "
+            "serving version. shadow: a FRACTION of requests is also run through it after the answer, its outputs logged in "
+            "shadow_predictions with the request id; the user always gets the serving version's answer. canary: it answers the "
+            "FRACTION of clients whose key (the X-Client-ID header, else the address) hashes below it: sticky per client; "
+            "X-Model-Version says which version answered. The MLflow alias `challenger` follows the candidate.",
+            [("model_name", {}), ("--version", dict(help="a version from `cvops models` (default: the latest published)")),
+             ("--mode", dict(choices=["shadow", "canary"], default="shadow", help="default: shadow")),
+             ("--fraction", dict(type=float, default=0.1, help="share of requests (shadow) or clients (canary), in (0, 1]; default 0.1")),
+             *who])
+    command(acts, "status", cmd_rollout_status, "the running rollout: the candidate against the serving version since it started",
+            "On the same requests (shadow): agreement rate, the class pairs where they disagree with example request ids, "
+            "confidence, latency p50/p99, errors, live accuracy where feedback exists and the estimated accuracy (CBPE); per "
+            "version on the requests each answered (canary).", [("--json", dict(action="store_true", help="print JSON"))])
+    command(acts, "promote", cmd_rollout_promote, "deploy the candidate (gated again) and end the rollout", args=who)
+    command(acts, "abort", cmd_rollout_abort, "end the rollout: the serving version alone answers", args=who)
 
 # %% ../notebooks/lib/90_cli.ipynb #c11a0b7e
 def is_build_error(e: BaseException) -> bool:

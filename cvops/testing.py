@@ -30,8 +30,8 @@ __all__ = ['TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'WEED_PORTS'
            'tiny_model_config', 'untrained_model', 'detector_version_files', 'build_detector_files', 'golden_set_files',
            'service_project', 'publish_version', 'TinyVersion', 'tiny_version', 'service_env', 'Service', 'Answer',
            'answer_of', 'PredictionLoad', 'repo_root', 'monitor_project', 'monitor_env', 'Webhook',
-           'wait_predictions_logged', 'run_monitor', 'postgres_bindir', 'PostgresCluster', 'start_postgres',
-           'weed_binary', 'SeaweedFS', 'seaweedfs_or_need', 'headless_chromium']
+           'wait_predictions_logged', 'run_monitor', 'log_labelled_predictions', 'postgres_bindir', 'PostgresCluster',
+           'start_postgres', 'weed_binary', 'SeaweedFS', 'seaweedfs_or_need', 'headless_chromium']
 
 # %% ../notebooks/lib/95_testing.ipynb #9ae830c2
 def need(what: str, reason: str = ""):
@@ -450,6 +450,26 @@ def run_monitor(root, env: dict) -> tuple[str, list]:
     assert rows, proc.stdout
     assert (root / "products" / "monitor" / run_id / "check_drift.html").exists(), "the run's rendered notebook is missing"
     return proc.stdout + proc.stderr, rows
+
+# %% ../notebooks/lib/95_testing.ipynb #12802dec
+def log_labelled_predictions(engine, image_store, items) -> list[dict]:
+    """Log one prediction with its image and feedback per item of `items`: dicts with `image` (file bytes), `labels`, and
+    optionally `fmt` (PIL format, default PNG), `request_id`, `model_name`, `model_version`, `top_class`, `source`, `at` (the
+    prediction's time, default now) and `stored` (False: the image is no longer in the store). Returns the `predictions` rows."""
+    from datetime import datetime, timedelta, timezone
+    from cvops.predlog.schema import feedback, predictions
+    rows, labels = [], []
+    for it in items:
+        sha, key = image_store.put(it["image"], it.get("fmt", "PNG"))
+        if not it.get("stored", True): (Path(image_store.root) / key).unlink()
+        at = it.get("at") or datetime.now(timezone.utc)
+        rows.append(dict(request_id=it.get("request_id") or uuid.uuid4().hex, created_on=at, model_name=it.get("model_name", "tiny"),
+                         model_version=it.get("model_version", "tiny@v1"), top_class=it.get("top_class", it["labels"][0]),
+                         probabilities={}, image_sha256=sha, image_path=key, latency_ms=1.0))
+        labels.append(dict(request_id=rows[-1]["request_id"], created_on=at + timedelta(minutes=1), labels=list(it["labels"]),
+                           source=it.get("source")))
+    with engine.begin() as c: c.execute(predictions.insert(), rows); c.execute(feedback.insert(), labels)
+    return rows
 
 # %% ../notebooks/lib/95_testing.ipynb #1373a6b4
 def postgres_bindir() -> Path | None:

@@ -154,3 +154,136 @@ def test_a_version_that_fails_on_a_replay_of_logged_requests_is_refused(gate):
                      rf"{re.escape(v['a'])}'s [\d.]+ ms \(bound [\d.]+ ms\)$", p.stdout, re.M), p.stdout
     assert "warning" not in p.stderr, p.stderr
     _every_worker_serves(g, v["b"])
+
+
+# --- rollouts: a candidate in shadow or canary, promoted or aborted (issue 14, part 1) ------------------------------
+from concurrent.futures import ThreadPoolExecutor
+
+from cvops.registry.rollout import current_candidate, rollout_history
+from cvops.serving.worker import in_canary
+from cvops.testing import ADMIN_TOKEN, PredictionLoad
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _rollout(g, method, path, **body):
+    return requests.request(method, g["svc"].url(path), json=body, headers=ADMIN, timeout=180)
+
+
+def _workers_candidate(g, want, timeout=30) -> dict:
+    "pid -> candidate of every live worker, once all report `want` (their status files, written when they load or drop it)."
+    pids, deadline, seen = set(g["svc"].worker_pids()), time.time() + timeout, {}
+    while time.time() < deadline:
+        seen = {}
+        for f in (g["root"] / "var" / "workers").glob("*.json"):
+            try: d = json.loads(f.read_text())
+            except ValueError: continue
+            if d["pid"] in pids: seen[d["pid"]] = d.get("candidate")
+        if set(seen) == pids and set(seen.values()) == {want}: break
+        time.sleep(0.2)
+    assert set(seen) == pids and set(seen.values()) == {want}, (seen, pids, want)
+    return seen
+
+
+def _no_rollout(g, serving):
+    if current_candidate(g["storage"]) is not None: assert _rollout(g, "POST", "/rollout/abort", reason="test setup").status_code == 200
+    _ensure_serving(g, serving)
+    _workers_candidate(g, None)
+
+
+def _predict(g, x, client=None):
+    h = {"Content-Type": "image/png", **({"X-Client-ID": client} if client else {})}
+    r = requests.post(g["svc"].url("/predict") + "?heatmap=false", data=encode(x, "PNG"), headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.headers["X-Model-Version"] == r.json()["model_version"], r.headers
+    return r.json()
+
+
+def _shadow_rows(g, ids) -> dict:
+    import sqlalchemy as sa
+    from cvops.predlog.schema import shadow_predictions as s
+    eng = sa.create_engine(f"sqlite:///{g['root'] / 'var' / 'cvops.db'}")
+    try:
+        with eng.connect() as c:
+            rows = c.execute(sa.select(s.c.request_id, s.c.model_version, s.c.top_class, s.c.probabilities, s.c.error)
+                             .where(s.c.request_id.in_(list(ids)))).all()
+    finally: eng.dispose()
+    return {r.request_id: r for r in rows}
+
+
+def test_a_shadow_rollout_logs_both_versions_on_the_same_requests_and_every_answer_is_the_serving_versions(gate):
+    g, v = gate, gate["v"]
+    _no_rollout(g, v["a"])
+    r = _rollout(g, "PUT", "/rollout", model_name=NAME, version=v["b"], mode="shadow", fraction=1.0, reason="shadow test")
+    assert r.status_code == 200, r.text
+    assert r.json()["checks"]["golden"].startswith(f"{g['n_golden']} of {g['n_golden']} golden-set images"), r.json()["checks"]
+    _workers_candidate(g, v["b"])
+    with ThreadPoolExecutor(4) as pool: answers = list(pool.map(lambda x: _predict(g, x), g["images"]))
+    assert {a["model_version"] for a in answers} == {v["a"]}            # the user always gets the serving version's answer
+    ids = {a["request_id"]: a for a in answers}
+    deadline, rows = time.time() + 30, {}
+    while time.time() < deadline and len(rows) < len(ids):
+        rows = _shadow_rows(g, ids); time.sleep(0.3)
+    assert set(rows) == set(ids) and {r.model_version for r in rows.values()} == {v["b"]}, (len(rows), len(ids))
+    assert all(r.error is None and abs(sum(json.loads(r.probabilities).values() if isinstance(r.probabilities, str) else r.probabilities.values()) - 1) < 1e-3
+               for r in rows.values())
+    for _ in range(60):   # the serving version's rows too: the comparison joins them
+        st = requests.get(g["svc"].url("/rollout"), timeout=60).json()
+        cmp = st["comparison"]
+        if cmp["n_pairs"] >= len(ids): break
+        time.sleep(0.5)
+    assert st["candidate"]["version"] == v["b"] and cmp["mode"] == "shadow" and cmp["n_pairs"] >= len(ids), st
+    agree = sum(rows[i].top_class == ids[i]["top_class"] for i in ids) / len(ids)
+    p = subprocess.run([str(BIN / "cvops"), "rollout", "status"], cwd=g["root"], env=g["svc"].env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and f"candidate {v['b']} (shadow, 1)" in p.stdout, p.stdout + p.stderr
+    assert re.search(rf"same requests: {cmp['n_pairs']}, agreement [\d.]+", p.stdout), p.stdout
+    assert cmp["n_pairs"] > len(ids) or abs(cmp["agreement"] - agree) < 1e-4, (cmp["agreement"], agree)
+    # abort: the serving version alone answers, nothing more is shadowed
+    r = _rollout(g, "POST", "/rollout/abort", reason="seen enough")
+    assert r.status_code == 200 and r.json()["version"] == v["b"], r.text
+    _workers_candidate(g, None)
+    after = {a["request_id"] for a in (_predict(g, x) for x in g["images"][:6])}
+    time.sleep(1.0)
+    assert not _shadow_rows(g, after) and current_deployment(g["storage"])["version"] == v["a"]
+    assert [e["event"] for e in rollout_history(g["storage"], 2)] == ["abort", "start"]
+
+
+def test_a_canary_answers_its_share_of_clients_sticky_and_promote_under_load_fails_no_request(gate):
+    g, v = gate, gate["v"]
+    _no_rollout(g, v["a"])
+    p = subprocess.run([str(BIN / "cvops"), "rollout", "start", NAME, "--version", v["b"], "--mode", "canary", "--fraction", "0.2",
+                        "--by", "canary-test"], cwd=g["root"], env=g["svc"].env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and f"{v['b']} is the candidate in canary, 20% of clients answered by it" in p.stdout, p.stdout + p.stderr
+    _workers_candidate(g, v["b"])
+    clients = [f"client-{i}" for i in range(60)]
+    def two(i):   # each client twice, from any worker: the same version both times
+        return [_predict(g, g["images"][(i + k) % len(g["images"])], clients[i])["model_version"] for k in range(2)]
+    with ThreadPoolExecutor(4) as pool: got = list(pool.map(two, range(len(clients))))
+    assert all(a == b for a, b in got), got                                  # sticky per client
+    expect = [v["b"] if in_canary(c, v["b"], 0.2) else v["a"] for c in clients]
+    assert [a for a, _ in got] == expect, (got, expect)
+    share = sum(e == v["b"] for e in expect) / len(clients)
+    assert 0.08 <= share <= 0.35, share                                     # about 20 % of the clients
+    # promote under load: every request answered
+    with PredictionLoad(g["svc"], [encode(x, "PNG") for x in g["images"][:10]], n=4) as load:
+        time.sleep(1.0)
+        r = _rollout(g, "POST", "/rollout/promote", reason="canary looks good")
+        time.sleep(2.0)
+    assert r.status_code == 200 and r.json()["version"] == v["b"] and r.json()["previous_version"] == v["a"], r.text
+    assert not load.failed() and len(load.results) > 20, (load.failed()[:3], len(load.results))
+    _every_worker_serves(g, v["b"])
+    _workers_candidate(g, None)
+    assert current_candidate(g["storage"]) is None
+    assert deployment_history(g["storage"], 1)[0]["reason"].startswith("promoted from canary (0.2): canary looks good")
+    assert [e["event"] for e in rollout_history(g["storage"], 2)] == ["promote", "start"]
+    _ensure_serving(g, v["a"])
+
+
+def test_a_candidate_whose_golden_set_does_not_match_is_refused(gate):
+    g, v = gate, gate["v"]
+    _no_rollout(g, v["a"])
+    n = len(rollout_history(g["storage"]))
+    r = _rollout(g, "PUT", "/rollout", model_name=NAME, version=v["altered"], mode="shadow", fraction=0.5)
+    assert r.status_code == 409 and "golden-set images do not give the predictions" in r.json()["error"], r.text
+    assert current_candidate(g["storage"]) is None and len(rollout_history(g["storage"])) == n
+    _workers_candidate(g, None, timeout=3)

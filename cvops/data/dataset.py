@@ -26,7 +26,8 @@ __all__ = ['FASHION_MNIST_CLASSES', 'FASHION_MNIST_DIR', 'SPLITS', 'ImageSource'
            'MissingDatasetError', 'DatasetFallbackWarning', 'in_ci', 'has_fashion_mnist', 'load_default_source',
            'sample_splits', 'annotation_frame', 'write_images', 'write_split_layout', 'write_class_folder_layout',
            'CommandError', 'run_cmd', 'git', 'dvc', 'list_git_tags', 'is_dataset_repo', 'split_counts',
-           'build_dataset_repo', 'synthetic_image', 'make_synthetic_dataset']
+           'commit_version', 'build_dataset_repo', 'synthetic_image', 'make_synthetic_dataset',
+           'synthetic_dataset_repo']
 
 # %% ../../notebooks/lib/data/01_dataset.ipynb #dfe744f2
 FASHION_MNIST_CLASSES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat",
@@ -209,6 +210,17 @@ def split_counts(path) -> dict:
     return {s: int((df.split == s).sum()) for s in SPLITS}
 
 # %% ../../notebooks/lib/data/01_dataset.ipynb #cf5df1ea
+def _configure_dvc(dest: Path, remote: Path):
+    """Analytics off, the workspace linked to the cache, `remote` the default remote: what `dvc config` and `dvc remote add -d`
+    write, through DVC's own config writer in this process (each `dvc` command costs seconds of start-up)."""
+    from dvc.config import Config
+    with Config(dvc_dir=str(dest / ".dvc")).edit("repo") as conf:
+        conf["core"]["analytics"] = "false"
+        # link the workspace to the cache instead of copying each image into it (DVC then keeps the files read-only)
+        conf["cache"]["type"] = "reflink,hardlink,copy"
+        conf["core"]["remote"] = "local"
+        conf["remote"]["local"] = {"url": str(remote)}
+
 def _init_repo(dest: Path, remote: Path):
     "A fresh git repo with a local identity and DVC set up to push to `remote`."
     dest.mkdir(parents=True, exist_ok=True); remote.mkdir(parents=True, exist_ok=True)
@@ -216,20 +228,19 @@ def _init_repo(dest: Path, remote: Path):
     git(dest, "config", "user.name", "cvops"); git(dest, "config", "user.email", "cvops@localhost")
     git(dest, "config", "commit.gpgsign", "false"); git(dest, "config", "tag.gpgsign", "false")
     dvc(dest, "init", "-q")
-    dvc(dest, "config", "core.analytics", "false")
-    # link the workspace to the cache instead of copying each image into it (DVC then keeps the files read-only)
-    dvc(dest, "config", "cache.type", "reflink,hardlink,copy")
-    dvc(dest, "remote", "add", "-d", "local", str(remote))
+    _configure_dvc(dest, remote)
     git(dest, "add", ".dvc", ".dvcignore")
     git(dest, "commit", "-q", "-m", "Initialise DVC")
 
-def _commit_version(dest: Path, tag: str, files: list[str], message: str):
-    "`dvc add images`, commit `files`, tag and push the images to the remote."
+def commit_version(dest: Path, tag: str, files: list[str], message: str) -> str:
+    """`dvc add images`, commit `files`, push the images to the remote, then tag: the tag appears only once the version
+    is complete (a failed push leaves no tag). Returns the commit."""
     dvc(dest, "add", "-q", "images")
     git(dest, "add", *files)
     git(dest, "commit", "-q", "-m", message)
-    git(dest, "tag", "-a", tag, "-m", message)
     dvc(dest, "push", "-q")
+    git(dest, "tag", "-a", tag, "-m", message)
+    return git(dest, "rev-parse", "HEAD")
 
 def build_dataset_repo(dest, remote, source: Optional[ImageSource] = None, n_train: Optional[int] = 55000,
                        n_valid: Optional[int] = 3000, n_test: Optional[int] = 2000, seed: int = 0,
@@ -245,14 +256,14 @@ def build_dataset_repo(dest, remote, source: Optional[ImageSource] = None, n_tra
     images, labels, splits = sample_splits(source, n_train, n_valid, n_test, seed)
     _init_repo(dest, remote)
     write_class_folder_layout(dest, images, labels, source.classes, seed, progress)
-    _commit_version(dest, "v1.0.0", ["images.dvc", ".gitignore"],
+    commit_version(dest, "v1.0.0", ["images.dvc", ".gitignore"],
                     f"v1.0.0: {source.name} images in class folders, mixed formats and sizes")
     # v1's 60,000 files are in the cache and the remote; unlinking them takes as long as writing v2, so both at once
     old = dest.parent/f".{dest.name}.v1.0.0-images-deleted"
     (dest/"images").rename(old)
     deleting = threading.Thread(target=shutil.rmtree, args=(old,), kwargs={"ignore_errors": True}); deleting.start()
     write_split_layout(dest, images, labels, splits, source.classes, progress)
-    _commit_version(dest, "v2.0.0", ["images.dvc", "annotation_df.csv"],
+    commit_version(dest, "v2.0.0", ["images.dvc", "annotation_df.csv"],
                     f"v2.0.0: {source.name} train/valid/test split as JPEG, annotation_df.csv")
     deleting.join()
     return summary(True)
@@ -317,3 +328,13 @@ def make_synthetic_dataset(dest, classes: Sequence[str], n_per_class_per_split=(
     df = annotation_frame(paths, splits, np.array(rows), classes)
     df.to_csv(dest/"annotation_df.csv", index=False)
     return df
+
+# %% ../../notebooks/lib/data/01_dataset.ipynb #53e694da
+def synthetic_dataset_repo(dest, remote, classes: Sequence[str], n_per_class_per_split=(4, 2, 2), seed: int = 0,
+                           tag: str = "v2.0.0") -> Path:
+    "`make_synthetic_dataset` as a git + DVC dataset repository (local remote `remote`) with one version, `tag`: for tests."
+    dest, remote = Path(dest).absolute(), Path(remote).absolute()
+    _init_repo(dest, remote)
+    make_synthetic_dataset(dest, classes, n_per_class_per_split, seed=seed)
+    commit_version(dest, tag, ["images.dvc", ".gitignore", "annotation_df.csv"], f"{tag}: synthetic images of {', '.join(classes)}")
+    return dest

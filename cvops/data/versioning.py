@@ -14,7 +14,7 @@ import yaml
 from .dataset import CommandError, dvc, git, list_git_tags
 
 # %% auto #0
-__all__ = ['DatasetError', 'is_git_repo', 'dvc_md5', 'check_dataset', 'checkout_dataset', 'check_dataset_version']
+__all__ = ['DatasetError', 'is_git_repo', 'dvc_md5', 'check_dataset', 'images_match', 'checkout_dataset', 'check_dataset_version']
 
 # %% ../../notebooks/lib/data/02_versioning.ipynb #61b5f179
 class DatasetError(ValueError):
@@ -59,8 +59,8 @@ def _move_to_tag(path: Path, tag: str):
                            f"({', '.join(dirty[:3])}); commit or discard them first")
     git(path, "checkout", "--quiet", tag)
 
-def _images_match(path: Path) -> bool:
-    "True when the files on disk are exactly what the checked-out `.dvc` files describe."
+def images_match(path) -> bool:
+    "True when the files on disk are exactly what the checked-out `.dvc` files describe (`dvc status` is empty)."
     return json.loads(dvc(path, "status", "--json") or "{}") == {}
 
 def _restore_images(path: Path):
@@ -75,10 +75,10 @@ def checkout_dataset(path, tag: Optional[str], dvc_checkout: bool = True) -> dic
     check_dataset(path, tag, dvc_checkout)
     if not dvc_checkout: return dict(tag=tag, git_commit=_git_commit(path), dvc_md5=None, restored=False)
     _move_to_tag(path, tag)
-    restored = not _images_match(path)
+    restored = not images_match(path)
     if restored:
         _restore_images(path)
-        if not _images_match(path): raise DatasetError(f"dataset.path: {path} images do not match {tag} after dvc checkout")
+        if not images_match(path): raise DatasetError(f"dataset.path: {path} images do not match {tag} after dvc checkout")
     return dict(tag=tag, git_commit=_git_commit(path), dvc_md5=dvc_md5(path), restored=restored)
 
 # %% ../../notebooks/lib/data/02_versioning.ipynb #d0b3ec64

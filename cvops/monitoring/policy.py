@@ -24,8 +24,7 @@ __all__ = ['PROPOSALS_DIR', 'OPEN', 'DECIDED', 'RETRAIN_ENV', 'PolicyError', 'ut
            'proposals_lock', 'write_proposal', 'read_proposal', 'list_proposals', 'find_proposal', 'describe',
            'update_proposal', 'fail_proposal', 'make_proposal', 'is_open', 'record_proposal', 'recent_runs',
            'run_summary', 'drift_trigger', 'accuracy_trigger', 'policy_of', 'evaluate_policy', 'expire_proposals',
-           'pipeline_candidate', 'comparison_snapshot', 'decide', 'semver', 'newest_tag', 'proposal_to_build',
-           'proposal_line']
+           'pipeline_candidate', 'comparison_snapshot', 'decide', 'proposal_to_build', 'proposal_line']
 
 # %% ../../notebooks/lib/monitoring/08_policy.ipynb #c8adc1c8
 PROPOSALS_DIR = "deployments/proposals"
@@ -307,7 +306,7 @@ def comparison_snapshot(storage, candidate: dict, snapshot=None) -> dict:
                           "metrics": numbers(candidate["model_name"], candidate["version"])},
             "serving": {"version": serving.get("version"), "deployed_at": serving.get("deployed_at"), "metrics": serving.get("metrics")}}
     if snapshot is not None:
-        try: snap["shadow"] = snapshot(candidate)
+        try: snap["shadow"] = json.loads(json.dumps(snapshot(candidate), default=str))   # times, numpy numbers: as text
         except Exception as e: snap["shadow"] = {"error": f"{type(e).__name__}: {e}"}
     return snap
 
@@ -339,16 +338,6 @@ def decide(storage, proposal_id: str, approve: bool, by: str | None = None, reas
     return update_proposal(storage, p["id"], verb, expect=OPEN + ("expired",), by=by, note=reason, now=now, decision=decision)
 
 # %% ../../notebooks/lib/monitoring/08_policy.ipynb #39c513e2
-def semver(tag: str) -> tuple | None:
-    "`v2.10.0` -> (2, 10, 0); None for a tag that is no version number."
-    m = re.fullmatch(r"v?(\d+)\.(\d+)(?:\.(\d+))?", tag or "")
-    return None if m is None else tuple(int(x or 0) for x in m.groups())
-
-def newest_tag(tags) -> str | None:
-    "The newest of `tags` in semantic-version order (`v2.10.0` after `v2.9.1`); tags that are no version are ignored."
-    versions = [t for t in tags if semver(t) is not None]
-    return max(versions, key=semver) if versions else None
-
 def proposal_to_build(storage, key: str | None, cfg: RetrainConfig, by: str, now=None) -> dict:
     "The proposal `cvops retrain` builds: `key`'s, else the open one if not built yet, else a new `manual` one (recorded)."
     if key:

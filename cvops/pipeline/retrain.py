@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from ..config import find_project_root, load_config, load_section, resolve_path
+from ..data.feedback import version_tags
 from ..monitoring.policy import (RETRAIN_ENV, PolicyError, describe, evaluate_policy, expire_proposals, fail_proposal,
-                                     newest_tag, proposal_line, proposal_to_build, read_proposal, record_proposal,
-                                     update_proposal, when)
+                                     proposal_line, proposal_to_build, read_proposal, record_proposal, update_proposal, when)
 from ..registry.deploy import default_deployer
 from ..registry.versions import current_deployment
 
@@ -22,11 +22,11 @@ __all__ = ['retrain_config', 'retrain', 'apply_policy']
 def retrain_config(root, config_path, proposal_id: str, var) -> tuple[Path, str | None]:
     "(a copy of the config whose `dataset.tag` is the dataset repository's newest tag, that tag): what a retraining builds with."
     import yaml
-    from cvops.data.dataset import list_git_tags
     root, src = Path(root), resolve_path(config_path, root)
     cfg = load_config(src)                                        # the whole config, checked before anything is written
     raw = yaml.safe_load(src.read_text())
-    tag = newest_tag(list_git_tags(resolve_path(cfg.dataset.path, root))) if cfg.dataset.dvc_checkout else None
+    tags = version_tags(resolve_path(cfg.dataset.path, root)) if cfg.dataset.dvc_checkout else []   # oldest to newest
+    tag = tags[-1] if tags else None
     if tag: raw["dataset"]["tag"] = tag
     out = Path(var) / "retrain" / f"{proposal_id}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)

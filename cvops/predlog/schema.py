@@ -11,8 +11,8 @@ from pathlib import Path
 import sqlalchemy as sa
 
 # %% auto #0
-__all__ = ['metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'MIGRATIONS', 'pack_features', 'unpack_features',
-           'make_engine', 'migrate']
+__all__ = ['metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'shadow_predictions', 'MIGRATIONS', 'pack_features',
+           'unpack_features', 'make_engine', 'migrate']
 
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #bfc1a598
 metadata = sa.MetaData()
@@ -115,6 +115,22 @@ def _estimate_columns():
 feedback = sa.Table("feedback", metadata, *_feedback_columns())
 drift_reports = sa.Table("drift_reports", metadata, *_drift_reports_columns(), *_estimate_columns())
 
+def _shadow_columns():
+    "A candidate's outputs for requests the serving version answered (`role` shadow), beside `predictions`' answers."
+    return [sa.Column("id", _ID, primary_key=True, autoincrement=True),
+            sa.Column("request_id", sa.String(32), nullable=False, unique=True),   # the request the serving version answered
+            sa.Column("created_on", sa.DateTime(timezone=True), nullable=False),
+            sa.Column("role", sa.String(16), nullable=False),
+            sa.Column("model_name", sa.String(128), nullable=False),
+            sa.Column("model_version", sa.String(160), nullable=False),
+            sa.Column("top_class", sa.String(128)),
+            sa.Column("probabilities", sa.JSON),
+            sa.Column("latency_ms", sa.Float),                                     # the candidate's model call, per image
+            sa.Column("error", sa.Text)]
+
+shadow_predictions = sa.Table("shadow_predictions", metadata, *_shadow_columns(),
+                              sa.Index("ix_shadow_version_time", "model_version", "created_on"))
+
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #cf758b50
 def make_engine(url: str):
     "One engine per process; SQLite in WAL mode with a busy timeout, pre-ping for servers."
@@ -149,8 +165,12 @@ def _m0003_feature_blob(op):
 def _m0004_estimated_accuracy(op):
     for col in _estimate_columns(): op.add_column("drift_reports", col)   # nullable: older runs have no estimate
 
+def _m0005_shadow(op):
+    op.create_table("shadow_predictions", *_shadow_columns())
+    op.create_index("ix_shadow_version_time", "shadow_predictions", ["model_version", "created_on"])
+
 MIGRATIONS = [("0001_initial", _m0001_initial), ("0002_monitoring", _m0002_monitoring), ("0003_feature_blob", _m0003_feature_blob),
-              ("0004_estimated_accuracy", _m0004_estimated_accuracy)]
+              ("0004_estimated_accuracy", _m0004_estimated_accuracy), ("0005_shadow", _m0005_shadow)]
 _version_table = sa.Table("alembic_version", sa.MetaData(), sa.Column("version_num", sa.String(32), primary_key=True))
 
 def migrate(engine) -> list[str]:

@@ -57,7 +57,7 @@ def read_records(path) -> list[dict]:
             try: d = json.loads(line, object_hook=_json_hook)
             except ValueError:
                 log.warning("prediction log: %s line %d is incomplete (a write cut short by a crash); skipped", path, n + 1); continue
-            d["api"] = _decode_row(d["api"])
+            d["api"] = _decode_row(d["api"]) if d.get("api") else None   # None: a shadow row (`PredictionLog.log_shadow`)
             d["prediction"] = _decode_row(d["prediction"]) if d.get("prediction") else None
             d["image"] = tuple(d["image"]) if d.get("image") else None
             out.append(d)

@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .images import ImageStore
-from .schema import api_log, predictions
+from .schema import api_log, predictions, shadow_predictions
 from .spill import SpillFolder, WriteAheadLog, brief_error, claim_orphans, read_records, settle
 
 # %% auto #0
@@ -51,13 +51,17 @@ def _insert_ignoring_duplicates(conn, table, rows):
 def insert_rows(engine, batch):
     "Insert a batch of `(api, prediction or None, …)` rows in one transaction, skipping rows already there; a lost connection is retried."
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
-    api_rows = [_text_safe(it[0]) for it in batch]; pred_rows = [_text_safe(it[1]) for it in batch if it[1] is not None]
+    api_rows = [_text_safe(it[0]) for it in batch if it[0] is not None]
+    pred_rows, shadow_rows = [], []   # a candidate's output (`role` shadow) has no api row of its own: the request has one
+    for it in batch:
+        if it[1] is not None: (shadow_rows if "role" in it[1] else pred_rows).append(_text_safe(it[1]))
     for attempt in Retrying(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.05, max=0.5),
                             retry=retry_if_exception_type(CONNECTION), reraise=True):
         with attempt:
             with engine.begin() as conn:
                 _insert_ignoring_duplicates(conn, api_log, api_rows)
                 _insert_ignoring_duplicates(conn, predictions, pred_rows)
+                _insert_ignoring_duplicates(conn, shadow_predictions, shadow_rows)
 
 def _segments_of(batch) -> list:
     "The WAL segment of each row that has one."
@@ -188,7 +192,7 @@ class RowWriter:
         self.stats.rejected += len(refused)
         if self.wal is not None: self.wal.done(_segments_of(rows))
         for r, why in refused:
-            log.error("prediction log: row %s refused (%s); kept in %s", r[0].get("request_id"), why, path)
+            log.error("prediction log: row %s refused (%s); kept in %s", (r[0] or r[1]).get("request_id"), why, path)
 
     def write_file(self, path, batch_size: int) -> int:
         "Write a file's records to the database (idempotent); refused rows go to a rejected file. Raises on an outage."
@@ -318,6 +322,12 @@ class PredictionLog(LogStats):
         self._enqueue([(api_row, prediction_row, image, None)])
         return None
 
+    def log_shadow(self, rows: list[dict]):
+        """Queue a candidate's outputs (`shadow_predictions` rows, with `role`) for requests already answered and logged. Kept as
+        async rows are in either mode (memory, spilled to disk in an outage and at exit), never in the write-ahead log: no
+        client waits for them, and a crash loses at most the shadow rows in memory, never a served answer's rows."""
+        if rows: self._enqueue([(None, r, None, None) for r in rows])
+
     async def keep(self, api_row: dict, prediction_row: dict | None = None, image: tuple | None = None):
         "`log`, awaited: in durable mode returns once the rows are kept; raises `LogUnavailable`."
         import asyncio
@@ -382,7 +392,7 @@ class PredictionLog(LogStats):
         with self.queue.cv: self._stopping = True; self.queue.cv.notify()
         if self._thread: self._thread.join(max(0.1, t_end - time.monotonic()))
         if self.wal is not None: self.wal.release()
-        else: self._spill_on_exit()
+        self._spill_on_exit()
         if self.images is not None: self.images.stop(max(0.1, t_end - time.monotonic()))   # a last upload round
 
     def replay_all(self, rejected: bool = False) -> dict:
@@ -390,9 +400,10 @@ class PredictionLog(LogStats):
         return self.recovery.replay_all(rejected)
 
     def _spill_on_exit(self):
-        "Async mode: the queue and the batch in the writer's hands go to a spill file (duplicates are ignored on write-back)."
-        if self.wal is not None: return
+        """What only memory holds goes to a spill file (duplicates are ignored on write-back): async mode, the queue and the batch in
+        the writer's hands; durable, their rows the write-ahead log does not hold (shadow rows, rows logged with `durable=False`)."""
         batch = list(self._inflight or []) + self.queue.drain()
+        if self.wal is not None: batch = [it for it in batch if it[3] is None]
         if not batch: return
         try:
             self.spill.spill(self.rows.store_images(batch)); self.spilled += len(batch)
@@ -467,9 +478,10 @@ class PredictionLog(LogStats):
         batch = self.queue.shed(self.max_buffer // 2, self.max_buffer_bytes // 2)
         if not batch: return
         if self.wal is not None:
-            self.wal.dropped(_segments_of(batch))
-            self.spilled += len(batch)
-            return
+            in_wal = [it for it in batch if it[3] is not None]
+            self.wal.dropped(_segments_of(in_wal)); self.spilled += len(in_wal)
+            batch = [it for it in batch if it[3] is None]   # not in the WAL (shadow rows): to a spill file, as in async mode
+            if not batch: return
         try: path = self.spill.spill(self.rows.store_images(batch))
         except OSError as e:
             self.disk_error, self.disk_error_at = brief_error(e), time.monotonic()
@@ -481,12 +493,13 @@ class PredictionLog(LogStats):
 
 # %% ../../notebooks/lib/predlog/04_writer.ipynb #820b85f1
 def prune_log(engine, retention_days: float) -> dict:
-    "Delete `api_log` and `predictions` rows older than `retention_days` (0: keep all); returns the rows deleted per table."
+    "Delete `api_log`, `predictions` and `shadow_predictions` rows older than `retention_days` (0: keep all); returns the rows deleted per table."
     from datetime import timedelta, timezone
-    if not retention_days: return {"api_log": 0, "predictions": 0}
+    tables = (api_log, predictions, shadow_predictions)
+    if not retention_days: return {t.name: 0 for t in tables}
     cutoff = datetime.now(timezone.utc) - timedelta(days=retention_days)
     with engine.begin() as c:
-        return {t.name: c.execute(t.delete().where(t.c.created_on < cutoff)).rowcount for t in (api_log, predictions)}
+        return {t.name: c.execute(t.delete().where(t.c.created_on < cutoff)).rowcount for t in tables}
 
 def run_retention(lock_path, interval: float, engine, images: ImageStore | None, image_days: float, log_days: float,
                   force: bool = False) -> dict | None:

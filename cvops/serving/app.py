@@ -188,6 +188,8 @@ async def lifespan(app: FastAPI):
     await asyncio.to_thread(state.start)
     try: await state.sync_with_pointer()     # serve the pointer's version before reporting ready
     except Exception: log.exception("worker %d: the first pointer check failed; retrying", os.getpid())  # never fail the boot
+    try: await state.sync_with_candidate()   # a rollout under way: its candidate from the first request
+    except Exception: log.exception("worker %d: the first candidate check failed; retrying", os.getpid())
     await asyncio.to_thread(state.report)
     await asyncio.to_thread(freeze_heap)
     watcher = asyncio.create_task(state.watch())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import json
 import re
 import time
 from datetime import datetime, timezone
@@ -27,13 +28,15 @@ from .worker import NoModelError, WorkerState, freeze_heap, metrics_log_state, r
 
 # %% auto #0
 __all__ = ['WorkerDep', 'SettingsDep', 'NO_MODEL', 'RAW_TYPES', 'INLINE_CHECK_BYTES', 'PREDICT_BODY', 'predict_router',
-           'models_router', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'feedback_router', 'ops_router', 'page_router', 'routers',
-           'worker_of', 'settings_of', 'worker_of_app', 'ApiError', 'ErrorResponse', 'check_bearer', 'require_admin',
-           'require_feedback_token', 'PredictionResponse', 'read_body', 'read_upload', 'predict', 'predict_answer',
-           'heatmap_query', 'DeployRequest', 'DeploymentResponse', 'ServingInfo', 'wait_for_workers', 'models_current',
-           'deploy_version', 'models_history', 'queued_prediction', 'lookup_prediction', 'store_feedback',
-           'find_prediction', 'FeedbackRequest', 'FeedbackResponse', 'post_feedback', 'Health', 'Readiness',
-           'database_problem', 'log_readiness', 'health', 'ready', 'metrics', 'upload_page', 'page']
+           'models_router', 'FEEDBACK_WAIT_S', 'REQUEST_ID', 'feedback_router', 'ops_router', 'rollout_router',
+           'page_router', 'routers', 'worker_of', 'settings_of', 'worker_of_app', 'ApiError', 'ErrorResponse',
+           'check_bearer', 'require_admin', 'require_feedback_token', 'PredictionResponse', 'read_body', 'read_upload',
+           'predict', 'predict_answer', 'heatmap_query', 'DeployRequest', 'DeploymentResponse', 'ServingInfo',
+           'wait_for_workers', 'models_current', 'deploy_version', 'models_history', 'queued_prediction',
+           'lookup_prediction', 'store_feedback', 'find_prediction', 'FeedbackRequest', 'FeedbackResponse',
+           'post_feedback', 'Health', 'Readiness', 'database_problem', 'log_readiness', 'health', 'ready', 'metrics',
+           'RolloutRequest', 'RolloutEnd', 'rollout_status', 'rollout_start', 'rollout_promote', 'rollout_abort',
+           'upload_page', 'page']
 
 # %% ../../notebooks/lib/serving/03_routes.ipynb #e903346b
 async def worker_of(request: Request) -> WorkerState:
@@ -138,7 +141,10 @@ async def predict_answer(request: Request, heatmap: bool) -> Response:
     limits = (ctype, settings.max_upload_bytes, settings.max_image_pixels)
     try:
         upload = check_upload(data, *limits) if len(data) <= INLINE_CHECK_BYTES else await asyncio.to_thread(check_upload, data, *limits)
-        lv, out = await state.batcher.submit(upload, heatmap)
+        canary = shadow = False
+        if state.candidate is not None:   # a rollout: the client's key (X-Client-ID, else its address) decides a canary
+            canary, shadow = state.route(request.state.request_id, request.headers.get("x-client-id") or (request.client.host if request.client else None))
+        lv, out = await state.batcher.submit(upload, heatmap, canary, request.state.request_id if shadow else None)
     except ImageError as e: raise ApiError(e.status, str(e))
     except NoModelError: raise ApiError(503, NO_MODEL)
     probs = class_probabilities(out["probs"], lv.classes)
@@ -393,6 +399,99 @@ async def metrics(state: WorkerDep):
     body, ctype = await asyncio.to_thread(render_metrics)
     return Response(body, media_type=ctype)
 
+# %% ../../notebooks/lib/serving/03_routes.ipynb #1edd459e
+class RolloutRequest(BaseModel):
+    model_name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")
+    version: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,128}@[0-9TZ]{1,40}$", description="default: the latest published")
+    mode: str = Field("shadow", pattern=r"^(shadow|canary)$", description="shadow: also run through the candidate, answered by the serving version; canary: the candidate answers")
+    fraction: float = Field(0.1, gt=0, le=1, description="shadow: the share of requests also run through the candidate; canary: the share of clients it answers")
+    reason: str = Field("", max_length=500)
+
+class RolloutEnd(BaseModel):
+    reason: str = Field("", max_length=500)
+
+rollout_router = APIRouter(tags=["rollout"])
+_ADMIN = dict(dependencies=[Depends(require_admin)], responses={s: {"model": ErrorResponse} for s in (401, 403, 404, 409, 422)})
+
+def _who(request: Request, header: str | None) -> str:
+    return f"{header or 'api'} ({request.client.host if request.client else '?'})"
+
+async def _workers_with(var, key: str, want, timeout: float = 10.0) -> dict:
+    "pid -> the worker's `key` (version or candidate) on this host, once all have `want` (or `timeout` seconds passed)."
+    from cvops.predlog.spill import pid_alive
+    out = {}
+    for _ in range(int(timeout / 0.1)):
+        out = {}
+        for f in (var / "workers").glob("*.json"):
+            try: d = json.loads(f.read_text())
+            except (OSError, ValueError): continue
+            if pid_alive(d["pid"]): out[str(d["pid"])] = d.get(key)
+        if all(v == want for v in out.values()): break
+        await asyncio.sleep(0.1)
+    return out
+
+@rollout_router.get("/rollout", summary="The running rollout (candidate, mode, fraction), the workers' versions, and the candidate against the serving version")
+async def rollout_status(state: WorkerDep, settings: SettingsDep):
+    from cvops.monitoring.compare import rollout_comparison
+    from cvops.registry.rollout import current_candidate, rollout_history
+    from cvops.registry.versions import DeployError
+    try: record = await asyncio.to_thread(current_candidate, settings.storage)
+    except DeployError as e: raise ApiError(e.status, str(e))
+    cmp = await asyncio.to_thread(rollout_comparison, state.engine, settings.storage, record) if record else None
+    workers = await _workers_with(settings.var, "candidate", None, timeout=0)
+    return {"candidate": record, "comparison": cmp, "workers_candidate": workers, "candidate_error": state.candidate_error,
+            "history": await asyncio.to_thread(rollout_history, settings.storage, 10)}
+
+@rollout_router.put("/rollout", summary="Start a rollout: a published version becomes the candidate (shadow or canary) once it passes the gate", **_ADMIN)
+async def rollout_start(body: RolloutRequest, request: Request, state: WorkerDep, settings: SettingsDep,
+                        x_deployed_by: Optional[str] = Header(None, max_length=100)):
+    from cvops.registry.rollout import start_rollout
+    from cvops.registry.versions import DeployError, resolve_version
+    from cvops.serving.gate import gate_version
+    from cvops.serving.inference import load_for_serving
+    try:
+        version, folder = await asyncio.to_thread(resolve_version, settings.storage, body.model_name, body.version)
+        lv, checks = await asyncio.to_thread(gate_version, folder, settings.storage, load_for_serving, settings, state.serving)
+        record = await asyncio.to_thread(start_rollout, settings.storage, body.model_name, version, body.mode, body.fraction,
+                                         _who(request, x_deployed_by), body.reason, loaded=lv, checks=checks)
+        state.candidate, state.candidate_record, state.candidate_error = lv, {k: v for k, v in record.items() if k != "registry"}, None
+        await asyncio.to_thread(state.report)
+    except DeployError as e: raise ApiError(e.status, str(e))
+    return {**record, "workers_candidate": await _workers_with(settings.var, "candidate", version)}
+
+@rollout_router.post("/rollout/promote", summary="Promote the candidate: gated again, deployed, the rollout ended", **_ADMIN)
+async def rollout_promote(body: RolloutEnd, request: Request, state: WorkerDep, settings: SettingsDep,
+                          x_deployed_by: Optional[str] = Header(None, max_length=100)):
+    from cvops.registry.rollout import current_candidate, promote_rollout
+    from cvops.registry.versions import DeployError, resolve_version
+    from cvops.serving.gate import gate_version
+    from cvops.serving.inference import load_for_serving
+    try:
+        cand = await asyncio.to_thread(current_candidate, settings.storage)
+        if cand is None: raise DeployError("no rollout is running: nothing to promote", 409)
+        _, folder = await asyncio.to_thread(resolve_version, settings.storage, cand["model_name"], cand["version"])
+        async with state.swap_lock:
+            lv, checks = await asyncio.to_thread(gate_version, folder, settings.storage, load_for_serving, settings, state.serving)
+            record = await asyncio.to_thread(promote_rollout, settings.storage, _who(request, x_deployed_by), body.reason,
+                                             lambda f: (lv, checks), cand["version"])
+            state.swap(lv, record); state.note_skew(record["version"])
+            state.candidate = state.candidate_record = None
+        await asyncio.to_thread(state.report)
+        await asyncio.to_thread(freeze_heap)
+    except DeployError as e: raise ApiError(e.status, str(e))
+    return {**record, "workers": await _workers_with(settings.var, "version", record["version"])}
+
+@rollout_router.post("/rollout/abort", summary="Abort the rollout: the serving version alone answers again", **_ADMIN)
+async def rollout_abort(body: RolloutEnd, request: Request, state: WorkerDep, settings: SettingsDep,
+                        x_deployed_by: Optional[str] = Header(None, max_length=100)):
+    from cvops.registry.rollout import abort_rollout
+    from cvops.registry.versions import DeployError
+    try: record = await asyncio.to_thread(abort_rollout, settings.storage, _who(request, x_deployed_by), body.reason)
+    except DeployError as e: raise ApiError(e.status, str(e))
+    state.candidate = state.candidate_record = None
+    await asyncio.to_thread(state.report)
+    return {**record, "workers_candidate": await _workers_with(settings.var, "candidate", None)}
+
 # %% ../../notebooks/lib/serving/03_routes.ipynb #11fae979
 @cache
 def upload_page() -> str:
@@ -404,4 +503,4 @@ page_router = APIRouter()
 @page_router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def page(): return HTMLResponse(upload_page())
 
-routers = [predict_router, ops_router, models_router, feedback_router, page_router]
+routers = [predict_router, ops_router, models_router, rollout_router, feedback_router, page_router]

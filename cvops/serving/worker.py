@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import random
 import struct
 import threading
 import time
@@ -22,8 +23,8 @@ from ..settings import ServiceSettings
 
 # %% auto #0
 __all__ = ['log', 'LOAD_RETRY_MAX_S', 'BOARD', 'NoModelError', 'Batcher', 'metrics_request', 'metrics_batch',
-           'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'freeze_heap', 'workers_serving', 'HotSwap',
-           'InflightBoard', 'over_share', 'WorkerState']
+           'metrics_model_switched', 'metrics_log_state', 'render_metrics', 'freeze_heap', 'workers_serving',
+           'in_canary', 'HotSwap', 'InflightBoard', 'over_share', 'WorkerState']
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #9ca9240a
 log = logging.getLogger("cvops.serving.worker")
@@ -32,15 +33,22 @@ class NoModelError(RuntimeError):
     "Nothing is deployed (or the deployed version could not be loaded)."
 
 class _Job:
-    __slots__ = ("upload", "heatmap", "future", "loop")
-    def __init__(self, upload, heatmap, future, loop): self.upload, self.heatmap, self.future, self.loop = upload, heatmap, future, loop
+    __slots__ = ("upload", "heatmap", "future", "loop", "canary", "shadow_id")
+    def __init__(self, upload, heatmap, future, loop, canary=False, shadow_id=None):
+        self.upload, self.heatmap, self.future, self.loop = upload, heatmap, future, loop
+        self.canary, self.shadow_id = canary, shadow_id   # answered by the candidate; also run through it (its request id)
 
 class Batcher:
     "One inference thread: batches queued uploads into one call of the serving version."
-    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024, on_batch=None, gather_s: float = 0.0):
+    def __init__(self, get_version, max_batch: int = 16, display_side: int = 1024, on_batch=None, gather_s: float = 0.0,
+                 get_candidate=None, on_shadow=None):
         """`on_batch(images, heatmap)` is told of each model call (the worker counts them in its metrics). `gather_s`: how long
-        a batch may wait for the clients of the batch before it to come back (`_take`); 0: never waits."""
+        a batch may wait for the clients of the batch before it to come back (`_take`); 0: never waits. `get_candidate()`: the
+        rollout's candidate (None: none), which answers canary jobs and runs shadow jobs; `on_shadow(candidate, rows)` gets
+        its outputs for the shadow jobs, once their clients have their answers."""
         self.get_version, self.max_batch, self.display_side, self.gather_s = get_version, max_batch, display_side, gather_s
+        self.get_candidate = get_candidate or (lambda: None)
+        self.on_shadow = on_shadow or (lambda candidate, rows: None)
         self._last = 1                            # jobs in the last batch
         self.on_batch = on_batch or (lambda images, heatmap: None)
         self._q: queue.Queue = queue.Queue()      # lists of jobs (one per turn of an event loop); None: stop
@@ -53,14 +61,15 @@ class Batcher:
     def start(self): self._thread.start(); return self
     def stop(self): self._q.put(None); self._thread.join(10)
 
-    async def submit(self, upload, heatmap: bool):
-        """Run one upload through the serving version; returns (version, outputs of this image). The uploads submitted during
-        one turn of the event loop go to the inference thread together, at the end of that turn (one wake-up, no wait)."""
+    async def submit(self, upload, heatmap: bool, canary: bool = False, shadow_id: str | None = None):
+        """Run one upload through the serving version (`canary`: the candidate, when one is loaded); returns (version, outputs of
+        this image). `shadow_id`: also run it through the candidate after the answer, logged under this request id. The uploads
+        submitted during one turn of the event loop go to the inference thread together, at the end of that turn (one wake-up)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
             pending = self._pending.setdefault(loop, [])
-            pending.append(_Job(upload, heatmap, fut, loop))
+            pending.append(_Job(upload, heatmap, fut, loop, canary, shadow_id))
             first = len(pending) == 1
         if first: loop.call_soon(self._hand_over, loop)
         return await fut
@@ -112,13 +121,14 @@ class Batcher:
         """Decode the jobs for the version serving now, then one model call per heatmap setting (and the overlays, base64 PNG, in
         `heatmap`/`overlay`); every job is answered."""
         from cvops.serving.inference import predict_uploads, render_heatmap
-        lv = self.get_version()
+        lv, cand = self.get_version(), self.get_candidate()
         if lv is None: return self._settle([(j, None, NoModelError()) for j in jobs])
         answers = []
-        for flag in (True, False):
-            group = [j for j in jobs if j.heatmap == flag]
+        for by, flag in ((lv, True), (lv, False), (cand, True), (cand, False)):
+            if by is None: continue
+            group = [j for j in jobs if j.heatmap == flag and (j.canary and cand is not None) == (by is cand)]
             if not group: continue
-            outs = predict_uploads(lv, [j.upload for j in group], flag, self.display_side)   # decode + one model call
+            outs = predict_uploads(by, [j.upload for j in group], flag, self.display_side)   # decode + one model call
             called = sum(isinstance(o, dict) for o in outs)
             if called: self.batches += 1; self.images += called; self.on_batch(called, flag)
             failed = next((o for o in outs if isinstance(o, Exception) and not isinstance(o, ImageError)), None)
@@ -128,8 +138,21 @@ class Batcher:
                 if flag:   # the overlay drawn here, with the batch: no thread hop per request, its clients answered together
                     try: mine["heatmap"], mine["overlay"] = render_heatmap(mine["cam"], j.upload.display, self.display_side)
                     except Exception as e: log.exception("heatmap failed"); answers.append((j, None, e)); continue
-                answers.append((j, (lv, mine), None))
+                answers.append((j, (by, mine), None))
         self._settle(answers)
+        shadow = [j for j, _, error in answers if j.shadow_id and error is None and not j.canary]
+        if shadow and cand is not None: self._shadow(cand, shadow)
+
+    def _shadow(self, cand, jobs):
+        """Run answered jobs through the candidate (no heatmap), after their clients have their answers: `on_shadow(cand, rows)`
+        with `(request id, outputs or the exception, ms per image)`. Costs the next batch this call's time, never an answer."""
+        from cvops.serving.inference import predict_uploads
+        t0 = time.perf_counter()
+        try: outs = predict_uploads(cand, [j.upload for j in jobs], False, self.display_side)
+        except Exception as e: outs = [e] * len(jobs)
+        ms = (time.perf_counter() - t0) * 1000 / len(jobs)
+        try: self.on_shadow(cand, [(j.shadow_id, o, ms) for j, o in zip(jobs, outs)])
+        except Exception: log.exception("shadow rows could not be logged")
 
 # %% ../../notebooks/lib/serving/02_worker.ipynb #53f66994
 _METRICS = {}
@@ -215,6 +238,11 @@ def workers_serving(var: Path) -> dict:
 # %% ../../notebooks/lib/serving/02_worker.ipynb #75d44438
 LOAD_RETRY_MAX_S = 60.0   # longest wait between two tries to load a version that failed
 
+def in_canary(client: str, version: str, fraction: float) -> bool:
+    "Whether `client` is among the `fraction` of clients a canary of `version` answers (a stable hash: sticky per client)."
+    import zlib
+    return zlib.crc32(f"{version}|{client}".encode()) < fraction * 2**32
+
 class HotSwap:
     "The version one worker serves, swapped for the one the deployment pointer names."
     def __init__(self, settings: ServiceSettings):
@@ -227,6 +255,10 @@ class HotSwap:
         self.pointer_version: str | None = None # the version the pointer named when last read
         self.skew_since: float | None = None    # monotonic time since which the pointer names another version
         self._failed: dict = {}                 # version -> (failed loads, monotonic time of the next try)
+        self.candidate = None                   # LoadedVersion: the rollout's candidate (None: no rollout)
+        self.candidate_record = None            # the candidate pointer's record (mode, fraction) it came from
+        self.candidate_error: str | None = None # why the candidate could not be loaded (the serving version is unaffected)
+        self._candidate_failed: dict = {}
         self.swap_lock = asyncio.Lock()         # one load-and-swap at a time (pointer watch, PUT /models/current)
 
     def swap(self, lv, record):
@@ -239,7 +271,9 @@ class HotSwap:
         d = self.settings.var / "workers"; d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".{os.getpid()}.tmp"
         tmp.write_text(json.dumps({"pid": os.getpid(), "version": self.serving.version if self.serving else None,
-                                   "load_error": self.load_error, "pointer_error": self.pointer_error, "at": time.time()}))
+                                   "load_error": self.load_error, "pointer_error": self.pointer_error, "at": time.time(),
+                                   "candidate": self.candidate.version if self.candidate else None,
+                                   "candidate_error": self.candidate_error}))
         os.replace(tmp, d / f"{os.getpid()}.json")
 
     async def sync_with_pointer(self):
@@ -258,6 +292,51 @@ class HotSwap:
             if self.serving and self.serving.version == want: return
             await self._load(record, failures)
         await asyncio.to_thread(self.report)
+
+    async def sync_with_candidate(self):
+        """Load the candidate pointer's version beside the serving one, or drop it once the rollout has ended. A candidate that
+        fails to load is reported (`/models/current`, `cvops rollout status`) and tried again with backoff; the serving version
+        answers everything meanwhile, as it does when the candidate pointer is unreadable."""
+        from cvops.registry.rollout import current_candidate
+        try: record, err = await asyncio.to_thread(current_candidate, self.settings.storage), None
+        except Exception as e: record, err = None, str(e)
+        want = record["version"] if record else None
+        if want is None or (self.serving and self.serving.version == want):   # no rollout (or just promoted)
+            changed = self.candidate is not None or self.candidate_error != err
+            if self.candidate is not None: log.warning("worker %d drops candidate %s", os.getpid(), self.candidate.version)
+            self.candidate, self.candidate_record, self.candidate_error = None, None, err
+            if changed: await asyncio.to_thread(self.report)
+            return
+        if self.candidate is not None and self.candidate.version == want:
+            self.candidate_record = record; return             # its mode or fraction may have changed
+        failures, next_try = self._candidate_failed.get(want, (0, 0.0))
+        if time.monotonic() < next_try: return
+        from cvops.registry.deploy import check_version
+        from cvops.registry.versions import resolve_version
+        from cvops.serving.inference import load_for_serving
+        try:
+            _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
+            lv = await asyncio.to_thread(check_version, folder, load_for_serving)
+        except Exception as e:
+            delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
+            self._candidate_failed = {want: (failures + 1, time.monotonic() + delay)}
+            self.candidate_error = str(e) or type(e).__name__
+            log.error("worker %d cannot load candidate %s: %s (try %d; the next in %g s)", os.getpid(), want, e, failures + 1, delay)
+            return await asyncio.to_thread(self.report)
+        self._candidate_failed.pop(want, None)
+        self.candidate, self.candidate_record, self.candidate_error = lv, record, None
+        log.warning("worker %d runs candidate %s (%s, fraction %g)", os.getpid(), want, record["mode"], record["fraction"])
+        await asyncio.to_thread(freeze_heap)
+        await asyncio.to_thread(self.report)
+
+    def route(self, request_id: str, client: str | None) -> tuple[bool, bool]:
+        """(canary, shadow) for one `/predict`: in a canary rollout a client is answered by the candidate when its key (`client`:
+        the `X-Client-ID` header, else its address) hashes below the fraction, so it always gets the same version; in a shadow
+        rollout a random `fraction` of requests is also run through the candidate."""
+        cand, rec = self.candidate, self.candidate_record
+        if cand is None or rec is None: return False, False
+        if rec["mode"] == "canary": return in_canary(client or request_id, rec["version"], rec["fraction"]), False
+        return False, random.random() < rec["fraction"]
 
     async def _pointer_unreadable(self, e):
         if self.pointer_error == str(e): return
@@ -279,8 +358,10 @@ class HotSwap:
         from cvops.serving.inference import load_for_serving
         want = record["version"]
         try:
-            _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
-            lv = await asyncio.to_thread(check_version, folder, load_for_serving)
+            if self.candidate is not None and self.candidate.version == want: lv = self.candidate   # promoted: loaded and warmed already
+            else:
+                _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
+                lv = await asyncio.to_thread(check_version, folder, load_for_serving)
         except Exception as e:
             delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
             self._failed = {want: (failures + 1, time.monotonic() + delay)}
@@ -370,7 +451,22 @@ class WorkerState(HotSwap):
         self.plog = PredictionLog(self.engine, s.var / "spill", open_image_store(s),
                                   max_buffer=s.log_max_buffer, max_buffer_bytes=s.log_max_buffer_bytes,
                                   durable=s.log_durability == "durable", group_window=s.log_group_commit_ms / 1000).start()
-        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side, self._answered, s.batch_gather_ms / 1000).start()
+        self.batcher = Batcher(lambda: self.serving, s.max_batch, s.overlay_max_side, self._answered, s.batch_gather_ms / 1000,
+                               get_candidate=lambda: self.candidate, on_shadow=self._shadowed).start()
+
+    def _shadowed(self, cand, outputs):
+        "The candidate's outputs for shadowed requests `[(request id, outputs or exception, ms)]`: `shadow_predictions` rows."
+        from cvops.serving.inference import class_probabilities
+        now, rows = datetime.now(timezone.utc), []
+        for request_id, out, ms in outputs:
+            row = {"request_id": request_id, "created_on": now, "role": "shadow", "model_name": cand.name,
+                   "model_version": cand.version, "latency_ms": round(ms, 3)}
+            if isinstance(out, Exception): row["error"] = f"{type(out).__name__}: {str(out)[:300]}"
+            else:
+                probs = class_probabilities(out["probs"], cand.classes)
+                row.update(top_class=max(probs, key=probs.get), probabilities=probs)
+            rows.append(row)
+        if self.plog is not None: self.plog.log_shadow(rows)
 
     def _answered(self, images: int, heatmap: bool):
         "A model call answered `images` requests: counted in the metrics, and announced to the write-ahead log (one fsync for them)."
@@ -389,6 +485,7 @@ class WorkerState(HotSwap):
             await asyncio.sleep(self.settings.reload_interval)
             try:
                 await self.sync_with_pointer()
+                await self.sync_with_candidate()
                 metrics_log_state(self.plog)
             except Exception: log.exception("pointer check failed")
 
