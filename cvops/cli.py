@@ -9,15 +9,16 @@ import argparse
 import json
 import sys
 
-from .config import ConfigError, find_project_root, resolve_path
+from .config import ConfigError, find_project_root, load_section, resolve_path
 
 # %% auto #0
 __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_dataset_add_feedback',
-           'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models', 'cmd_monitor', 'serve_monitor_metrics',
-           'cmd_log_replay', 'cmd_log_prune', 'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands',
-           'add_export_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands', 'make_parser',
+           'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models', 'cmd_retrain', 'cmd_proposals', 'cmd_decide',
+           'cmd_approve', 'cmd_reject', 'cmd_monitor', 'retraining_policy', 'serve_monitor_metrics', 'cmd_log_replay',
+           'cmd_log_prune', 'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands',
+           'settings_list', 'add_service_commands', 'add_monitor_commands', 'add_policy_commands', 'make_parser',
            'cmd_rollout_start', 'cmd_rollout_status', 'cmd_rollout_promote', 'cmd_rollout_abort',
-           'add_rollout_commands', 'failure_summary', 'is_build_error', 'main']
+           'add_rollout_commands', 'is_build_error', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -155,6 +156,56 @@ def cmd_models(args):
     if not published_models(storage): print(f"no published models in {storage}")
     if problem: raise problem
 
+def cmd_retrain(args):
+    "Build a candidate for a retraining proposal: the pipeline on the dataset's newest tag; the version waits beside the serving one."
+    from cvops.config import load_config
+    from cvops.monitoring.policy import describe
+    from cvops.pipeline.build import summary_lines
+    from cvops.pipeline.retrain import retrain
+    root, say = find_project_root(), lambda line: print(line, flush=True)
+    p, report = retrain(root, args.config, args.proposal, by=args.by, force=args.force, progress=say)
+    for line in summary_lines(report, root): say(line)
+    say(f"proposal {p['id']}: {describe(p)}")
+    say(f"compare it with the serving version, then `cvops approve {p['id']} --reason ...` or `cvops reject {p['id']} --reason ...`")
+    configured = load_config(resolve_path(args.config, root)).dataset.tag
+    if p.get("dataset_tag") and p["dataset_tag"] != configured:
+        say(f"note: {args.config} still names dataset tag {configured}: once the candidate is approved, set dataset.tag: "
+            f"{p['dataset_tag']} there, or the next `cvops build` trains on {configured} again")
+
+def cmd_proposals(args):
+    "List the retraining proposals, newest first, and where each stands (overdue ones expire first)."
+    from cvops.monitoring.policy import OPEN, describe, expire_proposals, list_proposals, when
+    from cvops.settings import central_storage_dir
+    storage = central_storage_dir(find_project_root())
+    expire_proposals(storage)
+    found = list_proposals(storage, OPEN if args.open else None)
+    if not found: print(f"no {'open ' if args.open else ''}retraining proposals in {storage}")
+    for p in found[:args.limit]:
+        print(f"{p['id']}  {p['status']:<10}  {when(p['created_at'])}  {p['serving_version']}: {p['trigger']['summary']}")
+        print(f"    {describe(p)}")
+    if len(found) > args.limit: print(f"... and {len(found) - args.limit} older (--limit)")
+
+def cmd_decide(args, approve: bool):
+    "`cvops approve` / `cvops reject`: a person's decision on a proposal, recorded with who, when, why and the comparison."
+    from cvops.monitoring.compare import rollout_comparison
+    from cvops.monitoring.policy import decide, when
+    from cvops.predlog.schema import make_engine
+    from cvops.serving.gate import version_gate
+    from cvops.settings import load_settings
+    settings = load_settings(root=find_project_root())   # the service's: the gate replays its logged requests
+    storage, eng = settings.storage, make_engine(settings.database_url)
+    try: p = decide(storage, args.proposal, approve, by=args.by, reason=args.reason, gate=version_gate(storage, settings) if approve else None,
+                    snapshot=lambda cand: rollout_comparison(eng, storage, cand))   # what `cvops rollout status` shows
+    finally: eng.dispose()
+    d = p["decision"]
+    done = (f"{d['deployment']['version']} deployed (was {d['deployment']['previous_version']})" if approve else
+            f"candidate {p['candidate_version']} aborted" if d.get("comparison") else "no candidate was running")
+    print(f"{'approved' if approve else 'rejected'} proposal {p['id']}: {done}; recorded: {d['by']} at {when(d['at'])}: {d['reason']}")
+    _print_checks((d.get("deployment") or {}).get("checks"))
+
+def cmd_approve(args): return cmd_decide(args, True)
+def cmd_reject(args): return cmd_decide(args, False)
+
 def cmd_monitor(args):
     "Run the drift monitor of the serving version once (a summary line per test), or every INTERVAL for ever."
     import logging
@@ -168,23 +219,42 @@ def cmd_monitor(args):
     from cvops.settings import InsecureSettings, refuse_insecure
     try: refuse_insecure(load_settings(root=root), "the monitor", ("database",))
     except InsecureSettings as e: raise ConfigError(str(e)) from None
+    policy = lambda: load_section(resolve_path(args.config, root), "retrain")   # a bad `retrain` section stops here, before a run
     if args.every is None:
+        policy()
         report = build_monitor(root, args.config)
         for line in report_lines(report): print(line)
         drift = [r["test"] for r in report.get("rows", []) if r["verdict"] == "drift"]
         if drift: logging.getLogger("cvops.monitoring.check_drift").warning("drift in %s: %s", report.get("model_version"), ", ".join(drift))
-        return
+        return retraining_policy(root, args.config, print)
     try: seconds = parse_interval(args.every) if args.every else load_settings(MonitorSettings, root).seconds
     except ValueError as e: raise ConfigError(f"--every: {e}") from None
-    monitor_section(args.config, root)                      # a bad config stops here, not at every run
+    monitor_section(args.config, root); policy()            # a bad config stops here, not at every run
     settings = load_settings(MonitorSettings, root)
     metrics = serve_monitor_metrics(settings, seconds)
     def stop(*_): raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, stop)
     print(f"monitoring the serving version every {args.every or settings.interval} ({seconds:g} s); records under products/monitor/"
           + (f"; metrics on http://{settings.metrics_host}:{settings.metrics_port}/metrics" if metrics else ""), flush=True)
-    try: run_every(seconds, root, args.config, out=lambda line: print(line, flush=True), on_run=metrics.record if metrics else None)
+    say = lambda line: print(line, flush=True)
+    def after_run(report):
+        if metrics: metrics.record(report)
+        if report is not None: retraining_policy(root, args.config, say, keep_going=True)
+    try: run_every(seconds, root, args.config, out=say, on_run=after_run)
     except KeyboardInterrupt: print("monitor stopped", flush=True)
+
+def retraining_policy(root, config_path, out=print, keep_going: bool = False):
+    """After a monitoring run: the config's `retrain` policy (`cvops.monitoring.policy.apply_policy`: expiry, a proposal, with
+    `auto_retrain` its candidate). `keep_going` (`--every`): a failure is logged and the next run comes, not fatal."""
+    import logging
+    from cvops.pipeline.build import failure_summary
+    from cvops.pipeline.retrain import apply_policy
+    try: apply_policy(root, config_path, out=out)
+    except Exception as e:
+        if not keep_going: raise
+        msg = str(e).strip()
+        logging.getLogger("cvops.monitoring.policy").error("retraining policy failed: %s: %s", type(e).__name__,
+                                                           failure_summary(msg) if is_build_error(e) else msg.splitlines()[-1][:500] if msg else "")
 
 def serve_monitor_metrics(settings, seconds: float):
     """Serve the monitor's Prometheus metrics (`cvops.monitoring.metrics`, and the process's own) on
@@ -357,7 +427,9 @@ def add_monitor_commands(sub):
             "Run the monitoring pipeline (pipeline.monitor.yaml): the serving version's logged predictions of the window "
             "in the config's `monitor` section against its reference data (drift tests), live accuracy from feedback; "
             "one drift_reports row per test, the rendered notebook under products/monitor/<run id>/. On drift: a warning "
-            "and a POST to MONITOR_WEBHOOK_URL (if set). With --every it serves Prometheus metrics (drift p-values, alert, "
+            "and a POST to MONITOR_WEBHOOK_URL (if set). After each run, the config's `retrain` policy: a retraining "
+            "proposal when the run-level drift alert persisted `drift_runs` runs or the estimated accuracy fell below "
+            "`min_estimated_accuracy` (a line; see `cvops proposals`), built at once with `auto_retrain: true`. With --every it serves Prometheus metrics (drift p-values, alert, "
             "live accuracy, runs by outcome, last run time) on MONITOR_METRICS_HOST:MONITOR_METRICS_PORT/metrics (0: none). "
             f"Settings from the environment and .env: {settings_list(MonitorSettings)}.",
             [CONFIG_ARG, ("--every", dict(nargs="?", const="", default=None, metavar="INTERVAL",
@@ -379,11 +451,41 @@ def add_monitor_commands(sub):
             "safe to run again, and safe beside a starting service (they take a lock). The compose stack runs it once, "
             "as the one-shot `migrate` service, before the service replicas, the monitor and the dashboards start.")
 
+def add_policy_commands(sub):
+    "retrain, proposals, approve, reject."
+    by = ("--by", dict(default=None, help="who (default: the user name); recorded with the proposal"))
+    command(sub, "retrain", cmd_retrain, "build a candidate for a retraining proposal: the pipeline on the dataset's newest tag, not deployed",
+            "Build the pipeline with a copy of the config (var/retrain/<proposal>.yaml) whose dataset.tag is the dataset "
+            "repository's newest git tag (semantic-version order). Its deploy task gates the new version as a deployment "
+            "is gated (accuracy, warm-up, golden set, replay) but does not deploy it: it becomes the candidate beside the "
+            "serving version, in the config's retrain.candidate_mode (shadow or canary) for retrain.candidate_fraction "
+            "of requests, and waits for `cvops approve` or `cvops reject`. PROPOSAL defaults to the open proposal; "
+            "without one, a new proposal (rule: manual) is made. A build that fails or makes no new version fails the proposal.",
+            [("proposal", dict(nargs="?", metavar="PROPOSAL", help="a proposal id from `cvops proposals`, or its unique beginning")),
+             CONFIG_ARG, ("--force", dict(action="store_true", help="rerun every task, even up-to-date ones (same data: a new version all the same)")),
+             by])
+    command(sub, "proposals", cmd_proposals, "list retraining proposals, newest first, and where each stands",
+            "List the retraining proposals in central storage (deployments/proposals/): id, status (proposed, retraining, "
+            "candidate, approved, rejected, expired, failed), when, the serving version, why it was proposed, and what "
+            "comes next. An open proposal past its deadline expires first (no answer means rejected; its candidate is aborted).",
+            [("--open", dict(action="store_true", help="only the open one (proposed, retraining or candidate)")),
+             ("--limit", dict(type=int, default=20, help="at most this many (default: %(default)s)"))])
+    for name, func, what in (("approve", cmd_approve, "deploy a proposal's candidate: the pointer moves to it, gated as every deployment is"),
+                             ("reject", cmd_reject, "close a proposal: its candidate, if running, is aborted; the serving version stays")):
+        command(sub, name, func, what,
+                f"{what[:1].upper() + what[1:]}. Recorded in the proposal and in the rollout history (deployments/rollouts.jsonl): "
+                "who, when, the reason and a snapshot of the comparison (the candidate's gate checks and test metrics beside the "
+                "serving version's). Refused for a proposal that is decided or expired" + (", has no candidate yet, or whose "
+                "candidate is no longer the running rollout" if name == "approve" else "") + ".",
+                [("proposal", dict(metavar="PROPOSAL", help="a proposal id from `cvops proposals`, or its unique beginning")),
+                 ("--reason", dict(required=True, help="why (required; kept with the decision)")), by])
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cvops", description="Notebook-first MLOps for image classification. "
                                 "Run from the project folder (the one with pipeline.yaml).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_pipeline_commands(sub); add_service_commands(sub); add_rollout_commands(sub); add_monitor_commands(sub); add_export_commands(sub)
+    add_pipeline_commands(sub); add_service_commands(sub); add_rollout_commands(sub); add_monitor_commands(sub)
+    add_policy_commands(sub); add_export_commands(sub)
     return p
 
 # %% ../notebooks/lib/90_cli.ipynb #248b0f5e
@@ -469,14 +571,6 @@ def add_rollout_commands(sub):
     command(acts, "abort", cmd_rollout_abort, "end the rollout: the serving version alone answers", args=who)
 
 # %% ../notebooks/lib/90_cli.ipynb #c11a0b7e
-_WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}
-
-def failure_summary(report: str) -> str:
-    "The cause in a Ploomber build report: its last `SomeError: message` line that is not Ploomber's or papermill's wrapper."
-    import re
-    causes = [c for c in re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", report, flags=re.M) if c[0] not in _WRAPPERS]
-    return f"{causes[-1][0]}: {causes[-1][1]}" if causes else "see the report above"
-
 def is_build_error(e: BaseException) -> bool:
     "Whether `e` is Ploomber's `DAGBuildError`, without importing Ploomber (seconds): where it is not loaded, `e` cannot be one."
     mod = sys.modules.get("ploomber.exceptions")
@@ -490,6 +584,7 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:
         if not is_build_error(e): raise
+        from cvops.pipeline.build import failure_summary
         print(e, file=sys.stderr)
         print(f"error: the pipeline failed ({failure_summary(str(e))}); executed notebooks are under products/", file=sys.stderr)
         return 1

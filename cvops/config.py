@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # %% auto #0
 __all__ = ['Section', 'InputSize', 'Architecture', 'ModelConfig', 'DatasetConfig', 'ValidateConfig', 'Augmentation',
-           'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'MonitorConfig', 'Config', 'ConfigError', 'describe_error',
-           'parse_config', 'load_config', 'config_hash', 'find_project_root', 'resolve_path']
+           'TrainConfig', 'EvaluateConfig', 'DeployConfig', 'MonitorConfig', 'RetrainConfig', 'Config', 'ConfigError',
+           'describe_error', 'parse_config', 'load_config', 'load_section', 'config_hash', 'find_project_root',
+           'resolve_path']
 
 # %% ../notebooks/lib/00_config.ipynb #ebfffd0d
 class Section(BaseModel):
@@ -129,6 +130,16 @@ class MonitorConfig(Section):
     permutations: int = Field(default=500, ge=50, description="permutations of the MMD / classifier tests")
     max_test_rows: int = Field(default=1000, gt=0, description="rows sub-sampled for the permutation tests")
 
+class RetrainConfig(Section):
+    "When the monitor proposes retraining the serving model, and how the retrained version waits beside it for a person's approval."
+    drift_runs: Optional[int] = Field(default=None, ge=1, description="propose when the run-level drift alert holds in this many consecutive monitor runs of the serving version (null: this rule is off)")
+    min_estimated_accuracy: Optional[float] = Field(default=None, gt=0, lt=1, description="propose when the latest monitor run's estimated accuracy (before labels) is below this (null: this rule is off)")
+    cooldown_hours: float = Field(default=24, ge=0, description="no new proposal within this many hours of the last one")
+    approval_deadline_hours: float = Field(default=72, gt=0, description="a proposal nobody approved or rejected this many hours after it was made, or after its candidate started, expires: rejected")
+    candidate_mode: Literal["shadow", "canary"] = Field(default="shadow", description="how the retrained version runs beside the serving one: shadow (its answers are logged, never returned) or canary (it answers a share of clients)")
+    candidate_fraction: float = Field(default=1.0, gt=0, le=1, description="the share of requests the candidate sees")
+    auto_retrain: bool = Field(default=False, description="true: `cvops monitor` builds the candidate as soon as it proposes; false: it proposes, `cvops retrain` builds it")
+
 class Config(Section):
     model: ModelConfig
     dataset: DatasetConfig
@@ -137,6 +148,7 @@ class Config(Section):
     evaluate: EvaluateConfig
     deploy: DeployConfig
     monitor: MonitorConfig
+    retrain: RetrainConfig = RetrainConfig()   # optional: without it, the monitor proposes nothing
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
 
 # %% ../notebooks/lib/00_config.ipynb #1f539de1
@@ -182,10 +194,25 @@ def load_config(path) -> Config:
     except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return parse_config(raw, str(path))
 
+def load_section(path, key: str):
+    "One section of a config file, validated alone (the monitor needs no dataset): its model, the defaults when the section is absent."
+    path = Path(path)
+    if not path.exists(): raise ConfigError(f"{path}: config file not found")
+    try: raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    model = {f.alias or n: f.annotation for n, f in Config.model_fields.items()}[key]
+    section = raw.get(key) if isinstance(raw, dict) else None
+    try: return model.model_validate(section or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise ConfigError(f"{path}: {describe_error({**err, 'loc': (key, *err['loc'])})}") from None
+
+
 # %% ../notebooks/lib/00_config.ipynb #14fa00e2
 def config_hash(cfg: Config | dict) -> str:
     "A stable short hash of a config (or a section), independent of key order."
-    d = cfg.model_dump(mode="json", by_alias=True) if isinstance(cfg, BaseModel) else cfg
+    # the retraining policy shapes no model: a version's lineage hash stays what it was without it
+    d = cfg.model_dump(mode="json", by_alias=True, exclude={"retrain"} if isinstance(cfg, Config) else None) if isinstance(cfg, BaseModel) else cfg
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../notebooks/lib/00_config.ipynb #cbbabd89

@@ -18,7 +18,7 @@ from .hooks import load_checked_config
 
 # %% auto #0
 __all__ = ['BUILDS_DIR', 'build_inputs', 'build_record_path', 'BuildReport', 'unchanged_build', 'build', 'fmt_seconds',
-           'EpochWatch', 'task_line', 'build_tasks', 'summary_lines']
+           'EpochWatch', 'task_line', 'build_tasks', 'summary_lines', 'failure_summary']
 
 # %% ../../notebooks/lib/pipeline/02_build.ipynb #091d972d
 BUILDS_DIR = "var/builds"
@@ -80,8 +80,11 @@ def build(config_path="configs/config.yaml", root=".", force: bool = False, task
     from ploomber.spec import DAGSpec
     record = build_record_path(root, path); record.unlink(missing_ok=True)
     # the file's own mapping, not the validated one: task parameters then equal what
-    # `ploomber build` reads through env.yaml, and neither way reruns the other's work
-    dag = DAGSpec(str(root / "pipeline.yaml"), env=yaml.safe_load(path.read_text())).to_dag()
+    # `ploomber build` reads through env.yaml, and neither way reruns the other's work; only the
+    # sections the spec names (`retrain` is the monitor's: Ploomber would warn that it is unused)
+    spec = (root / "pipeline.yaml").read_text()
+    env = {k: v for k, v in yaml.safe_load(path.read_text()).items() if re.search(r"{{\s*%s\b" % re.escape(k), spec)}
+    dag = DAGSpec(str(root / "pipeline.yaml"), env=env).to_dag()
     if tasks: return build_tasks(dag, tasks, force)
     done = {}
     build_tasks(dag, list(dag), force, on_task=lambda name, s: done.__setitem__(name, s), progress=say)
@@ -182,7 +185,17 @@ def summary_lines(report: BuildReport, root=".") -> list[str]:
     acc = _json(named["metrics"]).get("accuracy") if "metrics" in named else None
     if isinstance(acc, (int, float)): lines.append(f"  test accuracy:      {acc:.4f} ({rel(named['metrics'])})")
     dep = _json(named["deployment"]) if "deployment" in named else {}
-    if dep.get("version"): lines.append(f"  deployed version:   {dep['version']}")
+    if dep.get("candidate"): lines.append(f"  candidate version:  {dep['version']} ({dep['mode']} {dep['fraction']:g}, beside {dep['previous_version']})")
+    elif dep.get("version"): lines.append(f"  deployed version:   {dep['version']}")
     html = [Path(p["html"]) for p in report.products.values() if isinstance(p, dict) and "html" in p]
     if html: lines.append(f"  rendered notebooks: {rel(html[0].parent.parent)}/<task>/<task>.html")
     return lines
+
+# %% ../../notebooks/lib/pipeline/02_build.ipynb #7f0c2a12
+_WRAPPERS = {"TaskBuildError", "DAGBuildError", "PapermillExecutionError", "TaskRenderError", "DAGRenderError"}
+
+def failure_summary(report: str) -> str:
+    "The cause in a Ploomber build report: its last `SomeError: message` line that is not Ploomber's or papermill's wrapper."
+    causes = [c for c in re.findall(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", report, flags=re.M) if c[0] not in _WRAPPERS]
+    return f"{causes[-1][0]}: {causes[-1][1]}" if causes else "see the report above"
+

@@ -14,7 +14,8 @@ from .versions import (DeployError, PointerError, current_deployment, deployment
 
 # %% auto #0
 __all__ = ['CHAMPION_ALIAS', 'CHALLENGER_ALIAS', 'same_test_split', 'gate_reasons', 'mirror_to_registry', 'drop_registry_alias',
-           'check_version', 'deployment_record', 'default_deployer', 'deploy', 'pipeline_deploy', 'serving_accuracy_on']
+           'check_version', 'deployment_record', 'default_deployer', 'deploy', 'accuracy_gate', 'pipeline_deploy',
+           'serving_accuracy_on']
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #042febad
 def same_test_split(a: dict, b: dict) -> bool:
@@ -124,10 +125,9 @@ def deploy(storage, name: str, version: str | None = None, by: str | None = None
     return {**record, "registry": mirror_to_registry(meta)}
 
 # %% ../../notebooks/lib/registry/03_deploy.ipynb #21e4deae
-def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: float, force: bool = False,
-                    measure=None, by: str | None = None, gate=None) -> dict:
-    """Gate and deploy a just-published version; raise `DeployError` when refused (unless `force`, which overrides the accuracy
-    gates only: `gate`, passed on to `deploy`, is never forced)."""
+def accuracy_gate(storage, meta: dict, min_accuracy: float, max_regression: float, measure=None) -> tuple[list[str], str]:
+    """(why the just-published version must not serve, empty when it may; how it was compared with the serving version):
+    the accuracy gates of the pipeline's deploy task, also those of a retrained candidate (`cvops.monitoring.policy`)."""
     cur = current_deployment(storage)
     serving_acc, note = None, "nothing was serving"
     if cur is not None and cur["version"] != meta["version"]:
@@ -143,7 +143,13 @@ def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: fl
         elif measure is not None:
             serving_acc = float(measure(folder))
             note = f"serving {cur['version']}: {serving_acc:.4f} measured on this version's test split"
-    reasons = gate_reasons(meta["metrics"]["accuracy"], min_accuracy, serving_acc, max_regression)
+    return gate_reasons(meta["metrics"]["accuracy"], min_accuracy, serving_acc, max_regression), note
+
+def pipeline_deploy(storage, meta: dict, min_accuracy: float, max_regression: float, force: bool = False,
+                    measure=None, by: str | None = None, gate=None) -> dict:
+    """Gate and deploy a just-published version; raise `DeployError` when refused (unless `force`, which overrides the accuracy
+    gates only: `gate`, passed on to `deploy`, is never forced)."""
+    reasons, note = accuracy_gate(storage, meta, min_accuracy, max_regression, measure)
     if reasons and not force:
         raise DeployError(f"{meta['version']} not deployed: {'; '.join(reasons)} (set deploy.force: true to deploy anyway)", 409)
     record = deploy(storage, meta["model_name"], meta["version"], by=by or f"pipeline ({default_deployer()})",

@@ -136,6 +136,9 @@ def promote_rollout(storage, by: str | None = None, reason: str = "", gate=None,
     if cand is None: raise RolloutError("no rollout is running: nothing to promote", 409)
     if version is not None and cand["version"] != version:
         raise RolloutError(f"the running rollout is of {cand['version']}, not {version}", 409)
+    if cand.get("proposal") and not approval:   # a retrained candidate: promotion waits for a person's decision
+        raise RolloutError(f"{cand['version']} is the candidate of retraining proposal {cand['proposal']}: it is promoted by "
+                           f"`cvops approve {cand['proposal']} --reason ...` (or `cvops reject`), which records the decision", 409)
     why = f"promoted from {cand['mode']} ({cand['fraction']:g})" + (f": {reason}" if reason else "")
     record = deploy(storage, cand["model_name"], cand["version"], by=by, reason=why, gate=gate)
     ended = _end(storage, "promote", by, reason, expect=cand["version"], previous_version=record["previous_version"],
