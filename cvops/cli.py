@@ -15,10 +15,10 @@ from .config import ConfigError, find_project_root, load_section, resolve_path
 __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_dataset_add_feedback',
            'cmd_serve', 'cmd_stop', 'cmd_deploy', 'cmd_models', 'cmd_retrain', 'cmd_proposals', 'cmd_decide',
            'cmd_approve', 'cmd_reject', 'cmd_monitor', 'retraining_policy', 'serve_monitor_metrics', 'cmd_log_replay',
-           'cmd_log_prune', 'cmd_db_migrate', 'command', 'group', 'add_pipeline_commands', 'add_export_commands',
-           'settings_list', 'add_service_commands', 'add_monitor_commands', 'add_policy_commands', 'make_parser',
-           'cmd_rollout_start', 'cmd_rollout_status', 'cmd_rollout_promote', 'cmd_rollout_abort',
-           'add_rollout_commands', 'is_build_error', 'main']
+           'cmd_log_prune', 'cmd_db_migrate', 'cmd_rollout_start', 'cmd_rollout_status', 'cmd_rollout_promote',
+           'cmd_rollout_abort', 'add_rollout_commands', 'command', 'group', 'add_pipeline_commands',
+           'add_export_commands', 'settings_list', 'add_service_commands', 'add_monitor_commands',
+           'add_policy_commands', 'make_parser', 'is_build_error', 'main']
 
 # %% ../notebooks/lib/90_cli.ipynb #40559fca
 def _user_errors() -> tuple:
@@ -322,6 +322,88 @@ def cmd_db_migrate(args):
     finally: eng.dispose()
     print(f"prediction-log schema in {where}: " + (f"applied {', '.join(applied)}" if applied else "up to date"))
 
+# %% ../notebooks/lib/90_cli.ipynb #248b0f5e
+def _rollout_parts():
+    "(service settings, central storage) as `cvops deploy` reads them."
+    from cvops.settings import load_settings
+    settings = load_settings(root=find_project_root())
+    return settings, settings.storage
+
+def _print_checks(checks: dict):
+    for k in ("golden", "replay"):
+        if k in (checks or {}): print(f"  {'golden set' if k == 'golden' else k}: {checks[k]}")
+    for w in (checks or {}).get("warnings", []): print(f"warning: {w}", file=sys.stderr)
+
+def cmd_rollout_start(args):
+    "Make a published version the candidate (shadow or canary) once it passes the gate."
+    from cvops.registry.rollout import start_rollout
+    from cvops.serving.gate import version_gate
+    settings, storage = _rollout_parts()
+    rec = start_rollout(storage, args.model_name, args.version, args.mode, args.fraction, by=args.by, reason=args.reason,
+                        gate=version_gate(storage, settings))
+    share = "of requests also run through it" if rec["mode"] == "shadow" else "of clients answered by it"
+    print(f"rollout started: {rec['version']} is the candidate in {rec['mode']}, {rec['fraction']:.0%} {share}; "
+          f"{rec['serving_version']} serves" + (f"; MLflow alias {rec['registry']['alias']}" if rec["registry"].get("registered") else ""))
+    _print_checks(rec.get("checks"))
+    print("next: `cvops rollout status` to compare, then `cvops rollout promote` or `cvops rollout abort`")
+
+def cmd_rollout_status(args):
+    "The running rollout and its comparison with the serving version."
+    from cvops.monitoring.compare import comparison_lines, rollout_comparison
+    from cvops.predlog.schema import make_engine
+    from cvops.registry.rollout import current_candidate, rollout_history
+    settings, storage = _rollout_parts()
+    rec = current_candidate(storage)
+    if rec is None:
+        last = next(iter(rollout_history(storage, 1)), None)
+        print("no rollout is running" + (f" (last: {last['event']} of {last['version']} at {last['at']})" if last else ""))
+        return
+    eng = make_engine(settings.database_url)
+    try: cmp = rollout_comparison(eng, storage, rec)
+    finally: eng.dispose()
+    if args.json: print(json.dumps({"candidate": rec, "comparison": cmp}, indent=2, default=str)); return
+    print(f"candidate {rec['version']} ({rec['mode']}, {rec['fraction']:g}) started {rec['started_at']} by {rec['started_by']}"
+          + (f": {rec['reason']}" if rec.get("reason") else ""))
+    for line in comparison_lines(cmp): print(line)
+
+def cmd_rollout_promote(args):
+    "Deploy the candidate (gated again) and end the rollout."
+    from cvops.registry.rollout import promote_rollout
+    from cvops.serving.gate import version_gate
+    settings, storage = _rollout_parts()
+    rec = promote_rollout(storage, by=args.by, reason=args.reason, gate=version_gate(storage, settings))
+    print(f"promoted {rec['version']} (was {rec['previous_version']}); the rollout ended")
+    _print_checks(rec.get("checks"))
+
+def cmd_rollout_abort(args):
+    "End the rollout: the serving version alone answers."
+    from cvops.registry.rollout import abort_rollout
+    _, storage = _rollout_parts()
+    rec = abort_rollout(storage, by=args.by, reason=args.reason)
+    print(f"rollout of {rec['version']} aborted; the serving version alone answers (workers drop the candidate within RELOAD_INTERVAL)")
+
+def add_rollout_commands(sub):
+    "rollout start, status, promote, abort."
+    acts = group(sub, "rollout", "a candidate beside the serving version: shadow or canary, then promote or abort")
+    who = [("--by", dict(default=None, help="who (default: the user name)")), ("--reason", dict(default="", help="why (recorded in the rollout history)"))]
+    command(acts, "start", cmd_rollout_start, "make a published version the candidate, in shadow or canary",
+            "Point the candidate pointer (central storage, deployments/candidate.json) at a published version once it passes "
+            "the deploy gate (loaded and warmed, its golden set, a replay of recent requests). Every worker loads it beside the "
+            "serving version. shadow: a FRACTION of requests is also run through it after the answer, its outputs logged in "
+            "shadow_predictions with the request id; the user always gets the serving version's answer. canary: it answers the "
+            "FRACTION of clients whose key (the X-Client-ID header, else the address) hashes below it: sticky per client; "
+            "X-Model-Version says which version answered. The MLflow alias `challenger` follows the candidate.",
+            [("model_name", {}), ("--version", dict(help="a version from `cvops models` (default: the latest published)")),
+             ("--mode", dict(choices=["shadow", "canary"], default="shadow", help="default: shadow")),
+             ("--fraction", dict(type=float, default=0.1, help="share of requests (shadow) or clients (canary), in (0, 1]; default 0.1")),
+             *who])
+    command(acts, "status", cmd_rollout_status, "the running rollout: the candidate against the serving version since it started",
+            "On the same requests (shadow): agreement rate, the class pairs where they disagree with example request ids, "
+            "confidence, latency p50/p99, errors, live accuracy where feedback exists and the estimated accuracy (CBPE); per "
+            "version on the requests each answered (canary).", [("--json", dict(action="store_true", help="print JSON"))])
+    command(acts, "promote", cmd_rollout_promote, "deploy the candidate (gated again) and end the rollout", args=who)
+    command(acts, "abort", cmd_rollout_abort, "end the rollout: the serving version alone answers", args=who)
+
 # %% ../notebooks/lib/90_cli.ipynb #9dfaa76d
 def command(sub, name: str, func, help: str, description: str | None = None, args=()):
     "Add sub-command `name` running `func`; `args`: `(flags, options)` pairs for `add_argument`."
@@ -487,88 +569,6 @@ def make_parser() -> argparse.ArgumentParser:
     add_pipeline_commands(sub); add_service_commands(sub); add_rollout_commands(sub); add_monitor_commands(sub)
     add_policy_commands(sub); add_export_commands(sub)
     return p
-
-# %% ../notebooks/lib/90_cli.ipynb #248b0f5e
-def _rollout_parts():
-    "(service settings, central storage) as `cvops deploy` reads them."
-    from cvops.settings import load_settings
-    settings = load_settings(root=find_project_root())
-    return settings, settings.storage
-
-def _print_checks(checks: dict):
-    for k in ("golden", "replay"):
-        if k in (checks or {}): print(f"  {'golden set' if k == 'golden' else k}: {checks[k]}")
-    for w in (checks or {}).get("warnings", []): print(f"warning: {w}", file=sys.stderr)
-
-def cmd_rollout_start(args):
-    "Make a published version the candidate (shadow or canary) once it passes the gate."
-    from cvops.registry.rollout import start_rollout
-    from cvops.serving.gate import version_gate
-    settings, storage = _rollout_parts()
-    rec = start_rollout(storage, args.model_name, args.version, args.mode, args.fraction, by=args.by, reason=args.reason,
-                        gate=version_gate(storage, settings))
-    share = "of requests also run through it" if rec["mode"] == "shadow" else "of clients answered by it"
-    print(f"rollout started: {rec['version']} is the candidate in {rec['mode']}, {rec['fraction']:.0%} {share}; "
-          f"{rec['serving_version']} serves" + (f"; MLflow alias {rec['registry']['alias']}" if rec["registry"].get("registered") else ""))
-    _print_checks(rec.get("checks"))
-    print("next: `cvops rollout status` to compare, then `cvops rollout promote` or `cvops rollout abort`")
-
-def cmd_rollout_status(args):
-    "The running rollout and its comparison with the serving version."
-    from cvops.monitoring.compare import comparison_lines, rollout_comparison
-    from cvops.predlog.schema import make_engine
-    from cvops.registry.rollout import current_candidate, rollout_history
-    settings, storage = _rollout_parts()
-    rec = current_candidate(storage)
-    if rec is None:
-        last = next(iter(rollout_history(storage, 1)), None)
-        print("no rollout is running" + (f" (last: {last['event']} of {last['version']} at {last['at']})" if last else ""))
-        return
-    eng = make_engine(settings.database_url)
-    try: cmp = rollout_comparison(eng, storage, rec)
-    finally: eng.dispose()
-    if args.json: print(json.dumps({"candidate": rec, "comparison": cmp}, indent=2, default=str)); return
-    print(f"candidate {rec['version']} ({rec['mode']}, {rec['fraction']:g}) started {rec['started_at']} by {rec['started_by']}"
-          + (f": {rec['reason']}" if rec.get("reason") else ""))
-    for line in comparison_lines(cmp): print(line)
-
-def cmd_rollout_promote(args):
-    "Deploy the candidate (gated again) and end the rollout."
-    from cvops.registry.rollout import promote_rollout
-    from cvops.serving.gate import version_gate
-    settings, storage = _rollout_parts()
-    rec = promote_rollout(storage, by=args.by, reason=args.reason, gate=version_gate(storage, settings))
-    print(f"promoted {rec['version']} (was {rec['previous_version']}); the rollout ended")
-    _print_checks(rec.get("checks"))
-
-def cmd_rollout_abort(args):
-    "End the rollout: the serving version alone answers."
-    from cvops.registry.rollout import abort_rollout
-    _, storage = _rollout_parts()
-    rec = abort_rollout(storage, by=args.by, reason=args.reason)
-    print(f"rollout of {rec['version']} aborted; the serving version alone answers (workers drop the candidate within RELOAD_INTERVAL)")
-
-def add_rollout_commands(sub):
-    "rollout start, status, promote, abort."
-    acts = group(sub, "rollout", "a candidate beside the serving version: shadow or canary, then promote or abort")
-    who = [("--by", dict(default=None, help="who (default: the user name)")), ("--reason", dict(default="", help="why (recorded in the rollout history)"))]
-    command(acts, "start", cmd_rollout_start, "make a published version the candidate, in shadow or canary",
-            "Point the candidate pointer (central storage, deployments/candidate.json) at a published version once it passes "
-            "the deploy gate (loaded and warmed, its golden set, a replay of recent requests). Every worker loads it beside the "
-            "serving version. shadow: a FRACTION of requests is also run through it after the answer, its outputs logged in "
-            "shadow_predictions with the request id; the user always gets the serving version's answer. canary: it answers the "
-            "FRACTION of clients whose key (the X-Client-ID header, else the address) hashes below it: sticky per client; "
-            "X-Model-Version says which version answered. The MLflow alias `challenger` follows the candidate.",
-            [("model_name", {}), ("--version", dict(help="a version from `cvops models` (default: the latest published)")),
-             ("--mode", dict(choices=["shadow", "canary"], default="shadow", help="default: shadow")),
-             ("--fraction", dict(type=float, default=0.1, help="share of requests (shadow) or clients (canary), in (0, 1]; default 0.1")),
-             *who])
-    command(acts, "status", cmd_rollout_status, "the running rollout: the candidate against the serving version since it started",
-            "On the same requests (shadow): agreement rate, the class pairs where they disagree with example request ids, "
-            "confidence, latency p50/p99, errors, live accuracy where feedback exists and the estimated accuracy (CBPE); per "
-            "version on the requests each answered (canary).", [("--json", dict(action="store_true", help="print JSON"))])
-    command(acts, "promote", cmd_rollout_promote, "deploy the candidate (gated again) and end the rollout", args=who)
-    command(acts, "abort", cmd_rollout_abort, "end the rollout: the serving version alone answers", args=who)
 
 # %% ../notebooks/lib/90_cli.ipynb #c11a0b7e
 def is_build_error(e: BaseException) -> bool:

@@ -420,7 +420,7 @@ async def _workers_with(var, key: str, want, timeout: float = 10.0) -> dict:
     "pid -> the worker's `key` (version or candidate) on this host, once all have `want` (or `timeout` seconds passed)."
     from cvops.predlog.spill import pid_alive
     out = {}
-    for _ in range(int(timeout / 0.1)):
+    for _ in range(max(1, int(timeout / 0.1))):   # timeout 0: one look
         out = {}
         for f in (var / "workers").glob("*.json"):
             try: d = json.loads(f.read_text())
