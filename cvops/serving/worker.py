@@ -123,10 +123,11 @@ class Batcher:
         from cvops.serving.inference import predict_uploads, render_heatmap
         lv, cand = self.get_version(), self.get_candidate()
         if lv is None: return self._settle([(j, None, NoModelError()) for j in jobs])
+        if cand is lv: cand = None               # just promoted: the candidate serves, and no job is the candidate's
         answers = []
         for by, flag in ((lv, True), (lv, False), (cand, True), (cand, False)):
-            if by is None: continue
-            group = [j for j in jobs if j.heatmap == flag and (j.canary and cand is not None) == (by is cand)]
+            if by is None: continue              # every job falls in exactly one group: the candidate's only while there is one
+            group = [j for j in jobs if j.heatmap == flag and (by is cand) == (j.canary and cand is not None)]
             if not group: continue
             outs = predict_uploads(by, [j.upload for j in group], flag, self.display_side)   # decode + one model call
             called = sum(isinstance(o, dict) for o in outs)
