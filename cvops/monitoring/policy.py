@@ -15,9 +15,9 @@ from pathlib import Path
 from ..config import RetrainConfig
 from ..registry.deploy import default_deployer
 from ..registry.rollout import abort_rollout, current_candidate, promote_rollout, start_rollout
-from ..registry.store import glob, is_remote, object_lock, open_store, write_text
-from ..registry.versions import (DeployError, current_deployment, read_file, resolve_version, version_metadata, where,
-                                     write_durably)
+from ..registry.store import glob, is_remote, open_store, write_text
+from ..registry.versions import (DeployError, current_deployment, read_file, resolve_version, storage_lock, version_metadata,
+                                     where, write_durably)
 
 # %% auto #0
 __all__ = ['PROPOSALS_DIR', 'OPEN', 'DECIDED', 'RETRAIN_ENV', 'PolicyError', 'utc', 'when', 'new_proposal_id', 'proposal_file',
@@ -57,24 +57,9 @@ def proposal_file(proposal_id: str) -> str:
 
 @contextmanager
 def proposals_lock(storage, timeout: float = 120):
-    "One writer of proposals at a time, across processes (`flock`; on an object store a lock object)."
-    rel = f"{PROPOSALS_DIR}/.lock"
+    "One writer of proposals at a time, across processes (`storage_lock` on `deployments/proposals/.lock`)."
     refuse = lambda why: PolicyError(f"another process holds {why}; try again", 409)
-    if is_remote(storage):
-        with object_lock(open_store(storage), rel, timeout, on_timeout=refuse): yield
-        return
-    import fcntl, time
-    p = Path(storage) / rel
-    p.parent.mkdir(parents=True, exist_ok=True)
-    deadline = time.monotonic() + timeout
-    with open(p, "a") as f:
-        while True:
-            try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); break
-            except BlockingIOError:
-                if time.monotonic() > deadline: raise refuse(f"{p} for over {timeout:g} s") from None
-                time.sleep(0.02)
-        try: yield
-        finally: fcntl.flock(f, fcntl.LOCK_UN)
+    with storage_lock(storage, f"{PROPOSALS_DIR}/.lock", refuse, timeout): yield
 
 def write_proposal(storage, proposal: dict) -> dict:
     "Replace the proposal's file durably (fsynced file, atomic rename, fsynced folder; one PUT on an object store)."

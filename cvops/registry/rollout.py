@@ -11,9 +11,9 @@ from pathlib import Path
 
 from .deploy import (CHALLENGER_ALIAS, check_version, default_deployer, deploy, drop_registry_alias,
                                    mirror_to_registry)
-from .store import is_remote, open_store, read_text, write_text
-from .versions import (DeployError, PointerError, current_deployment, deployment_lock,
-                                     read_file, resolve_version, version_metadata, where, write_durably)
+from .store import is_remote, open_store, write_text
+from .versions import (DeployError, PointerError, append_line, current_deployment, deployment_lock,
+                                     read_file, read_lines, resolve_version, version_metadata, where, write_durably)
 
 # %% auto #0
 __all__ = ['CANDIDATE_FILE', 'ROLLOUTS_FILE', 'MODES', 'RolloutError', 'current_candidate', 'rollout_history', 'check_fraction',
@@ -48,28 +48,12 @@ def _write(storage, rel: str, text: str):
     else: write_durably(Path(storage) / rel, text)
 
 def _append_event(storage, event: dict):
-    "One line of the rollout history (fsynced; on an object store read-modify-write under the deployment lock)."
-    line = json.dumps(event) + "\n"
-    if is_remote(storage):
-        store = open_store(storage)
-        try: text = read_text(store, ROLLOUTS_FILE)
-        except FileNotFoundError: text = ""
-        return write_text(store, ROLLOUTS_FILE, text + line)
-    import fcntl, os
-    p = Path(storage) / ROLLOUTS_FILE
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX); f.write(line); f.flush(); os.fsync(f.fileno()); fcntl.flock(f, fcntl.LOCK_UN)
+    "One line of the rollout history (the caller holds the deployment lock)."
+    append_line(storage, ROLLOUTS_FILE, event)
 
 def rollout_history(storage, limit: int | None = None) -> list[dict]:
-    "Rollout events (start, promote, abort), newest first."
-    try: text = read_file(storage, ROLLOUTS_FILE)
-    except FileNotFoundError: return []
-    rows = []
-    for l in text.splitlines():
-        try: rows.append(json.loads(l))
-        except ValueError: continue
-    return rows[::-1][:limit] if limit else rows[::-1]
+    "Rollout events (start, change, promote, abort), newest first."
+    return read_lines(storage, ROLLOUTS_FILE, limit)
 
 def _now() -> str: return datetime.now(timezone.utc).isoformat()
 

@@ -23,8 +23,8 @@ __all__ = ['MODELS_DIR', 'VERSIONS_DIR', 'METADATA_FILE', 'NOTEBOOKS_DIR', 'LATE
            'version_dir', 'latest_pointer', 'storage_path', 'detector_path', 'ref_data_path', 'head_name',
            'detector_files', 'version_detectors', 'DeployError', 'published_models', 'published_versions',
            'linked_version', 'current_version', 'version_folder', 'resolve_version', 'version_metadata', 'PointerError',
-           'where', 'read_file', 'current_deployment', 'write_durably', 'deployment_history', 'move_pointer',
-           'deployment_lock']
+           'where', 'read_file', 'current_deployment', 'write_durably', 'append_line', 'read_lines',
+           'deployment_history', 'move_pointer', 'storage_lock', 'deployment_lock']
 
 # %% ../../notebooks/lib/registry/01_versions.ipynb #33a4201a
 MODELS_DIR, VERSIONS_DIR = "models", ".versions"
@@ -176,19 +176,27 @@ def write_durably(path, text: str):
         tmp.unlink(missing_ok=True)
     _fsync_dir(p.parent)
 
-def _append_history(storage, record: dict):
-    p = Path(storage) / HISTORY_FILE
+def append_line(storage, rel: str, record: dict):
+    """Append `record` as a JSON line to file `rel` of central storage: fsynced (and its folder, when new) under an `flock`; on
+    an object store a read-modify-write of the object (the caller holds a lock: one writer at a time)."""
+    line = json.dumps(record) + "\n"
+    if is_remote(storage):
+        store = open_store(storage)
+        try: text = read_text(store, rel)
+        except FileNotFoundError: text = ""
+        return write_text(store, rel, text + line)
+    p = Path(storage) / rel
     p.parent.mkdir(parents=True, exist_ok=True)
     new = not p.exists()
     with open(p, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record) + "\n"); f.flush(); os.fsync(f.fileno())
+        f.write(line); f.flush(); os.fsync(f.fileno())
         fcntl.flock(f, fcntl.LOCK_UN)
     if new: _fsync_dir(p.parent)
 
-def deployment_history(storage, limit: int | None = None) -> list[dict]:
-    "Deployments, newest first (a line cut short by a crash is skipped)."
-    try: text = read_file(storage, HISTORY_FILE)
+def read_lines(storage, rel: str, limit: int | None = None) -> list[dict]:
+    "The JSON lines of file `rel` of central storage, newest (last) first; a line cut short by a crash is skipped; [] when absent."
+    try: text = read_file(storage, rel)
     except FileNotFoundError: return []
     rows = []
     for l in text.splitlines():
@@ -196,37 +204,38 @@ def deployment_history(storage, limit: int | None = None) -> list[dict]:
         except ValueError: continue
     return rows[::-1][:limit] if limit else rows[::-1]
 
-def _append_remote_history(store, record: dict):
-    "Read-modify-write of the history object (the caller holds the deployment lock: one writer at a time)."
-    try: text = read_text(store, HISTORY_FILE)
-    except FileNotFoundError: text = ""
-    write_text(store, HISTORY_FILE, text + json.dumps(record) + "\n")
+def deployment_history(storage, limit: int | None = None) -> list[dict]:
+    "Deployments, newest first (a line cut short by a crash is skipped)."
+    return read_lines(storage, HISTORY_FILE, limit)
 
 def move_pointer(storage, record: dict):
     """Make `record` the current deployment (fsynced file, atomic rename, fsynced folder; on an object store one PUT) and
     append it to the history."""
-    if is_remote(storage):
-        write_text(open_store(storage), POINTER_FILE, json.dumps(record, indent=2))
-        return _append_remote_history(open_store(storage), record)
-    write_durably(Path(storage) / POINTER_FILE, json.dumps(record, indent=2))
-    _append_history(storage, record)
+    if is_remote(storage): write_text(open_store(storage), POINTER_FILE, json.dumps(record, indent=2))
+    else: write_durably(Path(storage) / POINTER_FILE, json.dumps(record, indent=2))
+    append_line(storage, HISTORY_FILE, record)
 
 @contextmanager
-def deployment_lock(storage, timeout: float = 120):
-    "The one lock deploy, rollback and prune take (`flock` on `deployments/.lock`; on an object store a lock object, `object_lock`)."
+def storage_lock(storage, rel: str, refuse, timeout: float = 120):
+    """An exclusive lock on file `rel` of central storage across processes (`flock`; on an object store a lock object,
+    `object_lock`); after `timeout` s, raises `refuse(what is held)`."""
     if is_remote(storage):
-        refuse = lambda why: DeployError(f"another deploy, rollback or prune holds {why}; try again", 409)
-        with object_lock(open_store(storage), LOCK_FILE, timeout, on_timeout=refuse): yield
+        with object_lock(open_store(storage), rel, timeout, on_timeout=refuse): yield
         return
-    p = Path(storage) / LOCK_FILE
+    p = Path(storage) / rel
     p.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout
     with open(p, "a") as f:
         while True:
             try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); break
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise DeployError(f"another deploy, rollback or prune holds {p} for over {timeout:g} s; try again", 409) from None
+                if time.monotonic() > deadline: raise refuse(f"{p} for over {timeout:g} s") from None
                 time.sleep(0.02)
         try: yield
         finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+@contextmanager
+def deployment_lock(storage, timeout: float = 120):
+    "The one lock deploy, rollback and prune take (`deployments/.lock`)."
+    with storage_lock(storage, LOCK_FILE, lambda why: DeployError(f"another deploy, rollback or prune holds {why}; try again", 409), timeout):
+        yield

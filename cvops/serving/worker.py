@@ -312,17 +312,12 @@ class HotSwap:
             self.candidate_record = record; return             # its mode or fraction may have changed
         failures, next_try = self._candidate_failed.get(want, (0, 0.0))
         if time.monotonic() < next_try: return
-        from cvops.registry.deploy import check_version
-        from cvops.registry.versions import resolve_version
-        from cvops.serving.inference import load_for_serving
-        try:
-            _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
-            lv = await asyncio.to_thread(check_version, folder, load_for_serving)
+        try: lv = await self._load_published(record)
         except Exception as e:
-            delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
-            self._candidate_failed = {want: (failures + 1, time.monotonic() + delay)}
+            self._candidate_failed = {want: self._next_try(failures)}
             self.candidate_error = str(e) or type(e).__name__
-            log.error("worker %d cannot load candidate %s: %s (try %d; the next in %g s)", os.getpid(), want, e, failures + 1, delay)
+            log.error("worker %d cannot load candidate %s: %s (try %d; the next in %.3g s)", os.getpid(), want, e, failures + 1,
+                      self._candidate_failed[want][1] - time.monotonic())
             return await asyncio.to_thread(self.report)
         self._candidate_failed.pop(want, None)
         self.candidate, self.candidate_record, self.candidate_error = lv, record, None
@@ -352,20 +347,27 @@ class HotSwap:
         log.warning("worker %d: the deployment pointer is readable again", os.getpid())
         await asyncio.to_thread(self.report)
 
-    async def _load(self, record, failures: int):
-        "Load the pointer's version beside the serving one and swap it in; when it fails the old one stays, tried again later."
+    async def _load_published(self, record):
+        "The published version `record` names, loaded and warmed as a worker serves it (raises when it cannot be)."
         from cvops.registry.deploy import check_version
         from cvops.registry.versions import resolve_version
         from cvops.serving.inference import load_for_serving
+        _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], record["version"])
+        return await asyncio.to_thread(check_version, folder, load_for_serving)
+
+    def _next_try(self, failures: int) -> tuple[int, float]:
+        "(failed loads, when to try again) after one more failure: `reload_interval` doubling, at most LOAD_RETRY_MAX_S."
+        return failures + 1, time.monotonic() + min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
+
+    async def _load(self, record, failures: int):
+        "Load the pointer's version beside the serving one and swap it in; when it fails the old one stays, tried again later."
         want = record["version"]
         try:
             if self.candidate is not None and self.candidate.version == want: lv = self.candidate   # promoted: loaded and warmed already
-            else:
-                _, folder = await asyncio.to_thread(resolve_version, self.settings.storage, record["model_name"], want)
-                lv = await asyncio.to_thread(check_version, folder, load_for_serving)
+            else: lv = await self._load_published(record)
         except Exception as e:
-            delay = min(self.settings.reload_interval * 2 ** failures, LOAD_RETRY_MAX_S)
-            self._failed = {want: (failures + 1, time.monotonic() + delay)}
+            self._failed = {want: self._next_try(failures)}
+            delay = self._failed[want][1] - time.monotonic()
             self.load_error = str(e) or type(e).__name__
             log.error("worker %d keeps %s: %s (try %d; the next in %g s)", os.getpid(),
                       self.serving.version if self.serving else "no model", e, failures + 1, delay)
