@@ -605,6 +605,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'cvops/pipeline/airflow.py'),
                                         'cvops.pipeline.airflow.render_dag': ( 'pipeline/airflow.html#render_dag',
                                                                                'cvops/pipeline/airflow.py'),
+                                        'cvops.pipeline.airflow.retrain_dag': ( 'pipeline/airflow.html#retrain_dag',
+                                                                                'cvops/pipeline/airflow.py'),
                                         'cvops.pipeline.airflow.training_dag': ( 'pipeline/airflow.html#training_dag',
                                                                                  'cvops/pipeline/airflow.py')},
             'cvops.pipeline.build': { 'cvops.pipeline.build.BuildReport': ('pipeline/build.html#buildreport', 'cvops/pipeline/build.py'),

@@ -95,7 +95,7 @@ def test_exported_dags_import_match_the_pipeline_and_run(project, tiny_fashion_r
 
     out = project.run("cvops", "export", "airflow", "--out", "dags", "--monitor-interval", "1d", "--queue", "train=gpu").stdout
     dags = project.path / "dags"
-    assert f"wrote {dags / 'cvops_train.py'}\nwrote {dags / 'cvops_monitor.py'}\n" in out, out
+    assert f"wrote {dags / 'cvops_train.py'}\nwrote {dags / 'cvops_monitor.py'}\nwrote {dags / 'cvops_retrain.py'}\n" in out, out
     assert "schedule=None," in (dags / "cvops_train.py").read_text()
 
     home = tmp_path / "airflow-home"
@@ -112,11 +112,12 @@ def test_exported_dags_import_match_the_pipeline_and_run(project, tiny_fashion_r
     train_graph = ploomber_graph(project.path / "pipeline.yaml", cfg)
     assert train_graph["train"] == ["prepare_data", "validate_data"] and "publish" in train_graph["deploy"]
     monitor_graph = ploomber_graph(project.path / "pipeline.monitor.yaml", {"monitor": cfg["monitor"], "run_id": "x"})
-    assert result["graphs"] == {"cvops_train": train_graph, "cvops_monitor": monitor_graph} == {
-        "cvops_train": train_graph, "cvops_monitor": {"check_drift": []}}, result["graphs"]
-    assert result["schedules"] == {"cvops_train": "None", "cvops_monitor": "1 day, 0:00:00"}, result["schedules"]
-    assert result["catchup"] == {"cvops_train": False, "cvops_monitor": False} and set(map(tuple, result["retries"].values())) == {(1,)}
-    assert {t: q for t, q in result["queues"].items() if q != "default"} == {"train": "gpu"}, result["queues"]   # dag.test() ignores queues
+    assert result["graphs"] == {"cvops_train": train_graph, "cvops_monitor": monitor_graph, "cvops_retrain": {"retrain": []}} == {
+        "cvops_train": train_graph, "cvops_monitor": {"check_drift": []}, "cvops_retrain": {"retrain": []}}, result["graphs"]
+    assert result["schedules"] == {"cvops_train": "None", "cvops_monitor": "1 day, 0:00:00", "cvops_retrain": "None"}, result["schedules"]
+    assert result["catchup"] == {"cvops_train": False, "cvops_monitor": False, "cvops_retrain": False}
+    assert result["retries"] == {"cvops_train": [1], "cvops_monitor": [1], "cvops_retrain": [0]}, result["retries"]   # a failed retraining fails its proposal
+    assert {t: q for t, q in result["queues"].items() if q != "default"} == {"train": "gpu", "retrain": "gpu"}, result["queues"]   # dag.test() ignores queues
 
     # the training DAG ran every task, each through Ploomber in the project folder
     runs = result["runs"]

@@ -12,8 +12,8 @@ from pathlib import Path
 from ..config import ConfigError, load_config, resolve_path
 
 # %% auto #0
-__all__ = ['HEADER', 'TRAIN_DAG', 'MONITOR_DAG', 'pipeline_graph', 'render_dag', 'training_dag', 'monitor_dag',
-           'monitor_interval', 'export_airflow']
+__all__ = ['HEADER', 'TRAIN_DAG', 'MONITOR_DAG', 'RETRAIN_DAG', 'pipeline_graph', 'render_dag', 'training_dag', 'retrain_dag',
+           'monitor_dag', 'monitor_interval', 'export_airflow']
 
 # %% ../../notebooks/lib/pipeline/03_airflow.ipynb #804b8ad7
 def pipeline_graph(spec, env: dict) -> dict[str, list[str]]:
@@ -107,6 +107,34 @@ with DAG(
                  bash_command='cd "{{ params.root }}" && "{{ params.cvops }}" monitor --config "{{ params.config }}"')
 '''
 
+RETRAIN_DAG = HEADER + '''
+"""[[ description ]]"""
+import os
+
+from airflow.providers.standard.operators.bash import BashOperator
+from airflow.sdk import DAG
+
+ROOT = os.environ.get("CVOPS_ROOT", [[ root|py ]])
+CVOPS = os.environ.get("CVOPS_BIN", ".venv/bin/cvops")
+
+with DAG(
+    dag_id=[[ dag_id|py ]],
+    description=[[ description|py ]],
+    schedule=None,  # triggered: `airflow dags trigger [[ dag_id ]] --conf '{"proposal": "<id>"}'` (none: the open proposal)
+    catchup=False,
+    max_active_runs=1,  # one build of the project folder at a time
+    params={"root": ROOT, "config": [[ config|py ]], "cvops": CVOPS, "proposal": ""},
+    default_args={"retries": 0},  # a failed retraining fails its proposal: a new try is a new proposal
+    tags=["cvops", "retraining"],
+) as dag:
+    # `cvops retrain`: the pipeline on the dataset's newest tag; the version passes the gates a deployment passes
+    # (accuracy, warm-up, golden set, replay) and becomes the candidate beside the serving version, never deployed:
+    # promotion waits for a person (`cvops approve <proposal> --reason ...`)
+    BashOperator(task_id="retrain",[% if queue %] queue=[[ queue|py ]],[% endif %]
+                 bash_command='cd "{{ params.root }}" && "{{ params.cvops }}" retrain{% if params.proposal %} "{{ params.proposal }}"{% endif %} '
+                              '--config "{{ params.config }}" --by airflow')
+'''
+
 # %% ../../notebooks/lib/pipeline/03_airflow.ipynb #ff7c5545
 def training_dag(graph: dict, dag_id: str = "cvops_train", root=".", config: str = "configs/config.yaml", retries: int = 1,
                  retry_minutes: int = 2, sources: str = "pipeline.yaml", pipeline: str = "pipeline.yaml", queues: dict | None = None) -> str:
@@ -117,6 +145,13 @@ def training_dag(graph: dict, dag_id: str = "cvops_train", root=".", config: str
                       retry_minutes=int(retry_minutes), sources=sources, pipeline=pipeline,
                       what="One Airflow task per pipeline task, the same dependencies.",
                       description=f"The cvops training pipeline ({pipeline}), one task per pipeline task")
+
+def retrain_dag(dag_id: str = "cvops_retrain", root=".", config: str = "configs/config.yaml", queue: str | None = None,
+                sources: str = "pipeline.yaml") -> str:
+    "The text of the retraining DAG: `cvops retrain` (a candidate for a proposal, never deployed); triggered; `queue`: the train task's."
+    return render_dag(RETRAIN_DAG, dag_id=dag_id, root=str(root), config=str(config), queue=queue, sources=sources,
+                      what="A retraining proposal's candidate (cvops retrain): gated, never deployed; a person approves.",
+                      description="cvops retraining: the pipeline on the dataset's newest tag, its version the candidate, not deployed")
 
 def monitor_dag(task: str, seconds: float, interval: str, dag_id: str = "cvops_monitor", root=".", config: str = "configs/config.yaml",
                 retries: int = 1, retry_minutes: int = 2, sources: str = "pipeline.monitor.yaml", pipeline: str = "pipeline.monitor.yaml") -> str:
@@ -136,7 +171,8 @@ def monitor_interval(root, interval: str | None = None) -> tuple[str, float]:
 
 def export_airflow(root=".", out="airflow/dags", config_path="configs/config.yaml", prefix: str = "cvops",
                    retries: int = 1, interval: str | None = None, queues: dict | None = None) -> list[Path]:
-    "Write `<out>/<prefix>_train.py` (pipeline.yaml) and `<out>/<prefix>_monitor.py` (pipeline.monitor.yaml); returns their paths."
+    """Write `<out>/<prefix>_train.py` (pipeline.yaml), `<out>/<prefix>_monitor.py` (pipeline.monitor.yaml) and
+    `<out>/<prefix>_retrain.py` (`cvops retrain`); returns their paths."""
     import yaml
     root = Path(root).resolve()
     path = resolve_path(config_path, root)
@@ -151,6 +187,7 @@ def export_airflow(root=".", out="airflow/dags", config_path="configs/config.yam
     monitor = monitor_dag(next(iter(mon_graph)), seconds, text, f"{prefix}_monitor", root, config_path, retries,
                           sources=f"pipeline.monitor.yaml, {config_path} and MONITOR_INTERVAL={text}")
     out = resolve_path(out, root); out.mkdir(parents=True, exist_ok=True)
-    files = {out / f"{prefix}_train.py": train, out / f"{prefix}_monitor.py": monitor}
+    retrain = retrain_dag(f"{prefix}_retrain", root, config_path, (queues or {}).get("train"), sources=f"pipeline.yaml and {config_path}")
+    files = {out / f"{prefix}_train.py": train, out / f"{prefix}_monitor.py": monitor, out / f"{prefix}_retrain.py": retrain}
     for f, t in files.items(): f.write_text(t)
     return list(files)
