@@ -246,7 +246,7 @@ def test_retention_runs_on_a_schedule(service_root, service_factory, images):
     svc.stop()
     old_row("1" * 32)
     p = subprocess.run([str(BIN / "cvops"), "log", "prune", "--log-days", "5"], cwd=root, env=svc.env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "1 api_log and 1 predictions rows" in p.stdout, (p.stdout, p.stderr)
+    assert p.returncode == 0 and "1 api_log, 1 predictions and 0 shadow_predictions rows" in p.stdout, (p.stdout, p.stderr)
     assert "1" * 32 not in _ids(url, "predictions") and new <= _ids(url, "predictions")
     eng.dispose()
 
