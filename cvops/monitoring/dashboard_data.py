@@ -20,13 +20,14 @@ from ..predlog.queries import (api_requests, drift_history, open_for_reading, pr
 
 # %% auto #0
 __all__ = ['MAX_WINDOW_ROWS', 'TEST_COLUMNS', 'ESTIMATE_COLUMNS', 'NO_ROLLOUT', 'EVENT_COLUMNS', 'EXAMPLE_COLUMNS', 'FIGURE_ROWS',
-           'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame', 'serving_summary', 'time_bin',
-           'status_class', 'request_volume', 'status_counts', 'latency_percentiles', 'latency_summary', 'recent_errors',
-           'deployments', 'with_features', 'monitor_settings', 'monitoring_window', 'DriftMonitorData',
-           'drift_monitor_data', 'service_activity_data', 'class_distribution', 'latest_verdicts', 'run_verdict',
-           'live_accuracy_history', 'drift_contributors', 'gradcam_overlays', 'top_drift_inputs', 'rollout_events',
-           'disagreement_examples', 'RolloutData', 'rollout_data', 'rollout_summary', 'agreement_summary',
-           'comparison_table', 'load_rollout_versions', 'rollout_overlays', 'overlays_by_pair']
+           'PROPOSAL_COLUMNS', 'Sources', 'open_sources', 'Serving', 'serving_version', 'reference_frame',
+           'serving_summary', 'time_bin', 'status_class', 'request_volume', 'status_counts', 'latency_percentiles',
+           'latency_summary', 'recent_errors', 'deployments', 'with_features', 'monitor_settings', 'monitoring_window',
+           'DriftMonitorData', 'drift_monitor_data', 'service_activity_data', 'class_distribution', 'latest_verdicts',
+           'run_verdict', 'live_accuracy_history', 'drift_contributors', 'gradcam_overlays', 'top_drift_inputs',
+           'rollout_events', 'disagreement_examples', 'RolloutData', 'rollout_data', 'rollout_summary',
+           'agreement_summary', 'comparison_table', 'load_rollout_versions', 'rollout_overlays', 'overlays_by_pair',
+           'proposals_table', 'candidate_proposal_line']
 
 # %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #c64d5cb5
 @dataclass
@@ -456,3 +457,29 @@ def overlays_by_pair(examples: list[dict]) -> list[tuple[str, str, int, list[dic
     groups = {}
     for e in examples: groups.setdefault((e["serving_class"], e["candidate_class"], e["count"]), []).append(e)
     return [(s, c, n, items) for (s, c, n), items in groups.items()]
+
+# %% ../../notebooks/lib/monitoring/04_dashboard_data.ipynb #e8671561
+PROPOSAL_COLUMNS = ["created_at", "id", "status", "serving_version", "trigger", "dataset_tag", "candidate_version", "decided_by",
+                    "reason", "where_it_stands"]
+
+def proposals_table(storage, limit: int | None = 20) -> pd.DataFrame:
+    """The latest retraining proposals (`cvops proposals`), newest first: what triggered each, the dataset version its candidate
+    was trained on, who decided and why, and where it stands (`cvops.monitoring.policy.describe`)."""
+    from cvops.monitoring.policy import describe, list_proposals
+    rows = [{"created_at": p["created_at"], "id": p["id"], "status": p["status"], "serving_version": p["serving_version"],
+             "trigger": (p.get("trigger") or {}).get("summary"), "dataset_tag": p.get("dataset_tag"),
+             "candidate_version": p.get("candidate_version"), "decided_by": (p.get("decision") or {}).get("by"),
+             "reason": (p.get("decision") or {}).get("reason"), "where_it_stands": describe(p)}
+            for p in list_proposals(storage)[:limit]]
+    df = pd.DataFrame(rows, columns=PROPOSAL_COLUMNS)
+    if len(df): df["created_at"] = pd.to_datetime(df["created_at"], utc=True, format="mixed")
+    return df
+
+def candidate_proposal_line(storage, record: dict | None) -> str | None:
+    "One markdown line on the retraining proposal whose candidate `record` is (None: a candidate started by hand, or none)."
+    from cvops.monitoring.policy import PolicyError, describe, read_proposal
+    if not record or not record.get("proposal"): return None
+    try: p = read_proposal(storage, record["proposal"])
+    except (PolicyError, OSError, ValueError) as e: return f"Retraining proposal `{record['proposal']}`: cannot be read ({e})."
+    return (f"The candidate of retraining proposal **{p['id']}** ({(p.get('trigger') or {}).get('summary', '-')}), trained on dataset tag "
+            f"**{p.get('dataset_tag') or '-'}**: {describe(p)}.")

@@ -15,9 +15,9 @@ from pathlib import Path
 from ..config import RetrainConfig
 from ..registry.deploy import default_deployer
 from ..registry.rollout import abort_rollout, current_candidate, promote_rollout, start_rollout
-from ..registry.store import glob, is_remote, open_store, write_text
+from ..registry.store import glob, is_remote, open_store
 from ..registry.versions import (DeployError, current_deployment, read_file, resolve_version, storage_lock, version_metadata,
-                                     where, write_durably)
+                                     where, write_file)
 
 # %% auto #0
 __all__ = ['PROPOSALS_DIR', 'OPEN', 'DECIDED', 'RETRAIN_ENV', 'PolicyError', 'utc', 'when', 'new_proposal_id', 'proposal_file',
@@ -64,8 +64,7 @@ def proposals_lock(storage, timeout: float = 120):
 def write_proposal(storage, proposal: dict) -> dict:
     "Replace the proposal's file durably (fsynced file, atomic rename, fsynced folder; one PUT on an object store)."
     rel, text = proposal_file(proposal["id"]), json.dumps(proposal, indent=2)
-    if is_remote(storage): write_text(open_store(storage), rel, text)
-    else: write_durably(Path(storage) / rel, text)
+    write_file(storage, rel, text)
     return proposal
 
 def read_proposal(storage, proposal_id: str) -> dict:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from pathlib import Path
 
 from .deploy import (CHALLENGER_ALIAS, check_version, default_deployer, deploy, drop_registry_alias,
                                    mirror_to_registry)
-from .store import is_remote, open_store, write_text
 from .versions import (DeployError, PointerError, append_line, current_deployment, deployment_lock,
-                                     read_file, read_lines, resolve_version, version_metadata, where, write_durably)
+                                     read_file, read_lines, resolve_version, version_metadata, where, write_file)
 
 # %% auto #0
 __all__ = ['CANDIDATE_FILE', 'ROLLOUTS_FILE', 'MODES', 'RolloutError', 'current_candidate', 'rollout_history', 'check_fraction',
@@ -42,10 +40,6 @@ def current_candidate(storage) -> dict | None:
 def _unreadable(storage):
     raise PointerError(f"the candidate pointer {where(storage, CANDIDATE_FILE)} is unreadable: not a candidate record; "
                        "`cvops rollout abort` clears it")
-
-def _write(storage, rel: str, text: str):
-    if is_remote(storage): write_text(open_store(storage), rel, text)
-    else: write_durably(Path(storage) / rel, text)
 
 def _append_event(storage, event: dict):
     "One line of the rollout history (the caller holds the deployment lock)."
@@ -90,7 +84,7 @@ def start_rollout(storage, name: str, version: str | None, mode: str = "shadow",
                   "started_at": _now(), "started_by": by or default_deployer(), "reason": reason,
                   "serving_version": current_deployment(storage)["version"], "proposal": proposal,
                   **({"checks": checks} if checks is not None else {})}
-        _write(storage, CANDIDATE_FILE, json.dumps(record, indent=2))
+        write_file(storage, CANDIDATE_FILE, json.dumps(record, indent=2))
         _append_event(storage, {"event": "start" if running is None else "change", **record, "at": record["started_at"]})
     return {**record, "registry": mirror_to_registry(meta, alias=CHALLENGER_ALIAS)}
 
@@ -101,7 +95,7 @@ def _end(storage, event: str, by: str | None, reason: str, expect: str | None = 
         if cand is None: raise RolloutError("no rollout is running", 409)
         if expect is not None and cand["version"] != expect:
             raise RolloutError(f"the running rollout is of {cand['version']}, not {expect}", 409)
-        _write(storage, CANDIDATE_FILE, "{}")
+        write_file(storage, CANDIDATE_FILE, "{}")
         _append_event(storage, {"event": event, "model_name": cand["model_name"], "version": cand["version"], "mode": cand["mode"],
                                 "fraction": cand["fraction"], "at": _now(), "by": by or default_deployer(), "reason": reason, **extra})
     try: drop_registry_alias(version_metadata(resolve_version(storage, cand["model_name"], cand["version"])[1]))

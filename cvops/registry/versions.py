@@ -23,7 +23,7 @@ __all__ = ['MODELS_DIR', 'VERSIONS_DIR', 'METADATA_FILE', 'NOTEBOOKS_DIR', 'LATE
            'version_dir', 'latest_pointer', 'storage_path', 'detector_path', 'ref_data_path', 'head_name',
            'detector_files', 'version_detectors', 'DeployError', 'published_models', 'published_versions',
            'linked_version', 'current_version', 'version_folder', 'resolve_version', 'version_metadata', 'PointerError',
-           'where', 'read_file', 'current_deployment', 'write_durably', 'append_line', 'read_lines',
+           'where', 'read_file', 'current_deployment', 'write_durably', 'write_file', 'append_line', 'read_lines',
            'deployment_history', 'move_pointer', 'storage_lock', 'deployment_lock']
 
 # %% ../../notebooks/lib/registry/01_versions.ipynb #33a4201a
@@ -176,6 +176,11 @@ def write_durably(path, text: str):
         tmp.unlink(missing_ok=True)
     _fsync_dir(p.parent)
 
+def write_file(storage, rel: str, text: str):
+    "Replace file `rel` of central storage with `text`: `write_durably` on disk, one PUT on an object store."
+    if is_remote(storage): write_text(open_store(storage), rel, text)
+    else: write_durably(Path(storage) / rel, text)
+
 def append_line(storage, rel: str, record: dict):
     """Append `record` as a JSON line to file `rel` of central storage: fsynced (and its folder, when new) under an `flock`; on
     an object store a read-modify-write of the object (the caller holds a lock: one writer at a time)."""
@@ -211,8 +216,7 @@ def deployment_history(storage, limit: int | None = None) -> list[dict]:
 def move_pointer(storage, record: dict):
     """Make `record` the current deployment (fsynced file, atomic rename, fsynced folder; on an object store one PUT) and
     append it to the history."""
-    if is_remote(storage): write_text(open_store(storage), POINTER_FILE, json.dumps(record, indent=2))
-    else: write_durably(Path(storage) / POINTER_FILE, json.dumps(record, indent=2))
+    write_file(storage, POINTER_FILE, json.dumps(record, indent=2))
     append_line(storage, HISTORY_FILE, record)
 
 @contextmanager

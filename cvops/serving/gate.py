@@ -147,22 +147,9 @@ def latency_refusal(p99_ms: float, serving_p99_ms: float, factor: float = REPLAY
     return (f"its p99 latency per image is {p99_ms:.1f} ms, over the bound of {factor:g} x the serving version's "
             f"{serving_p99_ms:.1f} ms + {slack_ms:g} ms = {bound:.1f} ms")
 
-def check_replay(lv, settings, serving=None, n: int = REPLAY_MAX, display_side: int = 1024) -> tuple[str, list]:
-    """Replay the `n` most recent logged images (`recent_logged_images`) through `lv` one at a time, as a request with a heatmap,
-    interleaved with `serving` (a `LoadedVersion`, or a function returning one or None: called only when there are images):
-    returns (what it found, warnings); raises `DeployError` (409) on an error or a p99 latency over `latency_refusal`'s bound."""
-    import numpy as np
-    images, note, warning = recent_logged_images(settings, n)
-    if not images: return note, [warning] if warning else []
-    limits = (None, getattr(settings, "max_upload_bytes", 10_000_000), getattr(settings, "max_image_pixels", 40_000_000))
-    uploads = []
-    for name, data in images:
-        try: uploads.append((name, check_upload(data, *limits)))
-        except ImageError: pass                                # refused by today's upload limits: no version's fault
-    if not uploads: return f"no recent requests to replay (the {len(images)} logged images are over today's upload limits)", []
-    if serving is not None and not isinstance(serving, LoadedVersion): serving = serving()
-    versions = {"new": lv, **({"serving": serving} if serving is not None else {})}
-    for v in versions.values(): service_answers(v, [uploads[0][1]], True, display_side)   # a first call, untimed
+def _timed_replay(versions: dict, uploads: list, display_side: int) -> tuple[dict, list]:
+    """Each upload through each of `versions` ({"new": ..., "serving": ...}) as a request with a heatmap, interleaved new,
+    serving, serving, new: ({version key: each image's best time in s}, the new version's failures: an image it fails is not timed)."""
     times, errors, order = {k: [] for k in versions}, [], ["new", "serving", "serving", "new"]
     for name, up in uploads:
         best = {}
@@ -176,12 +163,40 @@ def check_replay(lv, settings, serving=None, n: int = REPLAY_MAX, display_side: 
                 break
             if not failed: best[k] = min(best.get(k, float("inf")), dt)
         for k, dt in best.items(): times[k].append(dt)
+    return times, errors
+
+def _p99_ms(times: dict) -> dict:
+    import numpy as np
+    return {k: float(np.percentile(v, 99)) * 1000 for k, v in times.items() if v}
+
+def check_replay(lv, settings, serving=None, n: int = REPLAY_MAX, display_side: int = 1024) -> tuple[str, list]:
+    """Replay the `n` most recent logged images (`recent_logged_images`) through `lv` one at a time, as a request with a heatmap,
+    interleaved with `serving` (a `LoadedVersion`, or a function returning one or None: called only when there are images):
+    returns (what it found, warnings); raises `DeployError` (409) on an error or a p99 latency over `latency_refusal`'s bound."""
+    images, note, warning = recent_logged_images(settings, n)
+    if not images: return note, [warning] if warning else []
+    limits = (None, getattr(settings, "max_upload_bytes", 10_000_000), getattr(settings, "max_image_pixels", 40_000_000))
+    uploads = []
+    for name, data in images:
+        try: uploads.append((name, check_upload(data, *limits)))
+        except ImageError: pass                                # refused by today's upload limits: no version's fault
+    if not uploads: return f"no recent requests to replay (the {len(images)} logged images are over today's upload limits)", []
+    if serving is not None and not isinstance(serving, LoadedVersion): serving = serving()
+    versions = {"new": lv, **({"serving": serving} if serving is not None else {})}
+    for v in versions.values(): service_answers(v, [uploads[0][1]], True, display_side)   # a first call, untimed
+    times, errors = _timed_replay(versions, uploads, display_side)
     name = lv.version
     if errors:
         more = f"; and {len(errors) - SHOWN} more" if len(errors) > SHOWN else ""
         raise DeployError(f"version {name} refused: {len(errors)} of {len(uploads)} recent requests replayed failed: "
                           f"{'; '.join(errors[:SHOWN])}{more}", 409)
-    p99 = {k: float(np.percentile(v, 99)) * 1000 for k, v in times.items() if v}
+    p99 = _p99_ms(times)
+    if "serving" in p99 and latency_refusal(p99["new"], p99["serving"]):
+        # over the bound: timed again before refusing, each image's best of both rounds (a busy machine's stall, e.g. another
+        # process taking the CPU, hits one round; a slower model is slower in both)
+        again, _ = _timed_replay(versions, uploads, display_side)
+        times = {k: [min(a, b) for a, b in zip(times[k], again[k])] if len(again[k]) == len(times[k]) else times[k] for k in times}
+        p99 = _p99_ms(times)
     found = f"{len(uploads)} recent requests replayed without an error; p99 {p99.get('new', float('nan')):.1f} ms per image"
     if "serving" not in p99: return found + " (nothing serving to compare the latency with)", []
     why = latency_refusal(p99["new"], p99["serving"])
