@@ -1,6 +1,11 @@
 """Shared fixtures: throw-away cvops projects (pipeline.yaml + pipeline notebooks + a config)
 that run the real pipeline in subprocesses, as a user would."""
+import base64
+import io
+import json
 import os
+import re
+import signal
 import time
 import shutil
 import subprocess
@@ -8,9 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
-from cvops.testing import Service, need, postgres_bindir, publish_version, service_project, start_postgres, train_small_model
+from cvops.testing import Service, free_port, need, postgres_bindir, publish_version, service_project, start_postgres, train_small_model
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -152,3 +158,80 @@ def pg(tmp_path):
     cluster = start_postgres(tmp_path / "pg")
     yield cluster
     cluster.remove()
+
+
+# --- the Voila dashboards (`make dashboard`) ----------------------------------------------------------
+class Voila:
+    "`voila notebooks/dashboards` as `make dashboard` runs it, on a free port; stopped (process group) pass or fail."
+
+    def __init__(self, root: Path, log_path: Path):
+        self.port, self.log_path = free_port(), log_path
+        env = {**os.environ, "CVOPS_ROOT": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}
+        for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI"): env.pop(var, None)
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([str(BIN / "voila"), "notebooks/dashboards", "--no-browser", f"--port={self.port}",
+                                      "--Voila.ip=127.0.0.1"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def url(self, path="/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait(self, timeout=60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None: raise AssertionError(f"voila exited {self.proc.returncode}:\n{self.read_log()}")
+            try:
+                if requests.get(self.url("/"), timeout=2).status_code == 200: return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"voila did not answer within {timeout} s:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try: self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture
+def voila_factory(tmp_path):
+    started = []
+    def start(root: Path) -> Voila:
+        v = Voila(root, tmp_path / f"voila-{len(started)}.log")
+        started.append(v)
+        return v.wait()
+    yield start
+    for v in started: v.stop()
+
+
+def cell_outputs(html: str) -> list[dict]:
+    "The cell outputs Voila embeds in the page (rendered by its front end)."
+    blocks = re.findall(r'<script type="application/vnd\.voila\.cell-output\+json">\s*(.*?)\s*</script>', html, re.S)
+    return [json.loads(b) for b in blocks]
+
+
+def check_rendered_html(html: str, what: str) -> list[dict]:
+    "No error output, no stderr, no traceback; returns the outputs."
+    outs = cell_outputs(html)
+    assert outs, f"{what}: no cell outputs in the page"
+    errors = [o for o in outs if o.get("output_type") == "error"]
+    assert not errors, f"{what}: error outputs {[(e.get('ename'), e.get('evalue')) for e in errors]}"
+    noise = [o.get("text") for o in outs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not noise, f"{what}: stderr in the page: {noise}"
+    assert "Traceback" not in html and "There was an error when executing cell" not in html, f"{what}: a traceback in the page"
+    return outs
+
+
+def pngs(outs) -> list:
+    from PIL import Image
+    return [Image.open(io.BytesIO(base64.b64decode(o["data"]["image/png"]))) for o in outs if "image/png" in o.get("data", {})]
+
+
+def text_of(outs) -> str:
+    return "\n".join(str(o.get("data", {}).get(k, "")) for o in outs for k in ("text/markdown", "text/html"))

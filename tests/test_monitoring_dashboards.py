@@ -7,15 +7,10 @@ project with a third version (trained differently) in shadow: its outputs for th
 version's logged requests, computed by the candidate itself from the stored images. Voila is
 started on a free port of 127.0.0.1 and stopped by the test; the dashboards are fetched over
 HTTP and rendered in headless Chromium."""
-import base64
 import io
-import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -26,12 +21,11 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from cvops.testing import encode, free_port, headless_chromium, publish_version, tiny_version, train_small_model
+from conftest import check_rendered_html, pngs, text_of
+from cvops.testing import encode, headless_chromium, publish_version, tiny_version, train_small_model
 
 pytestmark = pytest.mark.service
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DASHBOARDS = ("drift_monitor", "service_activity", "rollout")
 ERROR_MARKERS = ("Traceback", "Error", "There was an error when executing cell")
 
@@ -108,82 +102,6 @@ def monitored_project(tmp_path_factory) -> dict:
     "`fill_project`, built once for the tests of this module (a test that changes it works on a copy)."
     base = tmp_path_factory.mktemp("monitored")
     return fill_project(base / "project", base)
-
-
-class Voila:
-    "`voila notebooks/dashboards` as `make dashboard` runs it, on a free port; stopped (process group) pass or fail."
-
-    def __init__(self, root: Path, log_path: Path):
-        self.port, self.log_path = free_port(), log_path
-        env = {**os.environ, "CVOPS_ROOT": str(root), "TF_CPP_MIN_LOG_LEVEL": "3"}
-        for var in ("DB_URL", "CVOPS_CENTRAL_STORAGE", "MLFLOW_TRACKING_URI"): env.pop(var, None)
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([str(BIN / "voila"), "notebooks/dashboards", "--no-browser", f"--port={self.port}",
-                                      "--Voila.ip=127.0.0.1"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def url(self, path="/") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait(self, timeout=60):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None: raise AssertionError(f"voila exited {self.proc.returncode}:\n{self.read_log()}")
-            try:
-                if requests.get(self.url("/"), timeout=2).status_code == 200: return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"voila did not answer within {timeout} s:\n{self.read_log()}")
-
-    def read_log(self) -> str:
-        return self.log_path.read_text()[-6000:] if self.log_path.exists() else ""
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try: self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL); self.proc.wait(10)
-        self.log.close()
-
-
-@pytest.fixture
-def voila_factory(tmp_path):
-    started = []
-    def start(root: Path) -> Voila:
-        v = Voila(root, tmp_path / f"voila-{len(started)}.log")
-        started.append(v)
-        return v.wait()
-    yield start
-    for v in started: v.stop()
-
-
-def cell_outputs(html: str) -> list[dict]:
-    "The cell outputs Voila embeds in the page (rendered by its front end)."
-    blocks = re.findall(r'<script type="application/vnd\.voila\.cell-output\+json">\s*(.*?)\s*</script>', html, re.S)
-    return [json.loads(b) for b in blocks]
-
-
-def check_rendered_html(html: str, what: str) -> list[dict]:
-    "No error output, no stderr, no traceback; returns the outputs."
-    outs = cell_outputs(html)
-    assert outs, f"{what}: no cell outputs in the page"
-    errors = [o for o in outs if o.get("output_type") == "error"]
-    assert not errors, f"{what}: error outputs {[(e.get('ename'), e.get('evalue')) for e in errors]}"
-    noise = [o.get("text") for o in outs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
-    assert not noise, f"{what}: stderr in the page: {noise}"
-    assert "Traceback" not in html and "There was an error when executing cell" not in html, f"{what}: a traceback in the page"
-    return outs
-
-
-def pngs(outs) -> list:
-    from PIL import Image
-    return [Image.open(io.BytesIO(base64.b64decode(o["data"]["image/png"]))) for o in outs if "image/png" in o.get("data", {})]
-
-
-def text_of(outs) -> str:
-    return "\n".join(str(o.get("data", {}).get(k, "")) for o in outs for k in ("text/markdown", "text/html"))
 
 
 @pytest.fixture
