@@ -74,7 +74,8 @@ def _mlflow_run(project, run_id):
 
 
 def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
-    "Fashion-MNIST as a git + DVC repo, one epoch: every product, lineage, MLflow, incremental rebuilds."
+    """Fashion-MNIST as a git + DVC repo, one epoch: every product, lineage, MLflow, incremental rebuilds; then a second
+    model name beside it, and a dataset moved under its feet."""
     # one-epoch models differ by chance: the deploy task's regression gate is not what this test is about
     no_gate = {"max_regression": 1.0}
     project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}, deploy=no_gate))
@@ -179,6 +180,46 @@ def test_default_pipeline_on_a_tiny_dvc_dataset(project, tiny_fashion_repo):
     assert '"learning_rate": 0.002' in old_params and '"learning_rate": 0.001' in new_params, (old_params, new_params)
     assert all((storage / r[k]).is_file() for r in lineage["notebooks"].values() for k in ("ipynb", "html"))
 
+    # a second model name in the same project (one build shared with the checks above, to keep `make test` short): config B
+    # neither overwrites the first model's records nor makes it rerun; a dataset moved under its feet stops its next training
+    _second_model_name_keeps_its_own_products(project, tiny_fashion_repo, cfg)
+
+
+def _second_model_name_keeps_its_own_products(project, tiny_fashion_repo, a):
+    from cvops.data.versioning import checkout_dataset
+    b = base_config(dataset={"path": str(tiny_fashion_repo)}, model={"model_name": "other_model"},
+                    deploy={"force": True})  # whichever way the deploy gates see B, this is about A
+    project.write_config(b, "configs/b.yaml")
+    products_a = project.products("test_model")
+    records_a = {p.relative_to(products_a).as_posix(): p.read_bytes() for p in products_a.rglob("*") if p.is_file()}
+    assert "train/train.html" in records_a and "publish/metadata.json" in records_a
+    meta_a = _metadata(project, "test_model")
+
+    second = project.run("cvops", "build", "--config", "configs/b.yaml")
+    assert project.ran_tasks(second.stdout) == {t: True for t in ALL_TASKS}, second.stdout
+    assert {p.relative_to(products_a).as_posix(): p.read_bytes() for p in products_a.rglob("*") if p.is_file()} == records_a
+    assert (project.products("other_model") / "train" / "train.html").is_file()
+    assert _metadata(project, "other_model")["model"]["model_name"] == "other_model"
+
+    third = project.run("cvops", "build")              # configs/config.yaml: A, built before B
+    assert project.ran_tasks(third.stdout) == {t: False for t in ALL_TASKS}, third.stdout
+    assert _metadata(project, "test_model")["version"] == meta_a["version"]
+
+    # another config moved the dataset's working copy to another tag: A's next training refuses it
+    checkout_dataset(tiny_fashion_repo, "v1.0.0")
+    try:
+        project.write_config({**a, "train": {**a["train"], "learning_rate": 0.003}})
+        before = project.storage_snapshot()
+        proc = project.run("cvops", "build", check=False)
+    finally:
+        checkout_dataset(tiny_fashion_repo, "v2.0.0")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    commit = meta_a["lineage"]["dataset"]["git_commit"][:10]
+    assert re.match(rf"error: the pipeline failed \(DatasetError: dataset {re.escape(str(tiny_fashion_repo))} is now at "
+                    rf"v1\.0\.0 \(\w{{10}}\), but prepare_data prepared v2\.0\.0 \({commit}\); rebuild prepare_data", last), last
+    assert project.storage_snapshot() == before
+
 
 def _check_detectors(project, meta, dataset_dir):
     "detectors/<name>_uae.keras, detectors/<name>_bbsd.keras, ref_data/<name>_ref_data.parquet in the version folder."
@@ -240,48 +281,6 @@ def _check_service_features(project, meta, dataset_dir):
     expected = np.asarray(uae(to_model_input(preprocess(data, (28, 28), 1)[None]), training=False))[0]
     np.testing.assert_allclose(features["uae"], expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(features["uae"], ref[[f"uae_{j}" for j in range(32)]].iloc[0], rtol=1e-4, atol=1e-4)  # = its reference row
-
-
-def test_two_model_names_keep_their_own_products(project, tiny_fashion_repo):
-    """Config B (another model_name) neither overwrites config A's records nor makes A rerun; a dataset
-    moved under A's feet stops A's next training with one line."""
-    from cvops.data.versioning import checkout_dataset
-    a = base_config(dataset={"path": str(tiny_fashion_repo)})
-    b = base_config(dataset={"path": str(tiny_fashion_repo)}, model={"model_name": "other_model"},
-                    deploy={"force": True})  # whichever way the deploy gates see B, this test is about A
-    project.write_config(a, "configs/a.yaml")
-    project.write_config(b, "configs/b.yaml")
-    first = project.run("cvops", "build", "--config", "configs/a.yaml")
-    assert project.ran_tasks(first.stdout) == {t: True for t in ALL_TASKS}, first.stdout
-    products_a = project.products("test_model")
-    records_a = {p.relative_to(products_a).as_posix(): p.read_bytes() for p in products_a.rglob("*") if p.is_file()}
-    assert "train/train.html" in records_a and "publish/metadata.json" in records_a
-    meta_a = _metadata(project, "test_model")
-
-    second = project.run("cvops", "build", "--config", "configs/b.yaml")
-    assert project.ran_tasks(second.stdout) == {t: True for t in ALL_TASKS}, second.stdout
-    assert {p.relative_to(products_a).as_posix(): p.read_bytes() for p in products_a.rglob("*") if p.is_file()} == records_a
-    assert (project.products("other_model") / "train" / "train.html").is_file()
-    assert _metadata(project, "other_model")["model"]["model_name"] == "other_model"
-
-    third = project.run("cvops", "build", "--config", "configs/a.yaml")
-    assert project.ran_tasks(third.stdout) == {t: False for t in ALL_TASKS}, third.stdout
-    assert _metadata(project, "test_model")["version"] == meta_a["version"]
-
-    # another config moved the dataset's working copy to another tag: A's next training refuses it
-    checkout_dataset(tiny_fashion_repo, "v1.0.0")
-    try:
-        project.write_config(base_config(dataset={"path": str(tiny_fashion_repo)}, train={"learning_rate": 0.001}), "configs/a.yaml")
-        before = project.storage_snapshot()
-        proc = project.run("cvops", "build", "--config", "configs/a.yaml", check=False)
-    finally:
-        checkout_dataset(tiny_fashion_repo, "v2.0.0")
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    commit = meta_a["lineage"]["dataset"]["git_commit"][:10]
-    assert re.match(rf"error: the pipeline failed \(DatasetError: dataset {re.escape(str(tiny_fashion_repo))} is now at "
-                    rf"v1\.0\.0 \(\w{{10}}\), but prepare_data prepared v2\.0\.0 \({commit}\); rebuild prepare_data", last), last
-    assert project.storage_snapshot() == before
 
 
 def test_another_dataset_colour_mixed_sizes_without_dvc(project):
