@@ -10,6 +10,7 @@ import json
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +82,13 @@ def build(config_path="configs/config.yaml", root=".", force: bool = False, task
     record = build_record_path(root, path); record.unlink(missing_ok=True)
     # the file's own mapping, not the validated one: task parameters then equal what
     # `ploomber build` reads through env.yaml, and neither way reruns the other's work; only the
-    # sections the spec names (`retrain` is the monitor's: Ploomber would warn that it is unused)
+    # sections the spec names (`retrain` is the monitor's). Ploomber also reads env.yaml (the config)
+    # and would warn on the console that `retrain` is unused by the spec: it is, by design.
     spec = (root / "pipeline.yaml").read_text()
     env = {k: v for k, v in yaml.safe_load(path.read_text()).items() if re.search(r"{{\s*%s\b" % re.escape(k), spec)}
-    dag = DAGSpec(str(root / "pipeline.yaml"), env=env).to_dag()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The following placeholders are declared in the environment but unused", UserWarning)
+        dag = DAGSpec(str(root / "pipeline.yaml"), env=env).to_dag()
     if tasks: return build_tasks(dag, tasks, force)
     done = {}
     build_tasks(dag, list(dag), force, on_task=lambda name, s: done.__setitem__(name, s), progress=say)
