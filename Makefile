@@ -112,11 +112,16 @@ dashboard: venv ## the Voila dashboards (drift monitor, service activity, rollou
 status: venv ## which pipeline tasks are up to date
 	$(BIN)/ploomber status
 
-test: setup ## run every test: notebook checks (nbval), integration and end-to-end
-	$(BIN)/pytest
+# Two workers (pytest-xdist), each running one test file at a time, the longest files first (tests/conftest.py):
+# most tests wait on other processes (kernels, servers, builds), so two share the 2 cores well. TEST_JOBS=0: one process.
+TEST_JOBS ?= 2
+PYTEST_JOBS = $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder)
+
+test: setup ## run every test: notebook checks (nbval), integration and end-to-end (TEST_JOBS=2 workers)
+	$(BIN)/pytest $(PYTEST_JOBS)
 
 test-fast: venv ## everything but the end-to-end pipeline runs
-	$(BIN)/pytest -m "not e2e"
+	$(BIN)/pytest $(PYTEST_JOBS) -m "not e2e"
 
 # The rehearsal merges docker-compose.s3.yml onto docker-compose.yml (central storage and MLflow's artefacts on SeaweedFS,
 # as `docker-compose -f docker-compose.yml -f docker-compose.s3.yml`); REHEARSAL_STORAGE=local rehearses the base file alone.

@@ -21,6 +21,18 @@ from cvops.testing import Service, free_port, need, postgres_bindir, publish_ver
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
+# The longest files, longest first (`--durations` in `make test`'s output lists them). `make test` hands files to its two
+# workers in collection order, one at a time each, so a long file handed out last would leave one worker running it alone.
+LONGEST_FIRST = ("tests/test_pipeline_e2e.py", "tests/test_stack_rehearsal.py", "tests/test_pipeline_airflow.py",
+                 "tests/test_closed_loop_e2e.py")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    "Put LONGEST_FIRST's files first, in its order; the rest keep theirs (a stable sort)."
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 def base_config(**sections):
     "A small config for tests; keyword arguments replace or extend sections."
