@@ -1587,6 +1587,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'cvops.testing.Service.start': ('testing.html#service.start', 'cvops/testing.py'),
                                'cvops.testing.Service.stop': ('testing.html#service.stop', 'cvops/testing.py'),
                                'cvops.testing.Service.url': ('testing.html#service.url', 'cvops/testing.py'),
+                               'cvops.testing.Service.wait_workers_candidate': ( 'testing.html#service.wait_workers_candidate',
+                                                                                 'cvops/testing.py'),
                                'cvops.testing.Service.wait_workers_ready': ('testing.html#service.wait_workers_ready', 'cvops/testing.py'),
                                'cvops.testing.Service.worker_pids': ('testing.html#service.worker_pids', 'cvops/testing.py'),
                                'cvops.testing.TinyVersion': ('testing.html#tinyversion', 'cvops/testing.py'),

@@ -283,6 +283,18 @@ class Service:
             time.sleep(0.3)
         raise AssertionError(f"workers not serving {version}: {seen}\n{self.read_log()}")
 
+    def wait_workers_candidate(self, want: str | None, timeout: float = 60) -> dict:
+        """pid -> rollout candidate of each live worker (`GET /rollout`, from the status files the workers write when they
+        load or drop one), once as many workers as it has all report `want` (None: no candidate)."""
+        import requests
+        deadline, seen = time.time() + timeout, {}
+        while time.time() < deadline:
+            try: seen = requests.get(self.url("/rollout"), timeout=30).json()["workers_candidate"]
+            except (requests.RequestException, ValueError, KeyError): seen = {}
+            if len(seen) == self.workers and set(seen.values()) == {want}: return seen
+            time.sleep(0.3)
+        raise AssertionError(f"the workers' candidates {seen}, not {want}\n{self.read_log()}")
+
     def worker_pids(self) -> list:
         "The pids of its workers (gunicorn's children)."
         import psutil

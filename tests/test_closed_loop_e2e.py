@@ -69,16 +69,6 @@ def _send(svc, images, labels, classes, feedback_every=0) -> list[dict]:
     return out
 
 
-def _workers_candidate(svc, want, timeout=60) -> dict:
-    "Each worker's candidate (GET /rollout reads their status files), once every worker reports `want`."
-    deadline, seen = time.time() + timeout, {}
-    while time.time() < deadline:
-        seen = requests.get(svc.url("/rollout"), timeout=30).json()["workers_candidate"]
-        if len(seen) == svc.workers and set(seen.values()) == {want}: return seen
-        time.sleep(0.3)
-    raise AssertionError(f"the workers' candidates {seen}, not {want}")
-
-
 def _rollout_status(project, env, n_pairs, timeout=60) -> dict:
     "`cvops rollout status --json` once its comparison counts `n_pairs` requests both versions answered."
     deadline = time.time() + timeout
@@ -149,7 +139,7 @@ def test_drift_proposes_feedback_retrains_a_shadow_candidate_and_an_approval_pro
         assert meta["lineage"]["dataset"]["tag"] == "v2.1.0", meta["lineage"]
 
         # 4. every worker runs it on the requests that follow; every answer is still the serving version's
-        _workers_candidate(svc, new)
+        svc.wait_workers_candidate(new)
         more = _send(svc, _shifted(served["images"][1700:1700 + N_SHADOWED], seed=1), served["labels"][1700:1700 + N_SHADOWED], classes)
         assert {a["model_version"] for a in more} == {serving}
         st = _rollout_status(project, svc.env, N_SHADOWED)
@@ -167,7 +157,7 @@ def test_drift_proposes_feedback_retrains_a_shadow_candidate_and_an_approval_pro
         ap = project.run("cvops", "approve", pid[:20], "--reason", "agrees with the serving model on shifted images", "--by", "carol")
         assert ap.stdout.startswith(f"approved proposal {pid}: {new} deployed (was {serving}); recorded: carol at "), ap.stdout
         svc.wait_workers_ready(new)
-        _workers_candidate(svc, None)
+        svc.wait_workers_candidate(None)
         x0 = svc.predict(encode(served["images"][0]), heatmap=False)
         assert x0.status_code == 200 and x0.json()["model_version"] == new, x0.text[:300]
         p = _json(storage / "deployments" / "proposals" / f"{pid}.json")

@@ -170,25 +170,10 @@ def _rollout(g, method, path, **body):
     return requests.request(method, g["svc"].url(path), json=body, headers=ADMIN, timeout=180)
 
 
-def _workers_candidate(g, want, timeout=30) -> dict:
-    "pid -> candidate of every live worker, once all report `want` (their status files, written when they load or drop it)."
-    pids, deadline, seen = set(g["svc"].worker_pids()), time.time() + timeout, {}
-    while time.time() < deadline:
-        seen = {}
-        for f in (g["root"] / "var" / "workers").glob("*.json"):
-            try: d = json.loads(f.read_text())
-            except ValueError: continue
-            if d["pid"] in pids: seen[d["pid"]] = d.get("candidate")
-        if set(seen) == pids and set(seen.values()) == {want}: break
-        time.sleep(0.2)
-    assert set(seen) == pids and set(seen.values()) == {want}, (seen, pids, want)
-    return seen
-
-
 def _no_rollout(g, serving):
     if current_candidate(g["storage"]) is not None: assert _rollout(g, "POST", "/rollout/abort", reason="test setup").status_code == 200
     _ensure_serving(g, serving)
-    _workers_candidate(g, None)
+    g["svc"].wait_workers_candidate(None, timeout=30)
 
 
 def _predict(g, x, client=None):
@@ -217,7 +202,7 @@ def test_a_shadow_rollout_logs_both_versions_on_the_same_requests_and_every_answ
     r = _rollout(g, "PUT", "/rollout", model_name=NAME, version=v["b"], mode="shadow", fraction=1.0, reason="shadow test")
     assert r.status_code == 200, r.text
     assert r.json()["checks"]["golden"].startswith(f"{g['n_golden']} of {g['n_golden']} golden-set images"), r.json()["checks"]
-    _workers_candidate(g, v["b"])
+    g["svc"].wait_workers_candidate(v["b"], timeout=30)
     with ThreadPoolExecutor(4) as pool: answers = list(pool.map(lambda x: _predict(g, x), g["images"]))
     assert {a["model_version"] for a in answers} == {v["a"]}            # the user always gets the serving version's answer
     ids = {a["request_id"]: a for a in answers}
@@ -245,7 +230,7 @@ def test_a_shadow_rollout_logs_both_versions_on_the_same_requests_and_every_answ
     # abort: the serving version alone answers, nothing more is shadowed
     r = _rollout(g, "POST", "/rollout/abort", reason="seen enough")
     assert r.status_code == 200 and r.json()["version"] == v["b"], r.text
-    _workers_candidate(g, None)
+    g["svc"].wait_workers_candidate(None, timeout=30)
     after = {a["request_id"] for a in (_predict(g, x) for x in g["images"][:6])}
     time.sleep(1.0)
     assert not _shadow_rows(g, after) and current_deployment(g["storage"])["version"] == v["a"]
@@ -258,7 +243,7 @@ def test_a_canary_answers_its_share_of_clients_sticky_and_promote_under_load_fai
     p = subprocess.run([str(BIN / "cvops"), "rollout", "start", NAME, "--version", v["b"], "--mode", "canary", "--fraction", "0.2",
                         "--by", "canary-test"], cwd=g["root"], env=g["svc"].env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and f"{v['b']} is the candidate in canary, 20% of clients answered by it" in p.stdout, p.stdout + p.stderr
-    _workers_candidate(g, v["b"])
+    g["svc"].wait_workers_candidate(v["b"], timeout=30)
     clients = [f"client-{i}" for i in range(60)]
     def two(i):   # each client twice, from any worker: the same version both times
         return [_predict(g, g["images"][(i + k) % len(g["images"])], clients[i])["model_version"] for k in range(2)]
@@ -276,7 +261,7 @@ def test_a_canary_answers_its_share_of_clients_sticky_and_promote_under_load_fai
     assert r.status_code == 200 and r.json()["version"] == v["b"] and r.json()["previous_version"] == v["a"], r.text
     assert not load.failed() and len(load.results) > 20, (load.failed()[:3], len(load.results))
     _every_worker_serves(g, v["b"])
-    _workers_candidate(g, None)
+    g["svc"].wait_workers_candidate(None, timeout=30)
     assert current_candidate(g["storage"]) is None
     assert deployment_history(g["storage"], 1)[0]["reason"].startswith("promoted from canary (0.2): canary looks good")
     assert [e["event"] for e in rollout_history(g["storage"], 2)] == ["promote", "start"]
@@ -290,4 +275,4 @@ def test_a_candidate_whose_golden_set_does_not_match_is_refused(gate):
     r = _rollout(g, "PUT", "/rollout", model_name=NAME, version=v["altered"], mode="shadow", fraction=0.5)
     assert r.status_code == 409 and "golden-set images do not give the predictions" in r.json()["error"], r.text
     assert current_candidate(g["storage"]) is None and len(rollout_history(g["storage"])) == n
-    _workers_candidate(g, None, timeout=3)
+    g["svc"].wait_workers_candidate(None, timeout=3)
