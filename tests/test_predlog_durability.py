@@ -61,10 +61,12 @@ def _worker_pids(root: Path) -> list[int]:
     return out
 
 
-def _sigkill_under_load(service_root, service_factory, images, mode: str):
+def _sigkill_under_load(service_root, service_factory, images, mode: str, wait=lambda svc: None):
+    "SIGKILL one of 2 workers under load (`wait(svc)` once they serve), then restart the service; (service, 200 ids, load)."
     root = service_root["root"]
     svc = service_factory(root, workers=2, env={"LOG_DURABILITY": mode})
     svc.wait_workers_ready(service_root["a"])
+    wait(svc)
     with PredictionLoad(svc, images, n=4) as load:
         time.sleep(3.0)
         pids = _worker_pids(root)
@@ -93,6 +95,24 @@ def test_sigkill_in_durable_mode_loses_no_acknowledged_row(service_root, service
     svc.stop()
     spill = service_root["root"] / "var" / "spill"
     assert not list(spill.glob("wal-*.jsonl")), sorted(p.name for p in spill.iterdir())   # replayed, then deleted
+
+
+def test_sigkill_during_a_shadow_rollout_loses_no_served_row(service_root, service_factory, images):
+    """The same kill while every request is shadowed by a candidate (docs/serving.md: a killed worker can lose the shadow
+    rows it held in memory, never a served answer's rows): every 200 keeps both rows, and the candidate did shadow."""
+    root = service_root["root"]
+    p = subprocess.run([str(BIN / "cvops"), "rollout", "start", "fashion_small", "--version", service_root["b"], "--mode", "shadow",
+                        "--fraction", "1.0", "--by", "kill-test"], cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "CVOPS_ROOT": str(root)})
+    assert p.returncode == 0, p.stdout + p.stderr
+    svc, ok, load = _sigkill_under_load(service_root, service_factory, images, "durable",
+                                        wait=lambda s: s.wait_workers_candidate(service_root["b"]))
+    miss_pred, miss_api = _wait_rows(_sqlite_url(root), ok)
+    shadowed = ok & _ids(_sqlite_url(root), "shadow_predictions")
+    print(f"{len(ok)} answered 200 under a shadow rollout; missing rows: {len(miss_pred)} predictions, {len(miss_api)} api_log; "
+          f"{len(shadowed)} with a shadow row")
+    assert not miss_pred and not miss_api, (len(miss_pred), len(miss_api), sorted(miss_pred)[:5], svc.read_log())
+    assert len(shadowed) >= len(ok) // 2, (len(shadowed), len(ok))   # the candidate answered most of them too
 
 
 @pytest.mark.skipif(os.environ.get("CVOPS_SHOW_ASYNC_LOSS") != "1", reason="a demonstration, not a check: CVOPS_SHOW_ASYNC_LOSS=1")
