@@ -163,6 +163,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.decode_upright': ( 'data/preprocess.html#decode_upright',
                                                                                  'cvops/data/preprocess.py'),
+                                       'cvops.data.preprocess.decoded_images': ( 'data/preprocess.html#decoded_images',
+                                                                                 'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.load_annotations': ( 'data/preprocess.html#load_annotations',
                                                                                    'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.load_split': ('data/preprocess.html#load_split', 'cvops/data/preprocess.py'),
