@@ -132,7 +132,8 @@ stack-rehearsal: venv ## start docker-compose.yml + docker-compose.s3.yml native
 	  grep -E '^(stack up|  [a-z_-]+ +(healthy|completed|not run|started)|rehearsal figures|  [a-z ]+: |    +[0-9]+  |total|[0-9]+ (passed|failed|skipped)|FAILED|E  )' ; \
 	  exit $${PIPESTATUS[0]}
 
-bench: dataset ## training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); a whole monitoring run over 100k logged predictions; the estimated accuracy vs the true one per shift; the cost of a shadow rollout -> bench/results/
+bench: dataset ## a fresh clone's make run timed; training throughput; service req/s + latency; drift-test quality (both backends; in-process and end to end through the service); a whole monitoring run over 100k logged predictions; the estimated accuracy vs the true one per shift; the cost of a shadow rollout; the speed targets in one table (summary.md) -> bench/results/
+	$(BIN)/python bench/first_run.py
 	$(BIN)/python bench/train_throughput.py --rounds 1
 	$(BIN)/python bench/service_throughput.py
 	$(BIN)/python bench/drift_quality.py
@@ -140,6 +141,7 @@ bench: dataset ## training throughput; service req/s + latency; drift-test quali
 	$(BIN)/python bench/monitor_throughput.py
 	$(BIN)/python bench/estimated_accuracy.py
 	$(BIN)/python bench/shadow_cost.py
+	$(BIN)/python bench/summary.py
 
 mlflow: venv ## the MLflow UI on the local store
 	$(BIN)/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}" --host 127.0.0.1 --port $(MLFLOW_PORT)

@@ -63,8 +63,8 @@ def parse_run(lines: list) -> dict:
             out["dataset_s"] = round(t - (t_install if t_install is not None else 0.0), 1)
         elif (m := re.match(r"\s+(\w+)\s+ran in (.+)$", text)):
             out["tasks_s"][m.group(1)] = seconds_of(m.group(2))
-        elif (m := re.match(r"\s+train\s+epoch \d+/\d+ .*\(([\d.]+) s\)", text)):
-            out["epochs_s"].append(float(m.group(1)))
+        elif (m := re.match(r"\s+train\s+epoch \d+(/\d+)? .*\((.+?)\)$", text)):
+            out["epochs_s"].append(seconds_of(m.group(2)))
         elif (m := re.match(r"pipeline built in (.+?):", text)):
             out["pipeline_s"], t_pipeline = seconds_of(m.group(1)), t
         elif (m := re.search(r"test accuracy:\s+([\d.]+)", text)):
@@ -184,7 +184,7 @@ def print_summary(r: dict, out: Path):
     print(f"  install          {fmt(p['install_s'])}")
     print(f"  dataset build    {fmt(p['dataset_s'])}")
     print(f"  pipeline         {fmt(p['pipeline_s'])}")
-    for name, s in p["tasks_s"].items(): print(f"    {name:15s}{fmt(s)}")
+    for name, s in p["tasks_s"].items(): print(f"    {name:16s} {fmt(s)}")
     if p["epochs_s"]: print(f"    train epochs   {len(p['epochs_s'])}: first {p['epochs_s'][0]:.1f} s, then median {sorted(p['epochs_s'][1:] or [0])[len(p['epochs_s'][1:]) // 2]:.1f} s")
     print(f"  service start    {fmt(p['service_start_s'])}")
     print(f"  make run         {fmt(f['make_run_s'])}   test accuracy {f['test_accuracy']}   {r['console_lines']} lines printed, {f['noise_lines']} of them noise")

@@ -1,0 +1,111 @@
+"""The speed targets (a first run in minutes, a service near its in-process limit, a monitor run under a second) in one table, each next to its limit or target, read from the benchmarks' results in bench/results/.
+
+    first run   first_run.json          `make run` in a fresh clone, all in (<= 480 s), the train task (<= 180 s), the test
+                                        accuracy it reached (>= 0.92), the no-op rebuild (< 3 s), noise lines printed (0)
+    train       train_throughput.json   the train task's input pipeline / the bare fit on decoded tensors in memory, over all
+                                        epochs (>= 0.93)
+    service     service_throughput.json at concurrency 8, requests/s / the batched in-process images/s, heatmaps off (>= 0.6)
+                                        and on (>= 0.7); p99 at concurrency 1, heatmaps off (< 10 ms); the durable log's cost
+                                        (<= 15 %)
+    monitor     monitor_throughput.json a monitoring run over 100,000 logged predictions (< 1 s)
+
+A result file that is missing is listed as not run; each row says when its file was written, as the files may come from
+different runs (`make bench` writes them all, then this table). Writes summary.json and summary.md next to them.
+
+    python bench/summary.py [--results bench/results]
+"""
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _read(folder: Path, name: str) -> dict | None:
+    try: return json.loads((folder / name).read_text())
+    except (OSError, ValueError): return None
+
+
+def row(area, figure, value, target, met, limit=None, when=None, unit=""):
+    return {"area": area, "figure": figure, "value": value, "unit": unit, "target": target, "met": met, "limit": limit, "when": when}
+
+
+def first_run_rows(r: dict | None) -> list:
+    if r is None: return [row("first run", "make run in a fresh clone", None, "<= 480 s", None)]
+    when, t, f = r.get("when"), r["targets"], r["figures"]
+    cache = f"{r.get('package_cache', '?')} package cache"
+    return [row("first run", f"make run in a fresh clone ({cache})", f["make_run_s"], "<= 480", t["make_run_s"]["met"], when=when, unit="s"),
+            row("first run", "the train task", f["train_task_s"], "<= 180", t["train_task_s"]["met"], when=when, unit="s"),
+            row("first run", "test accuracy of the default model", f["test_accuracy"], ">= 0.92", t["test_accuracy"]["met"], when=when),
+            row("first run", "no-op rebuild (cvops build)", f["noop_rebuild_s"], "< 3", t["noop_rebuild_s"]["met"], when=when, unit="s"),
+            row("first run", "noise lines printed by make run", f["noise_lines"], "0", t["noise_lines"]["met"], when=when)]
+
+
+def train_rows(r: dict | None) -> list:
+    if r is None: return [row("train", "input pipeline / bare fit", None, ">= 0.93", None)]
+    limit = f"bare fit {r['bare_fit']['steady_img_s']:.0f} img/s; pipeline {r['pipeline']['steady_img_s']:.0f} img/s (steady)"
+    return [row("train", "input pipeline / bare fit in memory, all epochs", round(r["ratio_all_epochs"], 3), f">= {r['target_ratio']}",
+                r["ratio_all_epochs"] >= r["target_ratio"], limit=limit, when=r.get("when"))]
+
+
+def service_rows(r: dict | None) -> list:
+    if r is None: return [row("service", "heatmaps off, concurrency 8 / in-process", None, ">= 0.6", None)]
+    when, t = r.get("when"), r["targets"]["raw"]
+    out = []
+    for key, label in (("heatmap_off_concurrency8_ratio", "heatmaps off, concurrency 8 / in-process"),
+                       ("heatmap_on_concurrency8_ratio", "heatmaps on, concurrency 8 / in-process")):
+        c = t[key]
+        out.append(row("service", label, c["value"], f">= {c['target']}", c["meets"], when=when,
+                       limit=f"{c['service_req_s']:.0f} req/s vs {c['in_process_img_s']:.0f} img/s ({c['compared_with']})"))
+    c = t["heatmap_off_concurrency1_p99_ms"]
+    out.append(row("service", "p99, heatmaps off, concurrency 1", c["value"], f"< {c['target_below']}", c["meets"], when=when, unit="ms"))
+    d = r.get("durability")
+    if isinstance(d, dict) and d.get("cost_c8") is not None:
+        out.append(row("service", "durable prediction log's cost, concurrency 8", round(d["cost_c8"], 3),
+                       f"<= {d['target_cost_concurrency8']}", d["meets_target"], when=when,
+                       limit=f"durable / async = {d['ratio_durable_to_async_c8']:.3f}"))
+    return out
+
+
+def monitor_rows(r: dict | None) -> list:
+    if r is None: return [row("monitor", "monitoring run over 100,000 predictions", None, "< 1 s", None)]
+    m = r["median_seconds"]["all_rows"]
+    return [row("monitor", f"monitoring run over {int(m['n_rows']):,} predictions", m["run"], f"< {r['target_s']}", r["met"], unit="s",
+                limit=f"reading the same blobs in one query: {m['limit_read']:.3f} s", when=r.get("created"))]
+
+
+def summarise(folder: Path) -> list:
+    return (first_run_rows(_read(folder, "first_run.json")) + train_rows(_read(folder, "train_throughput.json"))
+            + service_rows(_read(folder, "service_throughput.json")) + monitor_rows(_read(folder, "monitor_throughput.json")))
+
+
+def verdict(met) -> str: return "met" if met else "not met" if met is False else "not run"
+
+
+def markdown(rows: list) -> str:
+    lines = ["| area | figure | value | target | | measured against | written |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        value = "-" if r["value"] is None else f"{r['value']}{' ' + r['unit'] if r['unit'] else ''}"
+        lines.append(f"| {r['area']} | {r['figure']} | {value} | {r['target']}{' ' + r['unit'] if r['unit'] else ''} | "
+                     f"{verdict(r['met'])} | {r['limit'] or ''} | {r['when'] or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"))
+    folder = Path(ap.parse_args(argv).results)
+    rows = summarise(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps(rows, indent=1))
+    (folder / "summary.md").write_text(markdown(rows))
+    for r in rows:
+        value = "-" if r["value"] is None else f"{r['value']}{r['unit'] and ' ' + r['unit']}"
+        print(f"{r['area']:10s} {r['figure']:52s} {value:>10s}  target {r['target']:>7s}{r['unit'] and ' ' + r['unit']:3s} {verdict(r['met'])}")
+    print(f"-> {folder / 'summary.md'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
