@@ -147,6 +147,8 @@ def fisher_p(k1, n1, k2, n2) -> float:
 
 
 def main(argv=None):
+    from cvops.quiet import quiet_tensorflow
+    quiet_tensorflow()   # TensorFlow's start-up lines (CUDA factories, cuInit) stay out of the bench's output
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs/config.yaml"))
     ap.add_argument("--draws", type=int, default=50, help="windows per (shift, n) cell (>= 50)")

@@ -124,6 +124,8 @@ def shifted_features(setup: dict, seed: int) -> dict:
 
 
 def main():
+    from cvops.quiet import quiet_tensorflow
+    quiet_tensorflow()   # TensorFlow's start-up lines (CUDA factories, cuInit) stay out of the bench's output
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default=str(ROOT / "configs/config.yaml"))
     ap.add_argument("--storage", default=os.environ.get("CVOPS_CENTRAL_STORAGE", str(ROOT / "central_storage")))

@@ -125,8 +125,8 @@ def test_images(n: int) -> list:
 # --- the in-process limit ---------------------------------------------------------------------------
 def _limit_worker(folder: str, images: list, threads: int, cmds, results):
     "One process of the in-process limit: load the version, then run the cells the parent sends."
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    import tensorflow as tf
+    from cvops.quiet import quiet_tensorflow
+    tf = quiet_tensorflow()
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     import numpy as np
@@ -499,6 +499,8 @@ def targets_of(cells: dict, style: str, concurrencies) -> dict:
 
 
 def main(argv=None):
+    from cvops.quiet import quiet_tensorflow
+    quiet_tensorflow()   # TensorFlow's start-up lines (CUDA factories, cuInit) stay out of the bench's output
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/config.yaml", help="its model section is trained when nothing is deployed")
     ap.add_argument("--duration", type=float, default=8, help="seconds measured per service cell")

@@ -53,6 +53,8 @@ def set_rollout(storage: Path, var: Path, name: str, candidate: str, mode, fract
 
 
 def main(argv=None):
+    from cvops.quiet import quiet_tensorflow
+    quiet_tensorflow()   # TensorFlow's start-up lines (CUDA factories, cuInit) stay out of the bench's output
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/config.yaml", help="its model section is trained when nothing is deployed")
     ap.add_argument("--duration", type=float, default=8, help="seconds measured per cell")
