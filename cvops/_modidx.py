@@ -156,6 +156,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                       'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess._orientation': ( 'data/preprocess.html#_orientation',
                                                                                'cvops/data/preprocess.py'),
+                                       'cvops.data.preprocess._pil_open': ('data/preprocess.html#_pil_open', 'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess._pil_pixels': ( 'data/preprocess.html#_pil_pixels',
                                                                               'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess._png_chunk': ('data/preprocess.html#_png_chunk', 'cvops/data/preprocess.py'),

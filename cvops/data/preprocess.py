@@ -96,15 +96,20 @@ def _left_to_tensorflow(im, data: bytes) -> bool:
     "Whether TensorFlow decodes this opened image as a person sees it: a plain JPEG or PNG, stored upright, neither CMYK nor YCCK."
     return im.format in _TF_FORMATS and _orientation(im, data) in (0, 1) and im.mode not in ("CMYK", "YCbCr")
 
+def _pil_open(data: bytes):
+    "The PIL image of `data` (only its header read), or None for bytes PIL cannot identify."
+    import io
+    from PIL import Image, UnidentifiedImageError
+    try: return Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError): return None
+
 def _pil_pixels(data) -> np.ndarray:
     """The upright pixels of an image TensorFlow would not decode as a person sees it (EXIF-rotated, CMYK or YCCK JPEG,
     WebP, TIFF, BMP, GIF, ...), decoded once by PIL; an empty array for a plain JPEG or PNG (only its header is read:
     TensorFlow decodes it) and for bytes PIL cannot identify (TensorFlow refuses them). Cut-short data raises."""
-    import io
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
     data = data.item() if isinstance(data, np.ndarray) else data   # tf.numpy_function passes a 0-d object array
-    try: im = Image.open(io.BytesIO(bytes(data)))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError): return _NOT_MINE
+    if (im := _pil_open(bytes(data))) is None: return _NOT_MINE
     with im:
         if _left_to_tensorflow(im, data): return _NOT_MINE
         try: return _to_8bit_array(ImageOps.exif_transpose(im))
@@ -113,10 +118,7 @@ def _pil_pixels(data) -> np.ndarray:
 def tensorflow_decodes(data: bytes) -> bool:
     """Whether `decode_upright` leaves `data` to TensorFlow alone (`_pil_pixels` returns nothing for it): a plain JPEG or
     PNG, or bytes PIL cannot identify (TensorFlow then refuses them). Only the header is parsed."""
-    import io
-    from PIL import Image, UnidentifiedImageError
-    try: im = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError): return True
+    if (im := _pil_open(data)) is None: return True
     with im: return _left_to_tensorflow(im, data)
 
 def _tensorflow_decode(data):
