@@ -170,6 +170,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.decoded_images': ( 'data/preprocess.html#decoded_images',
                                                                                  'cvops/data/preprocess.py'),
+                                       'cvops.data.preprocess.exact_png_array': ( 'data/preprocess.html#exact_png_array',
+                                                                                  'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.load_annotations': ( 'data/preprocess.html#load_annotations',
                                                                                    'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.load_split': ('data/preprocess.html#load_split', 'cvops/data/preprocess.py'),

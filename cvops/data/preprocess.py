@@ -12,8 +12,8 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'SPLITS', 'AnnotationError', 'scan_split_folders', 'load_annotations', 'tensorflow_decodes',
-           'decode_upright', 'to_input', 'preprocess', 'to_model_input', 'read_image', 'split_rows', 'decoded_images',
-           'load_split', 'build_augmenter', 'make_dataset']
+           'decode_upright', 'to_input', 'preprocess', 'to_model_input', 'read_image', 'exact_png_array', 'split_rows',
+           'decoded_images', 'load_split', 'build_augmenter', 'make_dataset']
 
 # %% ../../notebooks/lib/data/03_preprocess.ipynb #4835000c
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
@@ -173,6 +173,25 @@ def to_model_input(images):
 def read_image(path, size, channels) -> np.ndarray:
     "One image file -> preprocessed uint8 array."
     return preprocess(Path(path).read_bytes(), size, channels).numpy()
+
+# %% ../../notebooks/lib/data/03_preprocess.ipynb #6107afed
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_MODE = {1: "L", 3: "RGB"}
+
+def exact_png_array(data: bytes, size: tuple[int, int], channels: int) -> np.ndarray | None:
+    """`preprocess(data, size, channels)` as a numpy array, without TensorFlow, for a plain upright 8-bit PNG stored at `size`
+    in the model's colour mode (grey for 1 channel, RGB for 3): its pixels as stored, decoded by PIL (whose header read decides). None for
+    any other image, and for data PIL cannot decode (cut short, corrupt): `preprocess` decides those."""
+    if data[:8] != _PNG_SIGNATURE or channels not in _PNG_MODE: return None
+    im = _pil_open(data)
+    if im is None: return None
+    with im:
+        if im.size != tuple(size) or im.mode != _PNG_MODE[channels] or "transparency" in im.info or not _left_to_tensorflow(im, data):
+            return None
+        try: im.load()
+        except (OSError, ValueError, SyntaxError, EOFError): return None
+        a = np.asarray(im, dtype=np.uint8)
+    return np.ascontiguousarray(a[..., None] if channels == 1 else a)
 
 # %% ../../notebooks/lib/data/03_preprocess.ipynb #7f0d3fe2
 def split_rows(df, split, max_images=None, seed=0) -> pd.DataFrame:

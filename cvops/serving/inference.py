@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.preprocess import decode_upright, preprocess, to_input, to_model_input
+from ..data.preprocess import decode_upright, exact_png_array, preprocess, to_input, to_model_input
 from ..registry.versions import METADATA_FILE, version_detectors, version_metadata
 from ..training.model import LAST_CONV, load_keras_model, read_model_info
 
@@ -171,6 +171,7 @@ def prepare_input(upload: Upload, lv: LoadedVersion, display_max_side: int | Non
     `display_max_side` (a heatmap will be drawn) it also sets `upload.display`: the upright image from the same decode
     (`decode_upright`, the only full-size one), its long side capped at `display_max_side`."""
     if display_max_side is None:
+        if (x := exact_png_array(upload.data, lv.size, lv.channels)) is not None: return x   # a plain PNG at the model's size
         if lv._prepare is None: return preprocess(upload.data, lv.size, lv.channels).numpy()
         return lv._prepare(upload.data).numpy()
     x, display = _prepare_with_display(lv.size, lv.channels)(upload.data, int(display_max_side))
@@ -179,10 +180,14 @@ def prepare_input(upload: Upload, lv: LoadedVersion, display_max_side: int | Non
 
 def prepare_batch(uploads: list, lv: LoadedVersion) -> np.ndarray:
     """`prepare_input` of several uploads at once (no display copies): the same `preprocess`, image by image inside one
-    compiled call, so a batch of n costs one call instead of n. Raises when any image cannot be decoded (find which one with
-    `prepare_input`)."""
-    import tensorflow as tf
-    return _prepare_many(lv.size, lv.channels)(tf.constant([u.data for u in uploads])).numpy()
+    compiled call, so a batch of n costs one call instead of n; plain PNGs already at the model's size are read without it
+    (`exact_png_array`: the same pixels, a fifth of the time). Raises when any image cannot be decoded (find which one
+    with `prepare_input`)."""
+    xs = [exact_png_array(u.data, lv.size, lv.channels) for u in uploads]
+    if rest := [i for i, x in enumerate(xs) if x is None]:
+        import tensorflow as tf
+        for i, x in zip(rest, _prepare_many(lv.size, lv.channels)(tf.constant([uploads[i].data for i in rest])).numpy()): xs[i] = x
+    return np.stack(xs)
 
 _WITH_DISPLAY, _MANY = {}, {}
 
