@@ -75,10 +75,19 @@ def pid_alive(pid: int) -> bool:
     except PermissionError: return True
 
 def settle(fut: Future, result=None, error: BaseException | None = None):
-    "Set `fut`'s result (or `error`) unless it is settled already."
+    "Set `fut`'s result (or `error`) unless it is settled already (a `concurrent.futures` or, in its loop's thread, an asyncio future)."
     if fut.done(): return
     try: fut.set_exception(error) if error is not None else fut.set_result(result)
     except Exception: pass   # settled meanwhile
+
+def _relay(loop, afut) -> Future:
+    "A `concurrent.futures.Future` whose outcome, once set in any thread, is copied to the asyncio future `afut` in `loop`."
+    def copy(f: Future):
+        e = f.exception()
+        settle(afut, None if e is not None else f.result(), e)
+    cf = Future()
+    cf.add_done_callback(lambda f: loop.call_soon_threadsafe(copy, f))
+    return cf
 
 def _write_all(fd: int, data: bytes):
     view = memoryview(data)
@@ -294,8 +303,7 @@ class WriteAheadLog:
         self.segment = OpenSegment(self.folder, self.owner, self.book, segment_bytes, segment_age)
         self._cv = threading.Condition()
         self._pending: list = []
-        self._expected = 0                  # records announced (`expect`) and not appended yet
-        self.expect_window = 0.002          # longest wait for them
+        self._turns: dict = {}              # event loop -> (record, asyncio future) appended during its current turn
         self._stopping = False
         self._thread = self._lock_fd = None
         self.commits = self.records = 0
@@ -322,16 +330,10 @@ class WriteAheadLog:
         if self._lock_fd is not None: give_up_ownership(self.folder, self.owner, self._lock_fd); self._lock_fd = None
 
     # -- appending --------------------------------------------------------------------------
-    def expect(self, n: int):
-        """`n` records are about to be appended (the requests one model call has just answered): the next group commit waits
-        for them, up to `expect_window`, so that they share one fsync instead of the first one's going alone."""
-        with self._cv: self._expected += n
-
     def append(self, item) -> Future:
-        "Queue `item` = (api, prediction, image) for the next group commit; the future is set once it is on disk."
+        "Queue `item` = (api, prediction, image) for the committer thread's next group commit; the future is set once it is on disk."
         fut = Future()
         with self._cv:
-            self._expected = max(0, self._expected - 1)
             if self._stopping and not (self._thread and self._thread.is_alive()):
                 self._commit([(item, fut)]); return fut       # a straggler after stop(): committed in the caller's thread
             self._pending.append((item, fut))
@@ -343,10 +345,6 @@ class WriteAheadLog:
             with self._cv:
                 while not self._pending and not self._stopping: self._cv.wait(1.0)
                 if not self._pending: return
-                deadline = time.monotonic() + self.expect_window
-                while self._expected and len(self._pending) < self.group_max and not self._stopping:
-                    if (left := deadline - time.monotonic()) <= 0: self._expected = 0; break   # they are late: not waited for again
-                    self._cv.wait(left)
             if self.group_window and len(self._pending) < self.group_max: time.sleep(self.group_window)
             with self._cv: group, self._pending = self._pending, []
             try: self._commit(group)
@@ -354,23 +352,65 @@ class WriteAheadLog:
                 log.exception("prediction log: WAL commit failed")
                 for _, fut in group: settle(fut, error=e)
 
+    def append_in_loop(self, item, loop):
+        """`append` for a coroutine running on `loop` (the service's request path): returns an asyncio future, set once `item`
+        is on disk. The records appended during one turn of the loop (the requests one model call answered) are committed
+        together at the end of that turn, in the loop's own thread: one write and one fdatasync, without a hop to the
+        committer thread and another back (Redis commits its `appendfsync always` log the same way before it answers).
+        A group the disk refuses goes to the committer thread, which tries once more and then calls `on_disk_error`."""
+        fut = loop.create_future()
+        group = self._turns.get(loop)
+        if group is None:
+            self._turns[loop] = group = []
+            loop.call_soon(self._commit_turn, loop)
+        group.append((item, fut))
+        return fut
+
+    def _commit_turn(self, loop):
+        ok, data = self._encode(self._turns.pop(loop, []))
+        if not ok: return
+        try: seg = self._write(data, len(ok))
+        except OSError as e:
+            relayed = [(item, _relay(loop, fut)) for item, fut in ok]
+            with self._cv:
+                alive = self._thread is not None and self._thread.is_alive()
+                if alive: self._pending.extend(relayed); self._cv.notify()
+            if not alive: self._give_up(relayed, e)
+            return
+        self._durable(ok, seg)
+
     def _commit(self, group):
+        ok, data = self._encode(group)
+        if not ok: return
+        try: seg = self._write(data, len(ok))
+        except OSError as e: return self._give_up(ok, e)
+        self._durable(ok, seg)
+
+    def _encode(self, group) -> tuple[list, bytes]:
+        "The (item, future) pairs whose record encodes and their lines; the others' futures get the error."
         lines, ok = [], []
         for item, fut in group:
             try: lines.append(record_dumps(*item)); ok.append((item, fut))
             except Exception as e: settle(fut, error=e)
-        if not ok: return
-        try: seg = self.segment.append(b"".join(lines), len(ok))
+        return ok, b"".join(lines)
+
+    def _write(self, data: bytes, n: int) -> str:
+        "Append `n` records with one write and one fdatasync; the segment's name. Raises OSError (noted in `disk_error`)."
+        try: seg = self.segment.append(data, n)
         except OSError as e:
-            self.disk_error, self.disk_error_at = brief_error(e), time.monotonic()
-            if self.on_disk_error is not None: self.on_disk_error(ok)    # e.g. straight to the database; it settles the futures
-            else:
-                for _, fut in ok: settle(fut, error=e)
-            return
+            self.disk_error, self.disk_error_at = brief_error(e), time.monotonic(); raise
         self.disk_error = None
-        self.commits += 1; self.records += len(ok)
+        self.commits += 1; self.records += n
+        return seg
+
+    def _durable(self, ok, seg: str):
         self.on_durable([(*item, seg) for item, _ in ok])
         for _, fut in ok: settle(fut, seg)
+
+    def _give_up(self, ok, e: OSError):
+        "The disk refused the records: `on_disk_error` (e.g. straight to the database; it settles the futures), else the error."
+        if self.on_disk_error is not None: return self.on_disk_error(ok)
+        for _, fut in ok: settle(fut, error=e)
 
     def close_segment(self): self.segment.close()
 

@@ -329,10 +329,12 @@ class PredictionLog(LogStats):
         if rows: self._enqueue([(None, r, None, None) for r in rows])
 
     async def keep(self, api_row: dict, prediction_row: dict | None = None, image: tuple | None = None):
-        "`log`, awaited: in durable mode returns once the rows are kept; raises `LogUnavailable`."
+        """`log`, awaited: in durable mode returns once the rows are on disk (or in the database), committed with the other rows
+        of this turn of the event loop (`WriteAheadLog.append_in_loop`); raises `LogUnavailable`. Async mode: queued at once."""
         import asyncio
-        fut = self.log(api_row, prediction_row, image)
-        if fut is not None: await asyncio.shield(asyncio.wrap_future(fut))   # a client that goes away does not cancel the commit
+        if self.wal is None: return self.log(api_row, prediction_row, image)
+        fut = self.wal.append_in_loop((api_row, prediction_row, image), asyncio.get_running_loop())
+        await asyncio.shield(fut)   # a client that goes away does not cancel the commit
 
     def unavailable(self, within: float = 1.0) -> str | None:
         "Why no row can be kept now (the writer thread has ended, or disk and database both failed in the last `within` s), else None."

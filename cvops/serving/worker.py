@@ -472,9 +472,8 @@ class WorkerState(HotSwap):
         if self.plog is not None: self.plog.log_shadow(rows)
 
     def _answered(self, images: int, heatmap: bool):
-        "A model call answered `images` requests: counted in the metrics, and announced to the write-ahead log (one fsync for them)."
+        "A model call answered `images` requests: counted in the metrics."
         metrics_batch(images, heatmap)
-        if self.plog is not None and self.plog.wal is not None: self.plog.wal.expect(images)
 
     def stop(self):
         if self.batcher: self.batcher.stop()
