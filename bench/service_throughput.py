@@ -68,6 +68,8 @@ STYLES = ("raw", "multipart")                            # how the image is sent
 # --- the model ----------------------------------------------------------------------------------
 def _train_and_deploy(config_path: str, storage: str, n_train: int = 3000, epochs: int = 1) -> dict:
     "In a child process: train the config's model briefly on Fashion-MNIST, publish and deploy it into `storage`."
+    from cvops.quiet import quiet_tensorflow
+    quiet_tensorflow()   # TensorFlow's CUDA start-up lines stay out of the bench's output
     import yaml
     from cvops.config import ModelConfig
     from cvops.testing import tiny_version, train_small_model

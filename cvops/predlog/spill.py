@@ -357,12 +357,14 @@ class WriteAheadLog:
         is on disk. The records appended during one turn of the loop (the requests one model call answered) are committed
         together at the end of that turn, in the loop's own thread: one write and one fdatasync, without a hop to the
         committer thread and another back (Redis commits its `appendfsync always` log the same way before it answers).
-        A group the disk refuses goes to the committer thread, which tries once more and then calls `on_disk_error`."""
+        With `group_window` the commit waits that long more, gathering the rows of the turns meanwhile. A group the disk
+        refuses goes to the committer thread, which tries once more and then calls `on_disk_error`."""
         fut = loop.create_future()
         group = self._turns.get(loop)
         if group is None:
             self._turns[loop] = group = []
-            loop.call_soon(self._commit_turn, loop)
+            if self.group_window: loop.call_later(self.group_window, self._commit_turn, loop)
+            else: loop.call_soon(self._commit_turn, loop)
         group.append((item, fut))
         return fut
 
