@@ -17,6 +17,10 @@
              workers use, at batch 1 and batched by 8.
              ratio = service / in-process: concurrency 1 against batch 1, concurrency 8 against the better of
              batch 1 and batch 8 (the batched figure).
+   ceiling     bench/bare_server.py (an ASGI app that reads the body and answers a fixed JSON body of the service's
+             answer size) under the same gunicorn worker class and worker count, loaded the same way: what any Python
+             service on this HTTP stack and these cores can reach, with no model and no logging; the output says
+             what share of it 0.6 of the in-process figure is.
    Service and in-process cells alternate (never run at the same time: they would share the cores), for
    `--rounds` rounds; the figures reported are medians over the rounds.
    The targets (issue 13), on the raw-body path, from the same run: heatmaps off at concurrency 8 >= 0.6 of the batched
@@ -359,6 +363,44 @@ def service_cell(svc: Service, bodies, ctype, heatmap, concurrency, warm, dur) -
     return res
 
 
+# --- the ceiling: the server alone ---------------------------------------------------------------
+def bench_ceiling(workers: int, bodies, ctype, concurrencies, warm: float, dur: float, rounds: int, response_bytes: int) -> dict:
+    """req/s of `bench/bare_server.py` (an ASGI app that reads the body and answers a fixed JSON body of `response_bytes`)
+    under the service's gunicorn worker class with `workers` workers, loaded as the service is: what any Python service
+    on this HTTP stack and these cores can reach, with no model and no logging."""
+    import subprocess
+    import requests
+    from cvops.testing import free_port
+    port = free_port()
+    env = {**os.environ, "BARE_RESPONSE_BYTES": str(response_bytes)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-k", "cvops.serving.server.ServiceWorker",
+                             "-w", str(workers), "-b", f"127.0.0.1:{port}", "--keep-alive", "5", "--log-level", "warning",
+                             "--chdir", str(Path(__file__).resolve().parent), "bare_server:app"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                if requests.post(f"http://127.0.0.1:{port}/predict", data=b"x", timeout=2).status_code == 200: break
+            except requests.RequestException: pass
+            if time.time() > deadline or proc.poll() is not None: raise RuntimeError("bench/bare_server.py did not start")
+            time.sleep(0.2)
+        cells = {}
+        for rnd in range(rounds):
+            for conc in concurrencies:
+                r = load_cell(port, bodies, ctype, False, conc, warm, dur)
+                cells.setdefault(f"c{conc}", []).append(r["req_s"])
+                print(f"round {rnd + 1} ceiling    bare ASGI app     concurrency {conc}: {r['req_s']:7.1f} req/s  "
+                      f"p50 {_f(r['p50_ms'], '.2f')} ms  errors {r['errors']}", flush=True)
+        return {"what": "bench/bare_server.py under the service's gunicorn worker class: reads the body, answers a fixed "
+                        f"{response_bytes}-byte JSON body; no model, no logging",
+                "workers": workers, "req_s": {k: _median(v) for k, v in cells.items()}, "raw": cells}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try: proc.wait(20)
+        except subprocess.TimeoutExpired: os.killpg(proc.pid, signal.SIGKILL)
+
+
 # --- the prediction log --------------------------------------------------------------------------
 def log_rows(n: int, images: list, classes: list) -> list:
     "`n` requests' rows as the service's middleware and /predict build them."
@@ -482,6 +524,19 @@ def summarise(raw: dict, concurrencies) -> tuple[dict, float]:
     return cells, best_req_s
 
 
+def ceiling_vs_limit(ceiling: dict, cells: dict, concurrencies) -> dict:
+    """The ceiling beside what the heatmaps-off target asks: 0.6 of the batched in-process figure, as a share of what the bare
+    server reaches at the same concurrency (above 1: no service on this HTTP stack could meet it), and the service's share."""
+    c = concurrencies[1]
+    cell = cells.get(f"raw/heatmap_off/c{c}", {})
+    bare = ceiling["req_s"].get(f"c{c}")
+    limit = max(cell.get("in_process_batch1_img_s") or 0, cell.get("in_process_batch8_img_s") or 0)
+    need = TARGET_RATIO["heatmap_off"] * limit if limit else None
+    return {**ceiling, f"target_heatmap_off_c{c}_req_s": need,
+            f"target_as_share_of_ceiling_c{c}": round(need / bare, 3) if need and bare else None,
+            f"service_as_share_of_ceiling_c{c}": round(cell["req_s"] / bare, 3) if bare and cell.get("req_s") else None}
+
+
 def targets_of(cells: dict, style: str, concurrencies) -> dict:
     "The issue's three figures for one way of sending the image, next to their limits."
     lo, hi = concurrencies
@@ -556,6 +611,9 @@ def main(argv=None):
                     print(f"round {rnd + 1} in-process {hm:11s} batch {batch}:                 {p['img_s']:7.1f} img/s", flush=True)
         service_s = time.perf_counter() - t_begin - setup_s
         limit.close(); limit = None
+        heat_off = [c for c in raw["service"].get(f"raw/heatmap_off/c{concurrencies[1]}", []) if c["requests"]]
+        answer_bytes = int(statistics.fmean(c["response_kb_mean"] for c in heat_off) * 1024) if heat_off else 400
+        ceiling = bench_ceiling(args.workers, *bodies["raw"], concurrencies, args.warmup, args.duration, args.rounds, answer_bytes)
         durability = bench_durability(svc, work, args, *bodies["raw"], concurrencies, raw)
         load_end = os.getloadavg()
         svc_log_tail = svc.read_log()
@@ -606,7 +664,7 @@ def main(argv=None):
                            "path": "check_upload -> prepare_input (prepare_batch for a batch without heatmaps, as the service's batcher) -> "
                                    "LoadedVersion(batch) -> class_probabilities (+ render_heatmap when heatmaps on)"},
             "durations_s": {"service_cell": args.duration, "in_process_cell": args.limit_duration, "warmup": args.warmup, "rounds": args.rounds},
-            "targets": targets, "load_generator": load_generator,
+            "targets": targets, "load_generator": load_generator, "ceiling": ceiling_vs_limit(ceiling, cells, concurrencies),
             "cells": cells, "durability": durability, "other_load": other_load,
             "prediction_log": predlog,
             "raw": raw,
@@ -731,6 +789,14 @@ def print_table(r: dict, out: Path):
     lg = r["load_generator"]
     print(f"load generator: {lg['cores_mean']:.2f} cores on average, {_f(lg['share_of_busy_cpu_mean'], '.1%')} of the CPU busy during "
           f"the cells, {_f(lg['us_per_request_median'], '.0f')} us per request")
+    ce = r.get("ceiling")
+    if ce:
+        hi = max(int(k[1:]) for k in ce["req_s"])
+        print(f"ceiling (bench/bare_server.py: the same server, no model, no logging): "
+              + ", ".join(f"concurrency {k[1:]} {v:.0f} req/s" for k, v in ce["req_s"].items())
+              + f"\n  0.6 of the in-process figure = {_f(ce.get(f'target_heatmap_off_c{hi}_req_s'), '.0f')} req/s = "
+              f"{_f(ce.get(f'target_as_share_of_ceiling_c{hi}'), '.2f')} of the ceiling; the service reaches "
+              f"{_f(ce.get(f'service_as_share_of_ceiling_c{hi}'), '.2f')} of it")
     print_durability(r["durability"])
     pl = r["prediction_log"]
     print(f"\nprediction log ({pl['rows_queued']} requests' rows; ratio to the best service rate {pl['best_service_req_s']:.1f} req/s, target {pl['target_ratio']:.0f}x)")
