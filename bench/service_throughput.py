@@ -385,16 +385,24 @@ def bench_ceiling(workers: int, bodies, ctype, concurrencies, warm: float, dur: 
             except requests.RequestException: pass
             if time.time() > deadline or proc.poll() is not None: raise RuntimeError("bench/bare_server.py did not start")
             time.sleep(0.2)
-        cells = {}
+        import psutil
+        def server_cpu() -> float:
+            procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children()
+            return sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+        cells, cpu_ms = {}, {}
         for rnd in range(rounds):
             for conc in concurrencies:
+                c0, w0 = server_cpu(), time.perf_counter()
                 r = load_cell(port, bodies, ctype, False, conc, warm, dur)
+                cpu = (server_cpu() - c0) / (time.perf_counter() - w0)        # cores the server kept busy
                 cells.setdefault(f"c{conc}", []).append(r["req_s"])
+                cpu_ms.setdefault(f"c{conc}", []).append(cpu / r["req_s"] * 1000 if r["req_s"] else None)
                 print(f"round {rnd + 1} ceiling    bare ASGI app     concurrency {conc}: {r['req_s']:7.1f} req/s  "
-                      f"p50 {_f(r['p50_ms'], '.2f')} ms  errors {r['errors']}", flush=True)
+                      f"p50 {_f(r['p50_ms'], '.2f')} ms  server cpu {_f(cpu_ms[f'c{conc}'][-1], '.3f')} ms/req  errors {r['errors']}", flush=True)
         return {"what": "bench/bare_server.py under the service's gunicorn worker class: reads the body, answers a fixed "
                         f"{response_bytes}-byte JSON body; no model, no logging",
-                "workers": workers, "req_s": {k: _median(v) for k, v in cells.items()}, "raw": cells}
+                "workers": workers, "req_s": {k: _median(v) for k, v in cells.items()},
+                "server_cpu_ms_per_request": {k: _median(v) for k, v in cpu_ms.items()}, "raw": cells}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try: proc.wait(20)
@@ -524,6 +532,11 @@ def summarise(raw: dict, concurrencies) -> tuple[dict, float]:
     return cells, best_req_s
 
 
+def cores_for_service(cell: dict, req_s: float) -> float:
+    "The machine's cores less what the load generator would use at `req_s` (its CPU per request as measured in `cell`)."
+    return (os.cpu_count() or 1) - cell["load_generator_us_per_request"] / 1e6 * req_s
+
+
 def ceiling_vs_limit(ceiling: dict, cells: dict, concurrencies) -> dict:
     """The ceiling beside what the heatmaps-off target asks: 0.6 of the batched in-process figure, as a share of what the bare
     server reaches at the same concurrency (above 1: no service on this HTTP stack could meet it), and the service's share."""
@@ -532,7 +545,12 @@ def ceiling_vs_limit(ceiling: dict, cells: dict, concurrencies) -> dict:
     bare = ceiling["req_s"].get(f"c{c}")
     limit = max(cell.get("in_process_batch1_img_s") or 0, cell.get("in_process_batch8_img_s") or 0)
     need = TARGET_RATIO["heatmap_off"] * limit if limit else None
+    in_proc_cpu = _median([p["cpu_s_per_image"] * 1000 for p in ceiling.get("_in_process_b8", [])]) if ceiling.get("_in_process_b8") else None
+    service_budget = (cores_for_service(cell, need) / need * 1000) if need and cell.get("load_generator_us_per_request") else None
+    ceiling = {k: v for k, v in ceiling.items() if not k.startswith("_")}
     return {**ceiling, f"target_heatmap_off_c{c}_req_s": need,
+            f"service_cpu_ms_per_request_at_target": round(service_budget, 3) if service_budget else None,
+            "in_process_cpu_ms_per_image_batch8": round(in_proc_cpu, 3) if in_proc_cpu else None,
             f"target_as_share_of_ceiling_c{c}": round(need / bare, 3) if need and bare else None,
             f"service_as_share_of_ceiling_c{c}": round(cell["req_s"] / bare, 3) if bare and cell.get("req_s") else None}
 
@@ -614,6 +632,7 @@ def main(argv=None):
         heat_off = [c for c in raw["service"].get(f"raw/heatmap_off/c{concurrencies[1]}", []) if c["requests"]]
         answer_bytes = int(statistics.fmean(c["response_kb_mean"] for c in heat_off) * 1024) if heat_off else 400
         ceiling = bench_ceiling(args.workers, *bodies["raw"], concurrencies, args.warmup, args.duration, args.rounds, answer_bytes)
+        ceiling["_in_process_b8"] = raw["in_process"].get("heatmap_off/b8", [])
         durability = bench_durability(svc, work, args, *bodies["raw"], concurrencies, raw)
         load_end = os.getloadavg()
         svc_log_tail = svc.read_log()
@@ -796,7 +815,11 @@ def print_table(r: dict, out: Path):
               + ", ".join(f"concurrency {k[1:]} {v:.0f} req/s" for k, v in ce["req_s"].items())
               + f"\n  0.6 of the in-process figure = {_f(ce.get(f'target_heatmap_off_c{hi}_req_s'), '.0f')} req/s = "
               f"{_f(ce.get(f'target_as_share_of_ceiling_c{hi}'), '.2f')} of the ceiling; the service reaches "
-              f"{_f(ce.get(f'service_as_share_of_ceiling_c{hi}'), '.2f')} of it")
+              f"{_f(ce.get(f'service_as_share_of_ceiling_c{hi}'), '.2f')} of it"
+              f"\n  at that rate the service would have {_f(ce.get('service_cpu_ms_per_request_at_target'), '.3f')} ms of CPU per request "
+              f"(the cores less the load generator's share); the in-process path alone takes "
+              f"{_f(ce.get('in_process_cpu_ms_per_image_batch8'), '.3f')} ms per image at batch 8, the bare server "
+              + ", ".join(f"{_f(v, '.3f')} ms at concurrency {k[1:]}" for k, v in ce.get("server_cpu_ms_per_request", {}).items()))
     print_durability(r["durability"])
     pl = r["prediction_log"]
     print(f"\nprediction log ({pl['rows_queued']} requests' rows; ratio to the best service rate {pl['best_service_req_s']:.1f} req/s, target {pl['target_ratio']:.0f}x)")
