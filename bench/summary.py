@@ -6,7 +6,8 @@
                                         epochs (>= 0.93)
     service     service_throughput.json at concurrency 8, requests/s / the batched in-process images/s, heatmaps off (>= 0.6)
                                         and on (>= 0.7); p99 at concurrency 1, heatmaps off (< 10 ms); the durable log's cost
-                                        (<= 15 %)
+                                        (<= 15 %); beside the heatmaps-off figure, the CPU per request the target would leave the
+                                        service (the run's `ceiling`) against what the in-process path and the bare server cost
     monitor     monitor_throughput.json a monitoring run over 100,000 logged predictions (< 1 s)
 
 A result file that is missing is listed as not run; each row says when its file was written, as the files may come from
@@ -55,8 +56,9 @@ def service_rows(r: dict | None) -> list:
     for key, label in (("heatmap_off_concurrency8_ratio", "heatmaps off, concurrency 8 / in-process"),
                        ("heatmap_on_concurrency8_ratio", "heatmaps on, concurrency 8 / in-process")):
         c = t[key]
-        out.append(row("service", label, c["value"], f">= {c['target']}", c["meets"], when=when,
-                       limit=f"{c['service_req_s']:.0f} req/s vs {c['in_process_img_s']:.0f} img/s ({c['compared_with']})"))
+        limit = f"{c['service_req_s']:.0f} req/s vs {c['in_process_img_s']:.0f} img/s ({c['compared_with']})"
+        if key.startswith("heatmap_off") and (budget := ceiling_budget(r.get("ceiling"))): limit += f"; {budget}"
+        out.append(row("service", label, c["value"], f">= {c['target']}", c["meets"], when=when, limit=limit))
     c = t["heatmap_off_concurrency1_p99_ms"]
     out.append(row("service", "p99, heatmaps off, concurrency 1", c["value"], f"< {c['target_below']}", c["meets"], when=when, unit="ms"))
     d = r.get("durability")
@@ -65,6 +67,17 @@ def service_rows(r: dict | None) -> list:
                        f"<= {d['target_cost_concurrency8']}", d["meets_target"], when=when,
                        limit=f"durable / async = {d['ratio_durable_to_async_c8']:.3f}"))
     return out
+
+
+def ceiling_budget(ce: dict | None) -> str | None:
+    """What the heatmaps-off target leaves per request, from the same run (service_throughput's `ceiling`): the service's CPU
+    per request at 0.6 of the in-process figure, against the in-process path's own CPU per image plus the bare server's."""
+    if not ce or ce.get("service_cpu_ms_per_request_at_target") is None: return None
+    per = ce.get("server_cpu_ms_per_request") or {}
+    server = per[max(per, key=lambda k: int(k[1:]))] if per else None   # at the target's concurrency (the higher one)
+    return (f"at the target the service would have {ce['service_cpu_ms_per_request_at_target']:.3f} ms CPU/request; the in-process "
+            f"path takes {ce.get('in_process_cpu_ms_per_image_batch8') or float('nan'):.3f} ms/image at batch 8, the bare server "
+            f"{server if server is not None else float('nan'):.3f} ms/request")
 
 
 def monitor_rows(r: dict | None) -> list:
