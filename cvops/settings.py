@@ -94,7 +94,7 @@ class ServiceSettings(StorageSettings):
     log_durability: Literal["durable", "async"] = Field("durable", validation_alias=_env("LOG_DURABILITY"),
                                                         description="durable: a request's rows are fsynced to var/spill before it is answered; async: kept in memory")
     log_group_commit_ms: float = Field(0.0, ge=0, le=100, validation_alias=_env("LOG_GROUP_COMMIT_MS"),
-                                       description="extra ms the WAL committer waits to gather a batch (0: what arrives during the previous fsync)")
+                                       description="extra ms a WAL commit waits to gather more rows (0: the rows of one turn of a worker's event loop)")
     log_flush_timeout: float = Field(15.0, gt=0, le=600, validation_alias=_env("LOG_FLUSH_TIMEOUT"),
                                      description="seconds a stopping worker gives the database; gunicorn's graceful timeout is this + 15")
     log_retention_days: float = Field(0, ge=0, validation_alias=_env("LOG_RETENTION_DAYS"), description="api_log and predictions rows older than this are deleted; 0 keeps all")

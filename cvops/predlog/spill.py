@@ -293,7 +293,7 @@ def claim_orphans(folder, exclude: str | None = None):
 
 # %% ../../notebooks/lib/predlog/03_spill.ipynb #faa94ad7
 class WriteAheadLog:
-    "This process's segment files `wal-<owner>-<seq>.jsonl` in `folder`, written by one committer thread with group commit."
+    "This process's segment files `wal-<owner>-<seq>.jsonl` in `folder`, written with group commit: per turn of an event loop (`append_in_loop`), or by one committer thread (`append`)."
     def __init__(self, folder, on_durable, on_disk_error=None, group_window: float = 0.0, group_max: int = 512,
                  segment_bytes: int = 16 << 20, segment_age: float = 30.0):
         self.folder, self.on_durable, self.on_disk_error = Path(folder), on_durable, on_disk_error
