@@ -166,9 +166,12 @@ def _alibi_test(test: str, ref: dict, cur: dict, cfg, rng) -> tuple:
             return float(np.max(out["distance"])), float(min(1.0, p.min() * d)), {"p_values": p.astype(float).tolist(), "dimensions": d,
                                                                                 "most_drifted": int(p.argmin())}
         if test == "chi2_predicted":
+            seen = (np.asarray(ref["predicted"]) + np.asarray(cur["predicted"])) > 0   # a class neither window predicted: no
+            rc, cc = np.asarray(ref["predicted"])[seen], np.asarray(cur["predicted"])[seen]   # evidence (scipy refuses its zero column)
+            if len(rc) < 2: return 0.0, 1.0, {"method": "one class", "classes": int(len(rc))}
             expand = lambda counts: np.repeat(np.arange(len(counts)), counts)[:, None]
-            det = ChiSquareDrift(expand(ref["predicted"]), p_val=cfg.alpha, categories_per_feature={0: len(ref["predicted"])})
-            out = det.predict(expand(cur["predicted"]))["data"]
+            det = ChiSquareDrift(expand(rc), p_val=cfg.alpha, categories_per_feature={0: len(rc)})
+            out = det.predict(expand(cc))["data"]
             return float(np.ravel(out["distance"])[0]), float(np.ravel(out["p_val"])[0]), {"method": "asymptotic (alibi)"}
         r = lambda x: subsample(x, cfg.max_test_rows, rng).astype(np.float32)
         if test == "mmd_uae":
