@@ -36,7 +36,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-import numpy as np
+from cvops.cpu import use_cpu_kernels  # noqa: E402
+
+use_cpu_kernels()   # before numpy loads OpenBLAS, as the `cvops` command does
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (10, 20, 50, 100, 200, 500, 1000)

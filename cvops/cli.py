@@ -10,6 +10,7 @@ import json
 import sys
 
 from .config import ConfigError, find_project_root, load_section, resolve_path
+from .cpu import use_cpu_kernels
 
 # %% auto #0
 __all__ = ['CONFIG_ARG', 'cmd_dataset_build', 'cmd_config_check', 'cmd_build', 'cmd_export_airflow', 'cmd_dataset_add_feedback',
@@ -577,6 +578,7 @@ def is_build_error(e: BaseException) -> bool:
     return mod is not None and isinstance(e, mod.DAGBuildError)
 
 def main(argv=None) -> int:
+    use_cpu_kernels()            # before numpy's first import here, and for every process started from here
     args = make_parser().parse_args(argv)
     try: args.func(args)
     except _user_errors() as e:

@@ -16,6 +16,10 @@ import pytest
 import requests
 import yaml
 
+from cvops.cpu import use_cpu_kernels
+
+use_cpu_kernels()   # for the kernels, services and pipelines the tests start (this process may have loaded numpy already)
+
 from cvops.testing import Service, free_port, need, postgres_bindir, publish_version, service_project, start_postgres, train_small_model
 
 REPO = Path(__file__).resolve().parents[1]

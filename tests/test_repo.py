@@ -128,7 +128,7 @@ def test_library_functions_are_short():
 
 
 # the rooms of cvops, lowest first: a module may import its own room and the rooms below it
-ROOMS = ["quiet", "config", "settings", "data", "training", "registry", "predlog", "serving", "monitoring", "pipeline", "cli", "testing", "rehearsal"]
+ROOMS = ["cpu", "quiet", "config", "settings", "data", "training", "registry", "predlog", "serving", "monitoring", "pipeline", "cli", "testing", "rehearsal"]
 
 
 def absolute_module(node, importer: str, is_package: bool) -> str | None:

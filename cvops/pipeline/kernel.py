@@ -12,6 +12,7 @@ from pathlib import Path
 from jupyter_client import AsyncKernelManager
 
 from ..config import find_project_root
+from ..cpu import use_cpu_kernels
 
 # %% auto #0
 __all__ = ['KERNEL_LOG', 'kernel_log_path', 'LoggedKernelManager']
@@ -34,4 +35,5 @@ class LoggedKernelManager(AsyncKernelManager):
             log.write(f"--- {stamp} UTC: kernel {self.kernel_name} started in {kw.get('cwd') or os.getcwd()}\n".encode())
             log.flush()
             kw.setdefault("stdout", log); kw.setdefault("stderr", log)
+            use_cpu_kernels(kw.get("env"))   # the kernel's numpy on the CPU's own BLAS kernels (cvops.cpu)
             return await super().start_kernel(**kw)

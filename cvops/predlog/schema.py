@@ -71,7 +71,7 @@ def unpack_features(blobs, dims) -> dict:
     if len(layouts) > 1:
         raise ValueError(f"the logged features differ in shape between predictions of this version ({sorted(layouts)[:3]})")
     layout = json.loads(dims[0]); width = sum(layout.values())
-    if any(len(b) != 4 * width for b in blobs):
+    if (np.fromiter(map(len, blobs), np.int64, len(blobs)) != 4 * width).any():
         raise ValueError(f"the logged features differ in shape between predictions of this version (a blob is not {width} float32)")
     x = np.frombuffer(b"".join(blobs), "<f4").reshape(len(blobs), width)
     out, j = {}, 0
