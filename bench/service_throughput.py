@@ -537,17 +537,17 @@ def cores_for_service(cell: dict, req_s: float) -> float:
     return (os.cpu_count() or 1) - cell["load_generator_us_per_request"] / 1e6 * req_s
 
 
-def ceiling_vs_limit(ceiling: dict, cells: dict, concurrencies) -> dict:
+def ceiling_vs_limit(ceiling: dict, cells: dict, concurrencies, in_process_b8=()) -> dict:
     """The ceiling beside what the heatmaps-off target asks: 0.6 of the batched in-process figure, as a share of what the bare
-    server reaches at the same concurrency (above 1: no service on this HTTP stack could meet it), and the service's share."""
+    server reaches at the same concurrency (above 1: no service on this HTTP stack could meet it), and the service's share;
+    `in_process_b8`: the in-process runs at batch 8 (their CPU per image)."""
     c = concurrencies[1]
     cell = cells.get(f"raw/heatmap_off/c{c}", {})
     bare = ceiling["req_s"].get(f"c{c}")
     limit = max(cell.get("in_process_batch1_img_s") or 0, cell.get("in_process_batch8_img_s") or 0)
     need = TARGET_RATIO["heatmap_off"] * limit if limit else None
-    in_proc_cpu = _median([p["cpu_s_per_image"] * 1000 for p in ceiling.get("_in_process_b8", [])]) if ceiling.get("_in_process_b8") else None
+    in_proc_cpu = _median([p["cpu_s_per_image"] * 1000 for p in in_process_b8]) if in_process_b8 else None
     service_budget = (cores_for_service(cell, need) / need * 1000) if need and cell.get("load_generator_us_per_request") else None
-    ceiling = {k: v for k, v in ceiling.items() if not k.startswith("_")}
     return {**ceiling, f"target_heatmap_off_c{c}_req_s": need,
             f"service_cpu_ms_per_request_at_target": round(service_budget, 3) if service_budget else None,
             "in_process_cpu_ms_per_image_batch8": round(in_proc_cpu, 3) if in_proc_cpu else None,
@@ -632,7 +632,6 @@ def main(argv=None):
         heat_off = [c for c in raw["service"].get(f"raw/heatmap_off/c{concurrencies[1]}", []) if c["requests"]]
         answer_bytes = int(statistics.fmean(c["response_kb_mean"] for c in heat_off) * 1024) if heat_off else 400
         ceiling = bench_ceiling(args.workers, *bodies["raw"], concurrencies, args.warmup, args.duration, args.rounds, answer_bytes)
-        ceiling["_in_process_b8"] = raw["in_process"].get("heatmap_off/b8", [])
         durability = bench_durability(svc, work, args, *bodies["raw"], concurrencies, raw)
         load_end = os.getloadavg()
         svc_log_tail = svc.read_log()
@@ -683,7 +682,8 @@ def main(argv=None):
                            "path": "check_upload -> prepare_input (prepare_batch for a batch without heatmaps, as the service's batcher) -> "
                                    "LoadedVersion(batch) -> class_probabilities (+ render_heatmap when heatmaps on)"},
             "durations_s": {"service_cell": args.duration, "in_process_cell": args.limit_duration, "warmup": args.warmup, "rounds": args.rounds},
-            "targets": targets, "load_generator": load_generator, "ceiling": ceiling_vs_limit(ceiling, cells, concurrencies),
+            "targets": targets, "load_generator": load_generator, "ceiling": ceiling_vs_limit(ceiling, cells, concurrencies,
+                                                                                raw["in_process"].get("heatmap_off/b8", [])),
             "cells": cells, "durability": durability, "other_load": other_load,
             "prediction_log": predlog,
             "raw": raw,
