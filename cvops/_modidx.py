@@ -846,6 +846,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                     'cvops/predlog/spill.py'),
                                      'cvops.predlog.spill.WriteAheadLog._give_up': ( 'predlog/spill.html#writeaheadlog._give_up',
                                                                                      'cvops/predlog/spill.py'),
+                                     'cvops.predlog.spill.WriteAheadLog._retry_in_committer': ( 'predlog/spill.html#writeaheadlog._retry_in_committer',
+                                                                                                'cvops/predlog/spill.py'),
                                      'cvops.predlog.spill.WriteAheadLog._run': ( 'predlog/spill.html#writeaheadlog._run',
                                                                                  'cvops/predlog/spill.py'),
                                      'cvops.predlog.spill.WriteAheadLog._write': ( 'predlog/spill.html#writeaheadlog._write',

@@ -369,24 +369,23 @@ class WriteAheadLog:
         return fut
 
     def _commit_turn(self, loop):
-        ok, data = self._encode(self._turns.pop(loop, []))
-        if not ok: return
-        try: seg = self._write(data, len(ok))
-        except OSError as e:
-            relayed = [(item, _relay(loop, fut)) for item, fut in ok]
-            with self._cv:
-                alive = self._thread is not None and self._thread.is_alive()
-                if alive: self._pending.extend(relayed); self._cv.notify()
-            if not alive: self._give_up(relayed, e)
-            return
-        self._durable(ok, seg)
+        self._commit(self._turns.pop(loop, []), refused=lambda ok, e: self._retry_in_committer(loop, ok, e))
 
-    def _commit(self, group):
+    def _commit(self, group, refused=None):
+        "Encode `group`, write it with one write and one fdatasync; a write the disk refuses goes to `refused(ok, error)` (default `_give_up`)."
         ok, data = self._encode(group)
         if not ok: return
         try: seg = self._write(data, len(ok))
-        except OSError as e: return self._give_up(ok, e)
+        except OSError as e: return (refused or self._give_up)(ok, e)
         self._durable(ok, seg)
+
+    def _retry_in_committer(self, loop, ok, e: OSError):
+        "A turn's records the disk refused: the committer thread tries once more (then `on_disk_error`); once it has stopped, `_give_up` now."
+        relayed = [(item, _relay(loop, fut)) for item, fut in ok]
+        with self._cv:
+            alive = self._thread is not None and self._thread.is_alive()
+            if alive: self._pending.extend(relayed); self._cv.notify()
+        if not alive: self._give_up(relayed, e)
 
     def _encode(self, group) -> tuple[list, bytes]:
         "The (item, future) pairs whose record encodes and their lines; the others' futures get the error."
