@@ -16,7 +16,8 @@
              (multiprocessing spawn), each with TensorFlow's intra/inter op threads = cores / workers as the service's
              workers use, at batch 1 and batched by 8.
              ratio = service / in-process: concurrency 1 against batch 1, concurrency 8 against the better of
-             batch 1 and batch 8 (the batched figure).
+             batch 1 and batch 8 (the batched figure). Beside it, for reading, not judged: heatmaps off at batch
+             concurrency / workers (4), the images 8 clients keep in flight, where batch 8 in each of 2 processes holds 16.
    ceiling     bench/bare_server.py (an ASGI app that reads the body and answers a fixed JSON body of the service's
              answer size) under the same gunicorn worker class and worker count, loaded the same way: what any Python
              service on this HTTP stack and these cores can reach, with no model and no logging; the output says
@@ -507,8 +508,10 @@ def _mean(xs):
     return round(statistics.fmean(xs), 3) if xs else None
 
 
-def summarise(raw: dict, concurrencies) -> tuple[dict, float]:
-    "Medians over the rounds per service cell, next to the in-process figures; and the best request rate."
+def summarise(raw: dict, concurrencies, in_flight: int | None = None) -> tuple[dict, float]:
+    """Medians over the rounds per service cell, next to the in-process figures; and the best request rate. `in_flight`: the
+    in-process batch per process at which the processes together hold the high concurrency's images, no more (the 8 images
+    8 clients keep in flight; batch 8 in each of 2 processes holds 16): beside the heatmaps-off cells, for reading only."""
     cells, best_req_s = {}, 0.0
     for key, rs in raw["service"].items():
         style, hm, c = key.split("/")
@@ -528,6 +531,11 @@ def summarise(raw: dict, concurrencies) -> tuple[dict, float]:
             "in_process_batch1_img_s": b1, "in_process_batch8_img_s": b8,
             "compared_with": ref_name, "ratio": req_s / ref if ref else None,
             "ratio_to_per_image_loop": req_s / b1 if b1 else None}
+        held = raw["in_process"].get(f"{hm}/b{in_flight}") if conc == concurrencies[1] and in_flight not in (None, 1, 8) else None
+        if held:
+            bf = _median([p["img_s"] for p in held])
+            cells[key].update({"in_process_in_flight_batch": in_flight, "in_process_in_flight_img_s": bf,
+                               "ratio_to_in_flight_limit": req_s / bf if bf else None})
         best_req_s = max(best_req_s, req_s)
     return cells, best_req_s
 
@@ -565,7 +573,9 @@ def targets_of(cells: dict, style: str, concurrencies) -> dict:
             "value": None if c["ratio"] is None else round(c["ratio"], 3), "target": TARGET_RATIO[hm],
             "meets": c["ratio"] is not None and c["ratio"] >= TARGET_RATIO[hm],
             "service_req_s": round(c["req_s"], 1), "in_process_img_s": round(max(c["in_process_batch1_img_s"], c["in_process_batch8_img_s"]), 1),
-            "compared_with": f"in-process {c['compared_with']}"}
+            "compared_with": f"in-process {c['compared_with']}",
+            **({"in_flight_limit": {"batch_per_process": c["in_process_in_flight_batch"], "img_s": round(c["in_process_in_flight_img_s"], 1),
+                                    "ratio": round(c["ratio_to_in_flight_limit"], 3)}} if c.get("ratio_to_in_flight_limit") else {})}
     c = cells[f"{style}/heatmap_off/c{lo}"]
     out[f"heatmap_off_concurrency{lo}_p99_ms"] = {"value": None if c["p99_ms"] is None else round(c["p99_ms"], 2),
                                                   "target_below": TARGET_P99_C1_MS,
@@ -599,6 +609,7 @@ def main(argv=None):
     if len(concurrencies) != 2: ap.error("--concurrency takes two levels, e.g. 1,8")
     cores = os.cpu_count() or 1
     threads = max(1, cores // args.workers)                    # what the service's workers use (TF_THREADS=0)
+    in_flight = max(1, concurrencies[1] // args.workers)       # images per process when the high concurrency's are all in flight
     t_begin = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-service-"))
     svc = limit = None
@@ -627,6 +638,10 @@ def main(argv=None):
                     p = limit.cell(heatmap, batch, min(args.warmup, 1.0), args.limit_duration)
                     raw["in_process"].setdefault(f"{hm}/b{batch}", []).append(p)
                     print(f"round {rnd + 1} in-process {hm:11s} batch {batch}:                 {p['img_s']:7.1f} img/s", flush=True)
+                if not heatmap and in_flight not in (1, 8):   # what the high concurrency allows each of the service's workers
+                    p = limit.cell(False, in_flight, min(args.warmup, 1.0), args.limit_duration)
+                    raw["in_process"].setdefault(f"{hm}/b{in_flight}", []).append(p)
+                    print(f"round {rnd + 1} in-process {hm:11s} batch {in_flight}:                 {p['img_s']:7.1f} img/s", flush=True)
         service_s = time.perf_counter() - t_begin - setup_s
         limit.close(); limit = None
         heat_off = [c for c in raw["service"].get(f"raw/heatmap_off/c{concurrencies[1]}", []) if c["requests"]]
@@ -637,7 +652,7 @@ def main(argv=None):
         svc_log_tail = svc.read_log()
         svc.stop()
 
-        cells, best_req_s = summarise(raw, concurrencies)
+        cells, best_req_s = summarise(raw, concurrencies, in_flight)
         targets = {"judged_on": "raw", "why": "the image as the request body (Content-Type image/*) is the documented path for "
                                               "programs (docs/serving.md); multipart, for browsers and curl -F, is shown beside it",
                    **{style: targets_of(cells, style, concurrencies) for style in STYLES}}
@@ -805,6 +820,10 @@ def print_table(r: dict, out: Path):
         limit = f">= {x['target']}" if "target" in x else f"< {x['target_below']:g} ms"
         print(f"  {name:34s} {_f(x['value'], '7.3f')}  (target {limit}: {'meets' if x['meets'] else 'BELOW' if 'target' in x else 'OVER'})"
               f"   multipart {_f(y['value'], '7.3f')}")
+        if x.get("in_flight_limit"):
+            f_ = x["in_flight_limit"]
+            print(f"  {'':34s} against the in-process figure with the same images in flight (batch {f_['batch_per_process']} "
+                  f"per process): {f_['img_s']:.0f} img/s, ratio {f_['ratio']:.3f}")
     lg = r["load_generator"]
     print(f"load generator: {lg['cores_mean']:.2f} cores on average, {_f(lg['share_of_busy_cpu_mean'], '.1%')} of the CPU busy during "
           f"the cells, {_f(lg['us_per_request_median'], '.0f')} us per request")

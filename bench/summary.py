@@ -57,6 +57,9 @@ def service_rows(r: dict | None) -> list:
                        ("heatmap_on_concurrency8_ratio", "heatmaps on, concurrency 8 / in-process")):
         c = t[key]
         limit = f"{c['service_req_s']:.0f} req/s vs {c['in_process_img_s']:.0f} img/s ({c['compared_with']})"
+        if (fl := c.get("in_flight_limit")):
+            limit += (f"; against the in-process figure with no more images in flight than the clients keep (batch "
+                      f"{fl['batch_per_process']} per process, {fl['img_s']:.0f} img/s): {fl['ratio']:.3f}")
         if key.startswith("heatmap_off") and (budget := ceiling_budget(r.get("ceiling"))): limit += f"; {budget}"
         out.append(row("service", label, c["value"], f">= {c['target']}", c["meets"], when=when, limit=limit))
     c = t["heatmap_off_concurrency1_p99_ms"]

@@ -34,3 +34,18 @@ def test_the_target_is_set_against_the_ceiling_and_the_cpu_left():
     cores = os.cpu_count() or 1
     assert abs(got["service_cpu_ms_per_request_at_target"] - round((cores - 100e-6 * 4800) / 4800 * 1000, 3)) < 1e-9
     assert got["in_process_cpu_ms_per_image_batch8"] == 0.35
+
+
+def test_the_in_flight_limit_sits_beside_the_batched_one_and_does_not_judge():
+    "Concurrency 8 over 2 workers: the in-process figure at batch 4 (8 images in flight) is reported beside batch 8 (16)."
+    cell = {"req_s": 1200.0, "p50_ms": 6.0, "p99_ms": 9.0, "server_time_ms_p50": 2.0, "service_cpu_ms_per_request": 1.2,
+            "mean_images_per_model_call": 3.8, "load_generator_us_per_request": 30.0, "errors": 0}
+    raw = {"service": {f"raw/{hm}/c{c}": [dict(cell)] for hm in ("heatmap_off", "heatmap_on") for c in (1, 8)},
+           "in_process": {f"{hm}/b{b}": [{"img_s": v}] for hm in ("heatmap_off", "heatmap_on") for b, v in ((1, 1500.0), (8, 4000.0))}}
+    raw["in_process"]["heatmap_off/b4"] = [{"img_s": 3000.0}]
+    cells, _ = st.summarise(raw, [1, 8], in_flight=4)
+    off8 = cells["raw/heatmap_off/c8"]
+    assert off8["ratio"] == 1200 / 4000 and off8["ratio_to_in_flight_limit"] == 1200 / 3000   # judged against batch 8
+    assert "ratio_to_in_flight_limit" not in cells["raw/heatmap_on/c8"] and "ratio_to_in_flight_limit" not in cells["raw/heatmap_off/c1"]
+    t = st.targets_of(cells, "raw", [1, 8])["heatmap_off_concurrency8_ratio"]
+    assert t["value"] == 0.3 and t["meets"] is False and t["in_flight_limit"] == {"batch_per_process": 4, "img_s": 3000.0, "ratio": 0.4}
