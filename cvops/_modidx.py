@@ -181,6 +181,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                        'cvops.data.preprocess.make_dataset': ( 'data/preprocess.html#make_dataset',
                                                                                'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.preprocess': ('data/preprocess.html#preprocess', 'cvops/data/preprocess.py'),
+                                       'cvops.data.preprocess.preprocess_plain': ( 'data/preprocess.html#preprocess_plain',
+                                                                                   'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.read_image': ('data/preprocess.html#read_image', 'cvops/data/preprocess.py'),
                                        'cvops.data.preprocess.scan_split_folders': ( 'data/preprocess.html#scan_split_folders',
                                                                                      'cvops/data/preprocess.py'),
