@@ -25,13 +25,14 @@ import numpy as np
 from .data.dataset import in_ci
 
 # %% auto #0
-__all__ = ['TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'WEED_PORTS', 'need', 'free_port', 'encode', 'tiny_images',
-           'tiny_source', 'images_dataset', 'small_model_config', 'model_input', 'TrainedModel', 'train_small_model',
-           'tiny_model_config', 'untrained_model', 'detector_version_files', 'build_detector_files', 'golden_set_files',
-           'service_project', 'publish_version', 'TinyVersion', 'tiny_version', 'service_env', 'Service', 'Answer',
-           'answer_of', 'PredictionLoad', 'repo_root', 'monitor_project', 'monitor_env', 'Webhook',
-           'wait_predictions_logged', 'run_monitor', 'log_labelled_predictions', 'postgres_bindir', 'PostgresCluster',
-           'start_postgres', 'weed_binary', 'SeaweedFS', 'seaweedfs_or_need', 'headless_chromium']
+__all__ = ['PORT_BOOK', 'PORT_HOLD_S', 'TINY_CLASSES', 'BIN', 'ADMIN_TOKEN', 'CALLER_SETTINGS', 'WEED_PORTS', 'need', 'free_port',
+           'encode', 'tiny_images', 'tiny_source', 'images_dataset', 'small_model_config', 'model_input',
+           'TrainedModel', 'train_small_model', 'tiny_model_config', 'untrained_model', 'detector_version_files',
+           'build_detector_files', 'golden_set_files', 'service_project', 'publish_version', 'TinyVersion',
+           'tiny_version', 'service_env', 'Service', 'Answer', 'answer_of', 'PredictionLoad', 'repo_root',
+           'monitor_project', 'monitor_env', 'Webhook', 'wait_predictions_logged', 'run_monitor',
+           'log_labelled_predictions', 'postgres_bindir', 'PostgresCluster', 'start_postgres', 'weed_binary',
+           'SeaweedFS', 'seaweedfs_or_need', 'headless_chromium']
 
 # %% ../notebooks/lib/95_testing.ipynb #9ae830c2
 def need(what: str, reason: str = ""):
@@ -42,11 +43,33 @@ def need(what: str, reason: str = ""):
     pytest.skip(msg)
 
 # %% ../notebooks/lib/95_testing.ipynb #cc66e273
-def free_port() -> int:
-    "A TCP port of 127.0.0.1 that nothing listens on right now."
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PORT_BOOK = Path(tempfile.gettempdir()) / "cvops-free-ports"   # ports handed out on this machine, one "port time" a line
+PORT_HOLD_S = 1800
+
+def free_port(book: Path | None = None) -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on right now and that no `free_port` call on this machine (any process:
+    `make test`'s other worker) handed out in the last `PORT_HOLD_S` seconds. A server often starts on its port much later
+    (the stack rehearsal picks all its ports first, then starts the stack over minutes); the kernel alone would hand the
+    same port out again meanwhile, and did: two Prometheus servers were given one port, and a test read the other's."""
+    import fcntl
+    book = Path(book or PORT_BOOK)
+    with open(book, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)          # one process at a time reads, picks and writes the book
+        f.seek(0); now = time.time()
+        held = {}
+        for line in f.read().splitlines():
+            port, _, at = line.partition(" ")
+            try:
+                if now - float(at) < PORT_HOLD_S: held[int(port)] = float(at)
+            except ValueError: continue        # a torn line: ignored
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in held: break
+        held[port] = now
+        f.seek(0); f.truncate(); f.write("".join(f"{p} {t:.0f}\n" for p, t in held.items())); f.flush()
+    return port
 
 def encode(img: np.ndarray, fmt: str = "PNG", **kw) -> bytes:
     "A uint8 image array as the bytes of an image file (`kw`: PIL's save options, e.g. `quality`)."
