@@ -67,6 +67,7 @@ def free_port(book: Path | None = None) -> int:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
             if port not in held: break
+        else: raise RuntimeError(f"no free port: the kernel offered only ports handed out in the last {PORT_HOLD_S} s ({book})")
         held[port] = now
         f.seek(0); f.truncate(); f.write("".join(f"{p} {t:.0f}\n" for p, t in held.items())); f.flush()
     return port
