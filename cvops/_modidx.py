@@ -780,6 +780,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'cvops.predlog.schema.migrate': ('predlog/schema.html#migrate', 'cvops/predlog/schema.py'),
                                       'cvops.predlog.schema.pack_features': ( 'predlog/schema.html#pack_features',
                                                                               'cvops/predlog/schema.py'),
+                                      'cvops.predlog.schema.sync_database': ( 'predlog/schema.html#sync_database',
+                                                                              'cvops/predlog/schema.py'),
                                       'cvops.predlog.schema.unpack_features': ( 'predlog/schema.html#unpack_features',
                                                                                 'cvops/predlog/schema.py')},
             'cvops.predlog.spill': { 'cvops.predlog.spill.OpenSegment': ('predlog/spill.html#opensegment', 'cvops/predlog/spill.py'),

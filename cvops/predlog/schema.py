@@ -6,13 +6,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import sqlalchemy as sa
 
 # %% auto #0
 __all__ = ['metadata', 'api_log', 'predictions', 'feedback', 'drift_reports', 'shadow_predictions', 'MIGRATIONS', 'pack_features',
-           'unpack_features', 'make_engine', 'migrate']
+           'unpack_features', 'make_engine', 'sync_database', 'migrate']
 
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #bfc1a598
 metadata = sa.MetaData()
@@ -147,6 +148,19 @@ def make_engine(url: str):
     batch = dict(executemany_mode="values_plus_batch", executemany_batch_page_size=500) if url.startswith("postgresql+psycopg2") else {}
     return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=2, pool_timeout=5,
                             connect_args={"connect_timeout": 3} if url.startswith("postgresql") else {}, **batch)
+
+def sync_database(engine):
+    """Make every transaction the engine committed survive a power cut, before a file holding the same rows (a WAL segment, a
+    spill file) is deleted. SQLite runs with `synchronous=NORMAL` (`make_engine`): a commit is in its `-wal` file but not
+    fsynced, so this fsyncs that file and the database file (a checkpoint moves committed pages from one to the other). A
+    server database makes its commits durable itself (PostgreSQL's `synchronous_commit`): nothing to do. Raises OSError."""
+    url = engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:": return
+    for path in (f"{url.database}-wal", url.database):
+        try: fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError: continue   # no -wal file: every commit is checkpointed into the database file
+        try: os.fsync(fd)
+        finally: os.close(fd)
 
 
 # %% ../../notebooks/lib/predlog/01_schema.ipynb #d2f17377

@@ -295,8 +295,11 @@ def claim_orphans(folder, exclude: str | None = None):
 class WriteAheadLog:
     "This process's segment files `wal-<owner>-<seq>.jsonl` in `folder`, written with group commit: per turn of an event loop (`append_in_loop`), or by one committer thread (`append`)."
     def __init__(self, folder, on_durable, on_disk_error=None, group_window: float = 0.0, group_max: int = 512,
-                 segment_bytes: int = 16 << 20, segment_age: float = 30.0):
+                 segment_bytes: int = 16 << 20, segment_age: float = 30.0, before_delete=None):
+        """`before_delete()`: called before segments whose rows are all in the database are deleted, to make those rows durable
+        there (`cvops.predlog.schema.sync_database`); when it raises OSError the segments stay, replayed once this process is gone."""
         self.folder, self.on_durable, self.on_disk_error = Path(folder), on_durable, on_disk_error
+        self.before_delete = before_delete
         self.group_window, self.group_max = group_window, group_max
         self.owner = f"{os.getpid()}x{uuid.uuid4().hex[:8]}"
         self.book = SegmentBook()
@@ -442,8 +445,14 @@ class WriteAheadLog:
         return self.book.pending
 
     def collect(self):
-        "Delete closed segments whose rows are all in the database."
-        for s in self.book.collect(): (self.folder / s).unlink(missing_ok=True)
+        "Delete closed segments whose rows are all in the database, once `before_delete` has made those rows durable there."
+        if not (gone := self.book.collect()): return
+        if self.before_delete is not None:
+            try: self.before_delete()
+            except OSError as e:   # kept: the rows are in the database, and a replay inserts each request id once
+                log.warning("prediction log: %d WAL segments kept, the database could not be synced (%s)", len(gone), brief_error(e))
+                return
+        for s in gone: (self.folder / s).unlink(missing_ok=True)
 
     def to_replay(self) -> list[str]:
         "Own segments with rows dropped from memory (the current one is closed first)."

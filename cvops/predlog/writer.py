@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from .images import ImageStore
-from .schema import api_log, predictions, shadow_predictions
+from .schema import api_log, predictions, shadow_predictions, sync_database
 from .spill import SpillFolder, WriteAheadLog, brief_error, claim_orphans, read_records, settle
 
 # %% auto #0
@@ -203,6 +203,7 @@ class RowWriter:
             except OUTAGE: raise
             except Exception:
                 if self.isolate(part): raise sa.exc.OperationalError("replay", {}, RuntimeError(self.stats.last_error))
+        sync_database(self.engine)   # the caller deletes the file next: its rows must outlive a power cut first
         return len(batch)
 
     def probe(self) -> bool:
@@ -235,6 +236,9 @@ class Recovery:
             except OUTAGE as e:
                 self.stats.note_outage(e); self.spill.unclaim(claimed)
                 return False
+            except OSError as e:   # the file could not be read, or the database synced: it stays, tried again later
+                log.warning("prediction log: %s not written back yet (%s)", f.name, brief_error(e))
+                self.spill.unclaim(claimed); return False
             claimed.unlink()
             return True
         return False
@@ -275,6 +279,7 @@ class Recovery:
                 try: self.rows.write([(r["api"], r["prediction"], None, None)]); written += 1
                 except OUTAGE: raise
                 except Exception as e: still.append(((r["api"], r["prediction"]), brief_error(e)))
+            sync_database(self.rows.engine)   # before the written rows leave the file
             self.spill.keep_rejected(f, still)
             left += len(still)
         return written, left
@@ -297,7 +302,8 @@ class PredictionLog(LogStats):
         self.engine, self.spill_dir, self.images = engine, Path(spill_dir), images
         self.batch_size, self.flush_interval, self.max_buffer, self.max_backoff = batch_size, flush_interval, max_buffer, max_backoff
         self.durable, self.max_buffer_bytes = durable, max_buffer_bytes
-        self.wal = WriteAheadLog(self.spill_dir, self._enqueue, self._write_past_wal, group_window) if durable else None
+        self.wal = WriteAheadLog(self.spill_dir, self._enqueue, self._write_past_wal, group_window,
+                                 before_delete=lambda: sync_database(engine)) if durable else None
         self.spill = SpillFolder(self.spill_dir)
         self.queue = RowQueue()
         self.rows = RowWriter(engine, self, self.spill, images, self.wal)
